@@ -1,0 +1,120 @@
+"""Weighted combinations of adapters (PEFT's ``add_weighted_adapter``), exact for every method."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+
+from spectral_peft.peft._method import Adapter, AdapterMethod
+from spectral_peft.peft._tree import Adapters, _check_adapters
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedSum(AdapterMethod):
+  """``Delta W = sum_i weights[i] * Delta W_i``: several adapters on one weight.
+
+  Any methods can be mixed (a sine LoRA and a DoRA, say): each term is its own method's update of
+  the same ``w0``. Parameters are the tuple of the terms' parameters, so the combination can be
+  trained further, merged, saved and loaded like a single adapter.
+
+  Args:
+    methods: the terms' specs.
+    weights: one real weight per term.
+    unmerge_iterations: fixed-point iterations used by :meth:`unmerge` when some term's update
+      depends on ``w0`` (DoRA); it converges while the updates are small next to ``w0``. Unused
+      (the inverse is exact) otherwise.
+  """
+
+  methods: tuple[AdapterMethod, ...]
+  weights: tuple[float, ...]
+  unmerge_iterations: int = 30
+
+  def __post_init__(self) -> None:
+    if len(self.methods) != len(self.weights) or not self.methods:
+      raise ValueError(
+          f"`weights` must have one entry per method, got {len(self.weights)} weights for "
+          f"{len(self.methods)} methods."
+      )
+    object.__setattr__(self, "methods", tuple(self.methods))
+    object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+  @property
+  def delta_depends_on_w0(self) -> bool:  # type: ignore[override]
+    return any(m.delta_depends_on_w0 for m in self.methods)
+
+  def check_shape(self, shape):
+    for method in self.methods:
+      method.check_shape(shape)
+
+  def init(self, key, w0):
+    keys = jax.random.split(key, len(self.methods))
+    return tuple(m.init(k, w0) for m, k in zip(self.methods, keys))
+
+  def init_frozen(self, w0):
+    return tuple(m.init_frozen(w0) for m in self.methods)
+
+  def delta(self, params, w0, frozen=None):
+    frozen = frozen if frozen is not None else tuple({} for _ in self.methods)
+    total = None
+    for method, weight, p, f in zip(self.methods, self.weights, params, frozen):
+      term = weight * method.delta(p, w0, f)
+      total = term if total is None else total + term
+    return total
+
+  def unmerge(self, params, w, frozen=None):
+    if not self.delta_depends_on_w0:
+      return w - self.delta(params, w, frozen).astype(w.dtype)
+    w0 = w - self.delta(params, w, frozen).astype(w.dtype)
+    for _ in range(self.unmerge_iterations):
+      w0 = w - self.delta(params, w0, frozen).astype(w.dtype)
+    return w0
+
+
+def weighted_combination(adapters_list: Sequence[Adapters], weights: Sequence[float]) -> Adapters:
+  """Combines named adapters into one: ``Delta W = sum_i weights[i] Delta W_i`` at every target.
+
+  A target adapted by only some of the inputs gets only their terms.
+
+  Args:
+    adapters_list: adapters dicts (from :func:`init_adapters`, training or :func:`load_adapters`).
+    weights: one weight per adapters dict.
+
+  Returns:
+    A ``{path: Adapter}`` dict whose adapters use :class:`WeightedSum`.
+
+  Raises:
+    ValueError: on a length mismatch, or two adapters of one path made for different shapes.
+  """
+  if len(adapters_list) != len(weights) or not adapters_list:
+    raise ValueError(
+        f"`weights` must have one entry per adapters dict, got {len(weights)} weights for "
+        f"{len(adapters_list)} adapters."
+    )
+  for adapters in adapters_list:
+    _check_adapters(adapters)
+  paths = list(dict.fromkeys(p for adapters in adapters_list for p in adapters))
+  combined: Adapters = {}
+  for path in paths:
+    terms = [(a[path], w) for a, w in zip(adapters_list, weights) if path in a]
+    first = terms[0][0]
+    for adapter, _ in terms[1:]:
+      if (adapter.shape, adapter.dtype, adapter.in_axes) != (first.shape, first.dtype, first.in_axes):
+        raise ValueError(
+            f"Adapters for {path!r} disagree on the weight: shape {first.shape}, dtype {first.dtype}, "
+            f"in_axes {first.in_axes} vs shape {adapter.shape}, dtype {adapter.dtype}, in_axes "
+            f"{adapter.in_axes}."
+        )
+    combined[path] = Adapter(
+        params=tuple(a.params for a, _ in terms),
+        frozen=tuple(a.frozen for a, _ in terms),
+        method=WeightedSum(methods=tuple(a.method for a, _ in terms), weights=tuple(w for _, w in terms)),
+        shape=first.shape,
+        dtype=first.dtype,
+        in_axes=first.in_axes,
+    )
+  return combined
+

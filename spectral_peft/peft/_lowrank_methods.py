@@ -1,0 +1,284 @@
+"""LoRA, DoRA and their sine-activated versions as adapter method specs.
+
+References:
+  Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2022).
+  Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation" (2024).
+  Ji et al., "Efficient Learning with Sine-Activated Low-Rank Matrices" (sine LoRA, sine DoRA:
+  Sec. 4.1 and App. A.2.1).
+
+All four store ``a: (m, r)`` and ``b: (r, n)`` for a weight ``w0: (m, n)`` in the Flax layout
+``(in_features, out_features)``. ``a`` starts uniform in ``+-1/sqrt(m)`` (PyTorch ``Linear``'s
+default, as in the reference LoRA code), ``b`` starts at zero, so every method is the identity at
+init. The scale is ``alpha / rank`` (``alpha=None`` means ``alpha = rank``: scale 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from spectral_peft import _lowrank
+from spectral_peft import _validation
+from spectral_peft.peft._method import AdapterMethod
+
+Array = jax.Array
+
+
+def _check_rank_fits(rank: int, shape: tuple[int, int], name: str) -> None:
+  m, n = shape
+  if rank > min(m, n):
+    raise ValueError(
+        f"`rank` of {name} must be at most min(m, n) = {min(m, n)} for a weight of matrix shape "
+        f"(m, n) = {shape}, got {rank}."
+    )
+
+
+def _check_dtype(dtype: Any) -> None:
+  if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise ValueError(f"`param_dtype` must be a floating dtype or None, got {dtype!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _LowRankBase(AdapterMethod):
+  """Shared fields, checks and initialisation of the ``a @ b`` family."""
+
+  rank: int
+  _: dataclasses.KW_ONLY
+  alpha: Optional[float] = None
+  param_dtype: Optional[str] = None
+
+  def __post_init__(self) -> None:
+    _validation.check_positive_int("rank", self.rank)
+    if self.alpha is not None:
+      _validation.check_positive_float("alpha", self.alpha)
+    _check_dtype(self.param_dtype)
+    if self.param_dtype is not None:  # Store a name, so the spec stays hashable and JSON-friendly.
+      object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+
+  @property
+  def scale(self) -> float:
+    """``alpha / rank``."""
+    return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+  def check_shape(self, shape: tuple[int, int]) -> None:
+    _check_rank_fits(self.rank, shape, type(self).__name__)
+
+  def _dtype(self, w0: Array) -> Any:
+    return jnp.dtype(self.param_dtype) if self.param_dtype is not None else w0.dtype
+
+  def init(self, key: Array, w0: Array) -> dict[str, Array]:
+    """``{"a": (m, r) ~ U(+-1/sqrt(m)), "b": (r, n) zeros}``."""
+    m, n = w0.shape
+    dtype = self._dtype(w0)
+    bound = 1.0 / jnp.sqrt(m)
+    a = jax.random.uniform(key, (m, self.rank), dtype, -bound, bound)
+    return {"a": a, "b": jnp.zeros((self.rank, n), dtype)}
+
+  def update(self, params: dict[str, Array]) -> Array:
+    """The low-rank update before any magnitude/direction split, ``(m, n)``."""
+    raise NotImplementedError
+
+  def update_matmul(self, params: dict[str, Array], x: Array) -> Array:
+    """``x @ update(params)`` without forming the ``(m, n)`` update."""
+    raise NotImplementedError
+
+
+class _PlainUpdate:
+  """``Delta = scale * a @ b``."""
+
+  def update(self, params):
+    return self.scale * _lowrank.lowrank(params["a"], params["b"])
+
+  def update_matmul(self, params, x):
+    return self.scale * jnp.matmul(jnp.matmul(x, params["a"].astype(x.dtype)), params["b"].astype(x.dtype))
+
+
+class _SineUpdate:
+  """``Delta = scale * sin(omega a @ b) / gain``."""
+
+  def _check_sine_fields(self) -> None:
+    _validation.check_positive_float("omega", self.omega)
+    if self.gain is not None:
+      _validation.check_positive_float("gain", self.gain)
+    if getattr(self, "block_size", None) is not None:
+      _validation.check_positive_int("block_size", self.block_size)
+
+  def update(self, params):
+    return self.scale * _lowrank.sine_lowrank(params["a"], params["b"], omega=self.omega, gain=self.gain)
+
+  def update_matmul(self, params, x):
+    a, b = params["a"].astype(x.dtype), params["b"].astype(x.dtype)
+    return self.scale * _lowrank.sine_lowrank_matmul(
+        x, a, b, omega=self.omega, gain=self.gain, block_size=self.block_size
+    )
+
+
+class _AdditiveLowRank:
+  """LoRA-style: ``w = w0 + update``; ``delta`` does not depend on ``w0``."""
+
+  def delta(self, params, w0, frozen=None):
+    del w0, frozen
+    return self.update(params)
+
+  def apply(self, params, x, w0, frozen=None):
+    del frozen
+    return jnp.matmul(x, w0) + self.update_matmul(params, x).astype(jnp.result_type(x, w0))
+
+
+def _column_norm(w: Array) -> Array:
+  """Norm of every output column of an ``(in, out)`` matrix: ``(out,)``."""
+  return jnp.sqrt(jnp.sum(jnp.square(w), axis=0))
+
+
+class _MagnitudeDirection:
+  """DoRA-style: ``w = magnitude * V / ||V||_c`` with ``V = w0 + update``.
+
+  ``||.||_c`` is the norm of each output column of the ``(in, out)`` kernel (over the input axis),
+  i.e. the norm of each row of a PyTorch ``(out, in)`` weight, as in DoRA.
+  """
+
+  delta_depends_on_w0 = True
+
+  def init(self, key, w0):
+    params = super().init(key, w0)
+    params["magnitude"] = _column_norm(w0).astype(self._dtype(w0))
+    return params
+
+  def init_frozen(self, w0):
+    """``{"w0_norm": (n,)}``: the column norms of ``w0``, needed to invert the merge."""
+    return {"w0_norm": _column_norm(w0)}
+
+  def _norm_factor(self, params, norm):
+    if self.stop_norm_gradient:
+      norm = jax.lax.stop_gradient(norm)
+    tiny = jnp.finfo(norm.dtype).tiny
+    return params["magnitude"] / jnp.maximum(norm, tiny)
+
+  def delta(self, params, w0, frozen=None):
+    del frozen
+    update = self.update(params)
+    direction = w0 + update
+    factor = self._norm_factor(params, _column_norm(direction))
+    # (factor - 1) * w0 + factor * update is exactly zero at init (factor == 1, update == 0).
+    return (factor - 1.0) * w0 + factor * update
+
+  def apply(self, params, x, w0, frozen=None):
+    del frozen
+    direction = w0 + self.update(params).astype(w0.dtype)
+    factor = self._norm_factor(params, _column_norm(direction))
+    return jnp.matmul(x, direction) * factor.astype(direction.dtype)
+
+  def unmerge(self, params, w, frozen=None):
+    """Inverts the merge using the stored column norms of ``w0``.
+
+    Each merged column is ``w_j = t_j^{-1} V_j`` with ``V_j = w0_j + D_j`` and
+    ``t_j = ||V_j|| / magnitude_j``; ``||t_j w_j - D_j|| = ||w0_j||`` is a quadratic in ``t_j``
+    whose root of the sign of ``magnitude_j`` is unique while ``||D_j|| < ||w0_j||`` (any
+    fine-tuning update). Then ``w0 = t w - D``.
+    """
+    update = self.update(params).astype(w.dtype)
+    w0_norm = frozen["w0_norm"].astype(w.dtype)
+    magnitude = params["magnitude"].astype(w.dtype)
+    ww = jnp.sum(w * w, axis=0)
+    wd = jnp.sum(w * update, axis=0)
+    dd = jnp.sum(update * update, axis=0)
+    disc = jnp.maximum(wd * wd - ww * (dd - w0_norm * w0_norm), 0.0)
+    safe_ww = jnp.where(ww > 0, ww, 1.0)
+    t = (wd + jnp.sign(magnitude) * jnp.sqrt(disc)) / safe_ww
+    # A zero merged column means magnitude 0: w0 cannot be recovered from it, keep it zero.
+    return jnp.where(ww > 0, t * w - update, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(_AdditiveLowRank, _PlainUpdate, _LowRankBase):
+  """Low-rank adaptation: ``w = w0 + (alpha / rank) a @ b``.
+
+  References:
+    Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
+
+  Args:
+    rank: ``r``, the inner dimension, ``1 <= r <= min(m, n)``.
+    alpha: scale numerator; the update is scaled by ``alpha / rank`` (``None``: 1).
+    param_dtype: dtype of ``a`` and ``b`` (``None``: the dtype of ``w0``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> method = sp.peft.LoRA(rank=4, alpha=8.0)
+    >>> params = method.init(jax.random.key(0), jnp.ones((16, 8)))
+    >>> params["a"].shape, params["b"].shape
+    ((16, 4), (4, 8))
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class SineLoRA(_AdditiveLowRank, _SineUpdate, _LowRankBase):
+  """Sine LoRA: ``w = w0 + (alpha / rank) sin(omega a @ b) / gain``.
+
+  References:
+    Ji et al., "Efficient Learning with Sine-Activated Low-Rank Matrices", Sec. 4.1.
+
+  Args:
+    rank: ``r``, ``1 <= r <= min(m, n)``.
+    omega: fixed frequency (the paper uses 200 to 1000 for LLMs).
+    alpha: scale numerator, as in LoRA (``None``: scale 1).
+    gain: fixed divisor; ``None`` is ``sqrt(m) = sqrt(in_features)`` (App. A.2).
+    block_size: column block of the memory-lean product used by :meth:`apply`.
+    param_dtype: dtype of ``a`` and ``b`` (``None``: the dtype of ``w0``).
+  """
+
+  omega: float = 200.0
+  gain: Optional[float] = None
+  block_size: Optional[int] = None
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    self._check_sine_fields()
+
+
+@dataclasses.dataclass(frozen=True)
+class DoRA(_MagnitudeDirection, _PlainUpdate, _LowRankBase):
+  """Weight-decomposed low-rank adaptation.
+
+  ``w = magnitude * (w0 + s a @ b) / ||w0 + s a @ b||_c`` with ``s = alpha / rank``, the column norm
+  taken per output feature; ``magnitude: (n,)`` starts at ``||w0||_c``.
+
+  References:
+    Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024.
+
+  Args:
+    rank: ``r``, ``1 <= r <= min(m, n)``.
+    alpha: scale numerator (``None``: scale 1).
+    stop_norm_gradient: treat ``||V||_c`` as a constant in the backward pass (DoRA Sec. 4.3 and the
+      reference implementations do; it saves memory). Values are unaffected.
+    param_dtype: dtype of ``a``, ``b`` and ``magnitude`` (``None``: the dtype of ``w0``).
+  """
+
+  stop_norm_gradient: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SineDoRA(_MagnitudeDirection, _SineUpdate, _LowRankBase):
+  """Sine DoRA: DoRA whose direction update is ``s sin(omega a @ b) / gain``.
+
+  References:
+    Ji et al., "Efficient Learning with Sine-Activated Low-Rank Matrices", App. A.2.1.
+
+  Args:
+    rank: ``r``, ``1 <= r <= min(m, n)``.
+    omega: fixed frequency.
+    alpha: scale numerator (``None``: scale 1).
+    gain: fixed divisor; ``None`` is ``sqrt(in_features)``.
+    stop_norm_gradient: as in :class:`DoRA`.
+    param_dtype: dtype of the trainable arrays (``None``: the dtype of ``w0``).
+  """
+
+  omega: float = 200.0
+  gain: Optional[float] = None
+  stop_norm_gradient: bool = True
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    self._check_sine_fields()
