@@ -163,10 +163,7 @@ def sine_lowrank_matmul(
     True
   """
   m, k, n = _validation.check_lowrank_factors(a, b)
-  if getattr(x, "ndim", 0) < 1 or x.shape[-1] != m:
-    raise ValueError(
-        f"`x` must have shape (..., m) with m = a.shape[0] = {m}, got shape {getattr(x, 'shape', None)}."
-    )
+  _check_input(x, m)
   omega = _validation.check_positive_float("omega", omega)
   gain = _resolve_gain(gain, m)
   if block_size is None:
@@ -195,3 +192,68 @@ def sine_lowrank_matmul(
   y0 = jnp.zeros((x2.shape[0], padded), out_dtype)
   y, _ = jax.lax.scan(step, y0, jnp.arange(num_blocks))
   return y[:, :n].reshape(batch_shape + (n,))
+
+
+def lowrank_dense(x: Array, a: Array, b: Array, bias: Optional[Array] = None) -> Array:
+  """Dense layer with a low-rank kernel: ``x @ a @ b + bias``, computed as ``(x @ a) @ b``.
+
+  Args:
+    x: ``(..., m)`` inputs.
+    a: ``(m, k)``; ``b``: ``(k, n)``.
+    bias: optional ``(n,)``.
+
+  Returns:
+    ``(..., n)``.
+  """
+  m, _, n = _validation.check_lowrank_factors(a, b)
+  _check_input(x, m)
+  _check_bias(bias, n)
+  y = jnp.matmul(jnp.matmul(x, a), b)
+  return y if bias is None else y + bias
+
+
+def sine_lowrank_dense(
+    x: Array,
+    a: Array,
+    b: Array,
+    bias: Optional[Array] = None,
+    *,
+    omega: float,
+    gain: Optional[float] = None,
+    memory_lean: bool = False,
+    block_size: Optional[int] = None,
+) -> Array:
+  """Dense layer with a sine low-rank kernel: ``x @ (sin(omega a @ b) / gain) + bias`` (eq. 3).
+
+  Args:
+    x: ``(..., m)`` inputs.
+    a: ``(m, k)``; ``b``: ``(k, n)``.
+    bias: optional ``(n,)``.
+    omega: positive frequency; ``gain``: positive divisor (``None``: ``sqrt(m)``).
+    memory_lean: use :func:`sine_lowrank_matmul` (never holds the ``(m, n)`` kernel) instead of
+      forming the kernel.
+    block_size: column block of the memory-lean product.
+
+  Returns:
+    ``(..., n)``.
+  """
+  m, _, n = _validation.check_lowrank_factors(a, b)
+  _check_input(x, m)
+  _check_bias(bias, n)
+  if memory_lean:
+    y = sine_lowrank_matmul(x, a, b, omega=omega, gain=gain, block_size=block_size)
+  else:
+    y = jnp.matmul(x, sine_lowrank(a, b, omega=omega, gain=gain))
+  return y if bias is None else y + bias
+
+
+def _check_input(x: Array, m: int) -> None:
+  if getattr(x, "ndim", 0) < 1 or x.shape[-1] != m:
+    raise ValueError(
+        f"`x` must have shape (..., m) with m = a.shape[0] = {m}, got shape {getattr(x, 'shape', None)}."
+    )
+
+
+def _check_bias(bias: Optional[Array], n: int) -> None:
+  if bias is not None and tuple(bias.shape) != (n,):
+    raise ValueError(f"`bias` must have shape (n,) = ({n},), got {tuple(bias.shape)}.")

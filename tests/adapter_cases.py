@@ -1,0 +1,27 @@
+"""Adapter methods checked by the shared adapter test matrix (tests/test_adapter_matrix.py).
+
+Every method spec added to ``sp.peft`` gets a case here; ``scale`` is the size of the random
+perturbation that makes a freshly initialised adapter non-trivial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import spectral_peft as sp
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  method: sp.peft.AdapterMethod
+  scale: float = 0.1
+
+
+CASES = [
+    Case("lora", sp.peft.LoRA(rank=2, alpha=4.0)),
+    Case("dora", sp.peft.DoRA(rank=2, alpha=4.0)),
+    Case("sine_lora", sp.peft.SineLoRA(rank=2, omega=50.0, alpha=4.0), scale=0.05),
+    Case("sine_dora", sp.peft.SineDoRA(rank=2, omega=50.0, alpha=4.0), scale=0.05),
+    Case("dora_exact_grad", sp.peft.DoRA(rank=1, stop_norm_gradient=False)),
+]

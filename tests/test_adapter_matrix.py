@@ -1,0 +1,139 @@
+"""The checks every adapter method must pass, run over all cases of ``adapter_cases.CASES``."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import spectral_peft as sp
+from adapter_cases import CASES
+
+TARGETS = r"(query|value|mlp_in)/kernel$"
+IN_AXES = {r"attention/": 1}  # DenseGeneral (embed, heads, head_dim) kernels: one input axis.
+by_name = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+
+
+def make_adapters(case, params, key=jax.random.key(7)):
+  return sp.peft.init_adapters(key, params, case.method, TARGETS, in_axes=IN_AXES)
+
+
+def perturb(adapters, key, scale):
+  """Adds Gaussian noise to every trainable array, so the adapter is no longer the identity."""
+  trainable, rest = sp.peft.partition(adapters)
+  leaves, treedef = jax.tree.flatten(trainable)
+  keys = jax.random.split(key, len(leaves))
+  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  return sp.peft.combine(jax.tree.unflatten(treedef, leaves), rest)
+
+
+def trained(case, params, key=jax.random.key(7)):
+  return perturb(make_adapters(case, params, key), jax.random.key(11), case.scale)
+
+
+@by_name
+def test_identity_at_init(case, block, base_params, inputs):
+  adapters = make_adapters(case, base_params)
+  assert set(adapters) == {
+      "attention/query/kernel", "attention/value/kernel", "mlp_in/kernel"
+  }
+  merged = sp.peft.merge(base_params, adapters)
+  chex.assert_trees_all_close(merged, base_params, atol=1e-6, rtol=0)
+  chex.assert_trees_all_close(block.apply({"params": merged}, inputs), block.apply({"params": base_params}, inputs), atol=1e-6)
+
+
+@by_name
+def test_perturbed_adapter_changes_the_model(case, block, base_params, inputs):
+  merged = sp.peft.merge(base_params, trained(case, base_params))
+  diff = jnp.max(jnp.abs(block.apply({"params": merged}, inputs) - block.apply({"params": base_params}, inputs)))
+  assert diff > 1e-3
+
+
+@by_name
+def test_merged_forward_equals_unmerged_forward(case, base_params):
+  adapters = trained(case, base_params)
+  paths = sp.peft.leaf_paths(base_params)
+  merged_paths = sp.peft.leaf_paths(sp.peft.merge(base_params, adapters))
+  for path, adapter in adapters.items():
+    in_shape = adapter.shape[: adapter.in_axes]
+    x = jax.random.normal(jax.random.key(3), (4,) + in_shape)
+    unmerged = adapter.apply(x, paths[path])
+    merged = jnp.tensordot(x, merged_paths[path], axes=adapter.in_axes)
+    assert unmerged.shape == (4,) + adapter.shape[adapter.in_axes :]
+    np.testing.assert_allclose(unmerged, merged, atol=2e-5, rtol=2e-5, err_msg=path)
+
+
+@by_name
+def test_unmerge_inverts_merge(case, base_params):
+  adapters = trained(case, base_params)
+  restored = sp.peft.unmerge(sp.peft.merge(base_params, adapters), adapters)
+  chex.assert_trees_all_close(restored, base_params, atol=2e-6, rtol=2e-6)
+
+
+@by_name
+def test_gradients_reach_adapter_leaves_only(case, block, base_params, inputs):
+  tree = {"base": base_params, "adapters": trained(case, base_params)}
+  target = jnp.ones_like(inputs)
+
+  def loss(tree):
+    merged = sp.peft.merge(tree["base"], tree["adapters"])
+    return jnp.mean(jnp.square(block.apply({"params": merged}, inputs) - target))
+
+  grads = jax.grad(loss)(tree)
+  tx = sp.peft.masked_optimizer(optax.sgd(0.5), tree)
+  updates, _ = tx.update(grads, tx.init(tree), tree)
+  new = optax.apply_updates(tree, updates)
+  mask = sp.peft.trainable_mask(tree)
+  chex.assert_trees_all_equal(new["base"], tree["base"])
+  for old, upd, trainable in zip(jax.tree.leaves(tree), jax.tree.leaves(updates), jax.tree.leaves(mask)):
+    if trainable:
+      assert jnp.any(upd != 0), "a trainable adapter array received no update"
+    else:
+      assert not jnp.any(upd), "a frozen array received an update"
+  for path, adapter in new["adapters"].items():
+    chex.assert_trees_all_equal(adapter.frozen, tree["adapters"][path].frozen)
+
+
+@by_name
+def test_jit_matches_no_jit(case, base_params):
+  adapters = trained(case, base_params)
+  for fn in (sp.peft.merge, sp.peft.unmerge):
+    chex.assert_trees_all_close(jax.jit(fn)(base_params, adapters), fn(base_params, adapters), atol=1e-6, rtol=1e-6)
+
+
+@by_name
+def test_vmap_over_stacked_adapters_equals_loop(case, block, base_params, inputs):
+  stack = [trained(case, base_params, jax.random.key(s)) for s in range(3)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stack)
+
+  def forward(adapters):
+    return block.apply({"params": sp.peft.merge(base_params, adapters)}, inputs)
+
+  batched = jax.vmap(forward)(stacked)
+  looped = jnp.stack([forward(a) for a in stack])
+  np.testing.assert_allclose(batched, looped, atol=1e-5, rtol=1e-5)
+
+
+@by_name
+def test_save_load_round_trip_is_exact(case, base_params, tmp_path):
+  adapters = trained(case, base_params)
+  sp.peft.save_adapters(tmp_path / "ckpt", adapters)
+  loaded = sp.peft.load_adapters(tmp_path / "ckpt", base_params)
+  assert set(loaded) == set(adapters)
+  for path in adapters:
+    assert loaded[path].method == adapters[path].method
+    assert (loaded[path].shape, loaded[path].dtype, loaded[path].in_axes) == (
+        adapters[path].shape, adapters[path].dtype, adapters[path].in_axes)
+  chex.assert_trees_all_equal(loaded, adapters)
+  chex.assert_trees_all_equal(sp.peft.merge(base_params, loaded), sp.peft.merge(base_params, adapters))
+
+
+@by_name
+def test_same_key_same_adapter(case, base_params):
+  chex.assert_trees_all_equal(make_adapters(case, base_params), make_adapters(case, base_params))
+  other = make_adapters(case, base_params, jax.random.key(8))
+  a0 = make_adapters(case, base_params)["mlp_in/kernel"]
+  assert jnp.any(jax.tree.leaves(other["mlp_in/kernel"].params)[0] != jax.tree.leaves(a0.params)[0])
