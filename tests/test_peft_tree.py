@@ -99,6 +99,24 @@ def test_count_parameters_and_trainable_mask():
   assert adapter_mask.frozen == {"w0_norm": False}
 
 
+def test_masked_optimizer_updates_trainable_adapter_arrays_only():
+  params = dense_params()
+  tree = {"base": params, "adapters": jax.tree.map(lambda x: x + 0.1, sp.peft.init_adapters(KEY, params, sp.peft.DoRA(2), r"query/kernel"))}
+  x = jnp.ones((4, 8))
+
+  def loss(tree):
+    merged = sp.peft.merge(tree["base"], tree["adapters"])
+    layers = merged["encoder"]["layers"]
+    return jnp.sum(jnp.square(x @ layers[0]["query"]["kernel"] @ layers[1]["query"]["kernel"].T))
+
+  grads = jax.grad(loss)(tree)
+  assert jnp.any(grads["base"]["encoder"]["layers"][0]["query"]["kernel"] != 0)  # would move W0
+  tx = sp.peft.masked_optimizer(optax.sgd(0.1), tree)
+  updates, _ = tx.update(grads, tx.init(tree), tree)
+  for update, trainable in zip(jax.tree.leaves(updates), jax.tree.leaves(sp.peft.trainable_mask(tree))):
+    assert bool(jnp.any(update != 0)) == trainable
+
+
 def test_partition_and_combine_round_trip_and_grad_of_the_trainable_part():
   params = dense_params()
   adapters = sp.peft.init_adapters(KEY, params, sp.peft.DoRA(2), r"query/kernel")

@@ -36,7 +36,7 @@ def _structure(adapter_meta: dict[str, Any]):
   w0 = jax.ShapeDtypeStruct(mshape, jnp.dtype(adapter_meta["dtype"]))
   key = jax.random.key(0)
   params = jax.eval_shape(method.init, key, w0)
-  frozen = jax.eval_shape(method.init_frozen, w0)
+  frozen = jax.eval_shape(method.init_frozen, key, w0)
   return method, params, frozen
 
 

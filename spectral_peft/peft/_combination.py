@@ -54,8 +54,9 @@ class WeightedSum(AdapterMethod):
     keys = jax.random.split(key, len(self.methods))
     return tuple(m.init(k, w0) for m, k in zip(self.methods, keys))
 
-  def init_frozen(self, w0):
-    return tuple(m.init_frozen(w0) for m in self.methods)
+  def init_frozen(self, key, w0):
+    keys = jax.random.split(key, len(self.methods))
+    return tuple(m.init_frozen(k, w0) for m, k in zip(self.methods, keys))
 
   def delta(self, params, w0, frozen=None):
     frozen = frozen if frozen is not None else tuple({} for _ in self.methods)

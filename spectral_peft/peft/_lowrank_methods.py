@@ -147,7 +147,7 @@ class _MagnitudeDirection:
     params["magnitude"] = _column_norm(w0).astype(self._dtype(w0))
     return params
 
-  def init_frozen(self, w0):
+  def init_frozen(self, key, w0):
     """``{"w0_norm": (n,)}``: the column norms of ``w0``, needed to invert the merge."""
     return {"w0_norm": _column_norm(w0)}
 

@@ -4,8 +4,9 @@ A method is a small immutable spec (a frozen dataclass of hyperparameters) with 
 in the manner of ``optax.GradientTransformation``:
 
 * ``init(key, w0) -> params``: the trainable arrays for one weight matrix ``w0: (m, n)``.
-* ``init_frozen(w0) -> frozen``: constants the method needs besides ``w0`` (positions, reference
-  norms); empty for most methods. They are never trained.
+* ``init_frozen(key, w0) -> frozen``: constants the method needs besides ``w0`` (sparse positions,
+  spectral masks, reference norms); empty for most methods. They are never trained, may be
+  integer arrays, and are saved with the adapter.
 * ``delta(params, w0, frozen) -> Delta W``: the ``(m, n)`` update, so the adapted weight is
   ``w0 + Delta W``.
 * ``unmerge(params, w, frozen) -> w0``: inverts ``w = w0 + delta(params, w0, frozen)``.
@@ -65,9 +66,9 @@ class AdapterMethod:
   def check_shape(self, shape: tuple[int, int]) -> None:
     """Raises ``ValueError`` when the method cannot adapt an ``(m, n)`` matrix."""
 
-  def init_frozen(self, w0: Array) -> PyTree:
+  def init_frozen(self, key: Array, w0: Array) -> PyTree:
     """Constants stored with the adapter but never trained (default: none)."""
-    del w0
+    del key, w0
     return {}
 
   def unmerge(self, params: PyTree, w: Array, frozen: PyTree = None) -> Array:

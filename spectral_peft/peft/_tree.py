@@ -34,6 +34,7 @@ PyTree = Any
 Adapters = dict[str, Adapter]
 Target = Union[str, "re.Pattern[str]", Callable[[str, Any], bool]]
 InAxes = Union[None, int, Mapping[str, int], Callable[[str, tuple[int, ...]], Optional[int]]]
+MethodChoice = Union[AdapterMethod, Mapping[str, AdapterMethod], Callable[[str, tuple[int, ...]], AdapterMethod]]
 
 
 # -- paths -------------------------------------------------------------------------------------
@@ -95,6 +96,25 @@ def select_paths(params: PyTree, targets: Target) -> list[str]:
   return chosen
 
 
+def _resolve_method(method: MethodChoice, path: str, shape: tuple[int, ...]) -> AdapterMethod:
+  if isinstance(method, AdapterMethod):
+    chosen = method
+  elif isinstance(method, Mapping):
+    chosen = next((m for pattern, m in method.items() if re.search(pattern, path)), None)
+    if chosen is None:
+      raise ValueError(f"`method` mapping has no pattern matching target {path!r}; patterns: {list(method)}.")
+  elif callable(method):
+    chosen = method(path, shape)
+  else:
+    chosen = method
+  if not isinstance(chosen, AdapterMethod):
+    raise TypeError(
+        f"`method` must be an adapter spec such as sp.peft.LoRA(rank=8), a {{regex: spec}} mapping or "
+        f"a callable (path, shape) -> spec; for {path!r} it gave {type(chosen).__name__}."
+    )
+  return chosen
+
+
 def _resolve_in_axes(in_axes: InAxes, path: str, shape: tuple[int, ...]) -> int:
   value: Optional[int]
   if in_axes is None:
@@ -133,7 +153,7 @@ def path_key(key: Array, path: str) -> Array:
 def init_adapters(
     key: Array,
     params: PyTree,
-    method: AdapterMethod,
+    method: MethodChoice,
     targets: Target,
     *,
     in_axes: InAxes = None,
@@ -141,10 +161,13 @@ def init_adapters(
   """Creates one adapter of ``method`` for every target weight of ``params``.
 
   Args:
-    key: a ``jax.random`` key. Each target gets ``fold_in(key, crc32(path))``, so an adapter does
-      not change when other targets are added, and the same key gives the same adapters.
+    key: a ``jax.random`` key. Each target gets ``fold_in(key, crc32(path))`` (split into an
+      ``init`` and an ``init_frozen`` key), so an adapter does not change when other targets are
+      added, and the same key gives the same adapters on every machine.
     params: the frozen base parameters: a Linen ``params`` dict, an NNX ``State`` or any pytree.
-    method: an adapter spec such as ``sp.peft.LoRA(rank=8)``.
+    method: an adapter spec such as ``sp.peft.LoRA(rank=8)``; or, for per-target choices (a
+      different rank or budget per layer), a ``{regex: spec}`` mapping (first match wins) or a
+      callable ``(path, shape) -> spec``.
     targets: regex searched in ``'/'``-joined paths, or a predicate ``(path, leaf) -> bool``.
     in_axes: reshape rule for weights with more than 2 axes (see the module docstring): an int for
       all targets, ``{regex: int}``, or ``(path, shape) -> int | None``.
@@ -156,8 +179,6 @@ def init_adapters(
     ValueError: if no path matches, a target is not a matrix or has no reshape rule, or the
       method does not fit a target's shape (e.g. ``rank > min(m, n)``).
   """
-  if not isinstance(method, AdapterMethod):
-    raise TypeError(f"`method` must be an adapter spec such as sp.peft.LoRA(rank=8), got {type(method).__name__}.")
   paths = leaf_paths(params)
   adapters: Adapters = {}
   for path in select_paths(params, targets):
@@ -165,15 +186,17 @@ def init_adapters(
     shape = tuple(int(d) for d in np.shape(w0))
     axes = _resolve_in_axes(in_axes, path, shape)
     mshape = matrix_shape(shape, axes)
+    spec = _resolve_method(method, path, shape)
     try:
-      method.check_shape(mshape)
+      spec.check_shape(mshape)
     except ValueError as err:
       raise ValueError(f"Target {path!r} (shape {shape}, matrix {mshape}): {err}") from None
     w0_matrix = jnp.reshape(w0, mshape)
+    params_key, frozen_key = jax.random.split(path_key(key, path))
     adapters[path] = Adapter(
-        params=method.init(path_key(key, path), w0_matrix),
-        frozen=method.init_frozen(w0_matrix),
-        method=method,
+        params=spec.init(params_key, w0_matrix),
+        frozen=spec.init_frozen(frozen_key, w0_matrix),
+        method=spec,
         shape=shape,
         dtype=jnp.dtype(w0.dtype).name,
         in_axes=axes,
