@@ -56,8 +56,8 @@ class LowRankDense(nnx.Module):
     self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
 
   def _promoted(self, x: Array):
-    bias = self.bias.value if self.bias is not None else None
-    return nnx.nn.dtypes.promote_dtype((x, self.a.value, self.b.value, bias), dtype=self.dtype)
+    bias = self.bias[...] if self.bias is not None else None
+    return nnx.nn.dtypes.promote_dtype((x, self.a[...], self.b[...], bias), dtype=self.dtype)
 
   def __call__(self, x: Array) -> Array:
     x, a, b, bias = self._promoted(x)

@@ -1,0 +1,77 @@
+"""Shared plumbing for experiment scripts: presets, result files, Markdown tables, progress bars."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+from typing import Any, Iterable, Sequence, TypeVar
+
+import jax
+import numpy as np
+
+RESULTS_ROOT = os.environ.get("SPECTRAL_PEFT_RESULTS", "results")
+Config = TypeVar("Config")
+
+
+def preset(presets: dict[str, Config], name: str) -> Config:
+  """The named preset, or a clear error listing the available ones."""
+  if name not in presets:
+    raise ValueError(f"`preset` must be one of {sorted(presets)}, got {name!r}.")
+  return presets[name]
+
+
+def results_dir(name: str) -> str:
+  path = os.path.join(RESULTS_ROOT, name)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def environment() -> dict[str, Any]:
+  """What the numbers were measured on."""
+  return {
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "python": platform.python_version(),
+      "machine": platform.machine(),
+  }
+
+
+def _jsonable(value: Any) -> Any:
+  if dataclasses.is_dataclass(value):
+    return _jsonable(dataclasses.asdict(value))
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
+    array = np.asarray(value)
+    return array.item() if array.ndim == 0 else array.tolist()
+  return value
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+  with open(path, "w") as f:
+    json.dump(_jsonable(payload), f, indent=2, sort_keys=True)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+  def fmt(x: Any) -> str:
+    if isinstance(x, float):
+      return f"{x:.4g}"
+    return str(x)
+
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def progress(iterable: Iterable, **kwargs: Any):
+  """A tqdm progress bar (to stderr), or the bare iterable where tqdm is missing."""
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:  # pragma: no cover
+    return iterable
+  return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
