@@ -35,7 +35,7 @@ class Config:
   adapt_steps: int = 500
   ranks: tuple[int, ...] = (1, 4)
   omegas: tuple[float, ...] = (100.0, 1000.0)
-  learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+  learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
   seed: int = 0
 
 

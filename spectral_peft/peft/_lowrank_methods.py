@@ -103,7 +103,7 @@ class _SineUpdate:
     _validation.check_positive_float("omega", self.omega)
     if self.gain is not None:
       _validation.check_positive_float("gain", self.gain)
-    if getattr(self, "block_size", None) is not None:
+    if self.block_size is not None:
       _validation.check_positive_int("block_size", self.block_size)
 
   def update(self, params):
@@ -165,11 +165,15 @@ class _MagnitudeDirection:
     # (factor - 1) * w0 + factor * update is exactly zero at init (factor == 1, update == 0).
     return (factor - 1.0) * w0 + factor * update
 
+  def _direction_norm(self, params, w0):
+    """``||w0 + update||_c``: ``(n,)``."""
+    return _column_norm(w0 + self.update(params).astype(w0.dtype))
+
   def apply(self, params, x, w0, frozen=None):
     del frozen
-    direction = w0 + self.update(params).astype(w0.dtype)
-    factor = self._norm_factor(params, _column_norm(direction))
-    return jnp.matmul(x, direction) * factor.astype(direction.dtype)
+    factor = self._norm_factor(params, self._direction_norm(params, w0)).astype(jnp.result_type(x, w0))
+    y = jnp.matmul(x, w0) + self.update_matmul(params, x).astype(jnp.result_type(x, w0))
+    return y * factor
 
   def unmerge(self, params, w, frozen=None):
     """Inverts the merge using the stored column norms of ``w0``.
@@ -258,6 +262,14 @@ class DoRA(_MagnitudeDirection, _PlainUpdate, _LowRankBase):
 
   stop_norm_gradient: bool = True
 
+  def _direction_norm(self, params, w0):
+    """``||w0 + s a b||_c`` from ``a^T w0`` and ``a^T a``, without forming the ``(m, n)`` sum."""
+    a, b = params["a"].astype(w0.dtype), params["b"].astype(w0.dtype)
+    s = self.scale
+    cross = jnp.sum(jnp.matmul(a.T, w0) * b, axis=0)
+    update_sq = jnp.sum(b * jnp.matmul(jnp.matmul(a.T, a), b), axis=0)
+    return jnp.sqrt(jnp.maximum(jnp.sum(w0 * w0, axis=0) + 2.0 * s * cross + s * s * update_sq, 0.0))
+
 
 @dataclasses.dataclass(frozen=True)
 class SineDoRA(_MagnitudeDirection, _SineUpdate, _LowRankBase):
@@ -271,12 +283,14 @@ class SineDoRA(_MagnitudeDirection, _SineUpdate, _LowRankBase):
     omega: fixed frequency.
     alpha: scale numerator (``None``: scale 1).
     gain: fixed divisor; ``None`` is ``sqrt(in_features)``.
+    block_size: column block of the memory-lean product used by :meth:`apply`.
     stop_norm_gradient: as in :class:`DoRA`.
     param_dtype: dtype of the trainable arrays (``None``: the dtype of ``w0``).
   """
 
   omega: float = 200.0
   gain: Optional[float] = None
+  block_size: Optional[int] = None
   stop_norm_gradient: bool = True
 
   def __post_init__(self) -> None:
