@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 report: $(STAMP)
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/python -m experiments.report --preset $(PRESET)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/python -m experiments --preset $(PRESET)
 
 demo: report
 

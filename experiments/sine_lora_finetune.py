@@ -143,7 +143,15 @@ def main(preset: str = "quick") -> dict:
   table += f"\nPretrained on A to PSNR {psnr(pre_mse, image_a):.1f} dB; on B without adapter: {base_psnr_b:.1f} dB.\n"
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(table)
-  result = {"config": config, "runs": runs, "pretrain_psnr_a": psnr(pre_mse, image_a), "base_psnr_b": base_psnr_b,
+  wins = []
+  for rank in config.ranks:
+    lora = next(r["psnr"] for r in runs if r["rank"] == rank and r["method"] == "LoRA")
+    best_sine = max(r["psnr"] for r in runs if r["rank"] == rank and r["method"] != "LoRA")
+    wins.append((rank, best_sine - lora))
+  verdict = ("Matches" if all(d > 0 for _, d in wins) else "Partly matches" if any(d > 0 for _, d in wins)
+             else "Does not match") + ": best sine LoRA minus LoRA PSNR " + ", ".join(
+                 f"{d:+.2f} dB at rank {r}" for r, d in wins) + "."
+  result = {"verdict": verdict, "config": config, "runs": runs, "pretrain_psnr_a": psnr(pre_mse, image_a), "base_psnr_b": base_psnr_b,
             "environment": _common.environment(), "plot": os.path.join(out, "psnr_vs_rank.png"), "table": table}
   _common.write_json(os.path.join(out, "results.json"), result)
   return result

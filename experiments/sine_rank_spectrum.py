@@ -104,8 +104,13 @@ def main(preset: str = "quick") -> dict:
   )
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(table)
+  ranks = [r["numerical_rank_mean"] for r in summary]
+  rising = all(b >= a for a, b in zip(ranks, ranks[1:])) and ranks[-1] > ranks[0]
+  verdict = (f"{'Matches' if rising else 'Does not match'}: numerical rank goes from {ranks[0]:.0f} (no sine, k = "
+             f"{config.rank}) to {ranks[-1]:.0f} at omega = {summary[-1]['omega']:g}"
+             f"{', never decreasing' if rising else ', not monotonically'}.")
   result = {"config": config, "summary": summary, "rows": rows, "environment": _common.environment(),
-            "plot": os.path.join(out, "spectrum.png"), "table": table}
+            "plot": os.path.join(out, "spectrum.png"), "table": table, "verdict": verdict}
   _common.write_json(os.path.join(out, "results.json"), result)
   return result
 

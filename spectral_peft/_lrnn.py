@@ -1,0 +1,612 @@
+"""Low-rank separated neural networks (LRNNs): product-structured activations as pure functions.
+
+References:
+  "Deep learning with learnable product-structured activations" (LRNNs), eq. 1 (shallow LRNN),
+  eq. 3-4 (deep LRNN), eq. 5 (shared activations), Lemma 1 (variance-controlled init), App. A.2
+  (interaction heatmaps), App. B.1 (component MLPs), App. B.2 (memory and checkpointing).
+
+An LRNN neuron ``l`` maps a ``d``-dimensional projection ``z = x W_l + b_l`` to the scalar
+``phi_l(z) = prod_j (1 + gamma g_lj(z_j))`` with ``gamma = d^(-1/2)``, where every ``g_lj`` is a tiny
+MLP whose first operation is an activation and whose last layer is linear without a bias.
+
+Layouts (Flax kernel layout, inputs first):
+  * projection kernel ``(in_features, r, d)`` and bias ``(r, d)``: ``z = einsum('...i,ird->...rd')``;
+  * component parameters, a dict ``{"weights": (w_0, ..., w_L), "biases": (b_0, ..., b_{L-1})}``:
+    per neuron (eq. 4) ``w_i: (r, d, h_i, h_{i+1})`` and ``b_i: (r, d, h_{i+1})`` with ``h_0 = 1`` and
+    ``h_{L+1} = 1``; shared across the neurons of a layer (eq. 5) the leading ``r`` axis is absent,
+    ``w_i: (d, h_i, h_{i+1})`` and ``b_i: (d, h_{i+1})``. All ``r * d`` component MLPs are evaluated
+    at once by einsum over the stacked weights (the block-diagonal layer of App. B.1);
+  * a component evaluates ``a_0 = act(omega z)``, ``a_{i+1} = act(omega (a_i w_i + b_i))`` for the
+    hidden layers and ``g = a_L w_L`` (no bias).
+
+Network parameters (:func:`lrnn_init`) are a plain dict of arrays::
+
+  {"layers": [{"kernel", "bias", "components", ["norm": {"scale", "bias"}]}, ...],
+   "output": {"kernel": (r_L, out_features), "bias": (out_features,)}}
+
+A layer has a ``"norm"`` entry exactly when LayerNorm follows it, so the architecture is read
+from the parameters; only how to evaluate the components (activation, frequencies, gamma,
+rematerialisation) is passed to :func:`lrnn_apply`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from spectral_peft import _validation
+
+Array = jax.Array
+Activation = Union[str, Callable[[Array], Array]]
+Params = dict[str, Any]
+
+
+def _spder(u: Array) -> Array:
+  # sin(u) sqrt|u|, with a finite (zero) derivative at u = 0 (the double-where trick).
+  zero = u == 0
+  safe = jnp.where(zero, jnp.ones_like(u), u)
+  return jnp.where(zero, jnp.zeros_like(u), jnp.sin(safe) * jnp.sqrt(jnp.abs(safe)))
+
+
+def _sin_arctan(u: Array) -> Array:
+  return jnp.sin(u) * jnp.arctan(u)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "sine": jnp.sin,
+    "spder": _spder,
+    "sin_arctan": _sin_arctan,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+}
+"""Named component activations. Each is applied as ``act(omega * u)`` (SIREN convention)."""
+
+
+def resolve_activation(activation: Activation) -> Callable[[Array], Array]:
+  """The activation function named by ``activation``, or ``activation`` itself if callable.
+
+  Args:
+    activation: one of ``"sine"`` (``sin u``), ``"spder"`` (``sin(u) sqrt|u|``), ``"sin_arctan"``
+      (``sin(u) arctan(u)``), ``"relu"``, ``"tanh"``, ``"gelu"``, or any elementwise callable.
+
+  Returns:
+    An elementwise function of arrays.
+
+  Raises:
+    ValueError: for an unknown name. TypeError: for anything else that is not callable.
+  """
+  if callable(activation):
+    return activation
+  if isinstance(activation, str):
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}.")
+    return ACTIVATIONS[activation]
+  raise TypeError(f"`activation` must be a str or a callable, got {type(activation).__name__}.")
+
+
+def default_gamma(projection_width: int) -> float:
+  """The paper's scaling ``gamma = d^(-1/2)`` for a projection width ``d`` (Lemma 1)."""
+  return 1.0 / math.sqrt(_validation.check_positive_int("projection_width", projection_width))
+
+
+# --------------------------------------------------------------------------------------------
+# Component MLPs.
+
+
+def _check_components(components: Any, rank: Optional[int], width: int) -> bool:
+  """Checks the component pytree against ``(r, d)`` and returns whether it is shared (eq. 5)."""
+  if not isinstance(components, dict) or set(components) != {"weights", "biases"}:
+    got = sorted(components) if isinstance(components, dict) else type(components).__name__
+    raise TypeError(f"`components` must be a dict with keys 'weights' and 'biases', got {got}.")
+  weights, biases = tuple(components["weights"]), tuple(components["biases"])
+  if len(weights) != len(biases) + 1:
+    raise ValueError(
+        f"`components` must have one more weight than biases (the last layer has no bias), got "
+        f"{len(weights)} weights and {len(biases)} biases."
+    )
+  ndim = getattr(weights[0], "ndim", None)
+  if ndim not in (3, 4):
+    raise ValueError(
+        "`components['weights'][0]` must have shape (r, d, 1, h) (one MLP per neuron) or (d, 1, h) "
+        f"(shared, eq. 5), got shape {getattr(weights[0], 'shape', None)}."
+    )
+  shared = ndim == 3
+  lead = (width,) if shared else (rank, width)
+  lead_txt = "(d, ...)" if shared else "(r, d, ...)"
+  h_in = 1
+  for i, w in enumerate(weights):
+    _validation.check_floating(f"components['weights'][{i}]", w)
+    if w.ndim != ndim or tuple(w.shape[:-2]) != lead or w.shape[-2] != h_in:
+      raise ValueError(
+          f"`components['weights'][{i}]` must have shape {lead_txt[:-5]}, h_in, h_out) = {lead} + ({h_in}, h_out), "
+          f"matching z's (r, d) and the previous layer's width, got {tuple(w.shape)}."
+      )
+    h_in = w.shape[-1]
+    if i < len(biases) and tuple(biases[i].shape) != lead + (h_in,):
+      raise ValueError(f"`components['biases'][{i}]` must have shape {lead + (h_in,)}, got {tuple(biases[i].shape)}.")
+  if h_in != 1:
+    raise ValueError(f"`components['weights'][-1]` must map to one output (last axis 1), got {tuple(weights[-1].shape)}.")
+  return shared
+
+
+def _check_z(z: Any) -> tuple[int, int]:
+  shape = getattr(z, "shape", None)
+  if shape is None:
+    raise TypeError(f"`z` must be an array of shape (..., r, d), got {type(z).__name__}.")
+  if len(shape) < 2:
+    raise ValueError(f"`z` must have shape (..., r, d), got shape {tuple(shape)}.")
+  _validation.check_floating("z", z)
+  return shape[-2], shape[-1]
+
+
+def _components_forward(z: Array, components: Params, activation: Callable, omega: float, shared: bool) -> Array:
+  weights, biases = components["weights"], components["biases"]
+  spec = "...rdi,dio->...rdo" if shared else "...rdi,rdio->...rdo"
+  a = activation(omega * z)[..., None]  # (..., r, d, 1): the first op is the activation.
+  for w, b in zip(weights[:-1], biases):
+    a = activation(omega * (jnp.einsum(spec, a, w) + b))
+  return jnp.einsum(spec, a, weights[-1])[..., 0]  # Last layer: linear, no bias.
+
+
+def component_apply(z: Array, components: Params, *, activation: Activation = "sine", omega: float = 1.0) -> Array:
+  """Evaluates all ``r * d`` univariate component functions ``g_lj(z_lj)`` at once.
+
+  References:
+    LRNN paper, App. B.1 (component MLPs whose first op is an activation, last layer bias-free).
+
+  Args:
+    z: ``(..., r, d)`` projected inputs, floating.
+    components: ``{"weights": (w_0, ..., w_L), "biases": (b_0, ..., b_{L-1})}`` with
+      ``w_i: (r, d, h_i, h_{i+1})`` (``h_0 = h_{L+1} = 1``) and ``b_i: (r, d, h_{i+1})``; or the
+      shared form (eq. 5) without the leading ``r`` axis.
+    activation: component activation (see :func:`resolve_activation`).
+    omega: frequency multiplying every pre-activation, ``act(omega * u)``.
+
+  Returns:
+    ``(..., r, d)`` values ``g_lj(z_lj)`` in the promoted dtype.
+
+  Raises:
+    ValueError / TypeError: if ``z`` or ``components`` have the wrong structure or shapes.
+
+  Example:
+    >>> import jax, spectral_peft as sp
+    >>> comps = sp.component_init(jax.random.key(0), 4, 3, hidden=(2,), omega=30.0)
+    >>> sp.component_apply(jax.numpy.zeros((5, 4, 3)), comps, omega=30.0).shape
+    (5, 4, 3)
+  """
+  rank, width = _check_z(z)
+  shared = _check_components(components, rank, width)
+  omega = _validation.check_positive_float("omega", omega)
+  return _components_forward(z, components, resolve_activation(activation), omega, shared)
+
+
+def _uniform(key: Array, shape: tuple[int, ...], bound: float, dtype: Any) -> Array:
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def component_init(
+    key: Array,
+    rank: int,
+    projection_width: int,
+    hidden: Sequence[int] = (1,),
+    *,
+    omega: float = 30.0,
+    shared: bool = False,
+    dtype: Any = jnp.float32,
+) -> Params:
+  """SIREN-style initialisation of the ``r * d`` component MLPs of one LRNN layer.
+
+  References:
+    LRNN paper, App. B.1, App. C.2 ("SIREN-style initialization for each component function");
+    Sitzmann et al. (2020), SIREN initialisation.
+
+  Hidden weights ``w_i: (.., h_i, h_{i+1})`` are ``U(-sqrt(6/h_i)/omega, sqrt(6/h_i)/omega)`` and
+  hidden biases ``U(-1/sqrt(h_i), 1/sqrt(h_i))`` (SIREN's hidden layers, whose pre-activation is
+  multiplied by ``omega``). The bias-free output weight is ``U(-sqrt(6/h_L), sqrt(6/h_L))``, which
+  gives ``Var[g] ~= 1`` for sine components, so Lemma 1 bounds ``Var[phi] <= e - 1``. The weights
+  are symmetric, so ``E[g] = 0`` over draws (Lemma 1's assumption).
+
+  Args:
+    key: a ``jax.random`` key.
+    rank: number of neurons ``r`` (ignored in size when ``shared``, still validated).
+    projection_width: ``d``, components per neuron.
+    hidden: hidden widths of each component MLP; ``()`` gives ``g(z) = w act(omega z)``.
+      The paper's image and PDE runs use ``(1,)`` (3 parameters per component).
+    omega: the frequency the components are evaluated with.
+    shared: one set of ``d`` components shared by all neurons of the layer (eq. 5).
+    dtype: parameter dtype.
+
+  Returns:
+    ``{"weights": tuple, "biases": tuple}`` as described in :func:`component_apply`.
+
+  Raises:
+    ValueError / TypeError: on non-positive sizes or ``omega``.
+  """
+  rank = _validation.check_positive_int("rank", rank)
+  width = _validation.check_positive_int("projection_width", projection_width)
+  hidden = tuple(_validation.check_positive_int("hidden", h) for h in hidden)
+  omega = _validation.check_positive_float("omega", omega)
+  lead = (width,) if shared else (rank, width)
+  sizes = (1,) + hidden + (1,)
+  keys = jax.random.split(key, 2 * len(sizes))
+  weights, biases = [], []
+  for i in range(len(sizes) - 1):
+    h_in, h_out = sizes[i], sizes[i + 1]
+    last = i == len(sizes) - 2
+    bound = math.sqrt(6.0 / h_in) if last else math.sqrt(6.0 / h_in) / omega
+    weights.append(_uniform(keys[2 * i], lead + (h_in, h_out), bound, dtype))
+    if not last:
+      biases.append(_uniform(keys[2 * i + 1], lead + (h_out,), 1.0 / math.sqrt(h_in), dtype))
+  return {"weights": tuple(weights), "biases": tuple(biases)}
+
+
+# --------------------------------------------------------------------------------------------
+# Product-structured activation.
+
+
+def _prod_last_axis(u: Array) -> Array:
+  # Pairwise (tree) product over the last axis: log2(d) elementwise multiplies. Unlike
+  # ``jnp.prod``, whose derivative rules are costly when nested (forward-over-forward-over-reverse
+  # for a PDE residual's gradient was 100x slower), this differentiates like plain products.
+  while u.shape[-1] > 1:
+    if u.shape[-1] % 2:
+      u = jnp.concatenate([u, jnp.ones_like(u[..., :1])], axis=-1)
+    u = u[..., 0::2] * u[..., 1::2]
+  return u[..., 0]
+
+
+def _product(z: Array, components: Params, activation: Callable, omega: float, gamma: float, shared: bool) -> Array:
+  g = _components_forward(z, components, activation, omega, shared)
+  return _prod_last_axis(1.0 + gamma * g)
+
+
+def product_activation(
+    z: Array,
+    components: Params,
+    *,
+    gamma: Optional[float] = None,
+    activation: Activation = "sine",
+    omega: float = 1.0,
+    remat: bool = False,
+) -> Array:
+  """LRNN product-structured activation ``phi_l(z_l) = prod_j (1 + gamma g_lj(z_lj))``.
+
+  References:
+    LRNN paper, eq. 1 and 4 (per-neuron components), eq. 5 (shared components), Lemma 1
+    (``gamma = d^(-1/2)``), App. B.2 (gradient checkpointing).
+
+  Args:
+    z: ``(batch..., r, d)`` projections, floating.
+    components: component MLP parameters (see :func:`component_apply`): per neuron
+      ``w_i: (r, d, h_i, h_{i+1})``, or shared ``w_i: (d, h_i, h_{i+1})``.
+    gamma: the scaling; ``None`` uses ``d^(-1/2)``.
+    activation: component activation, a name or a callable (see :func:`resolve_activation`).
+    omega: frequency of the component activations, ``act(omega * u)``.
+    remat: rematerialise (``jax.checkpoint``) the component MLPs and the product, so that only
+      ``z`` (``O(B r d)``) is kept for the backward pass instead of the hidden activations of the
+      component MLPs (``O(B r d h)``); the backward pass recomputes them. Values and gradients
+      are unchanged.
+
+  Returns:
+    ``(batch..., r)`` activations in the promoted dtype of ``z`` and the components.
+
+  Raises:
+    ValueError: if ``d < 1`` or ``r < 1``, the components do not match ``(r, d)``, or ``gamma`` /
+      ``omega`` are not positive. TypeError: for a non-array ``z`` or a malformed ``components``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> comps = sp.component_init(jax.random.key(0), 8, 4, omega=30.0)
+    >>> z = jax.random.normal(jax.random.key(1), (16, 8, 4))
+    >>> sp.product_activation(z, comps, omega=30.0).shape
+    (16, 8)
+  """
+  rank, width = _check_z(z)
+  if rank < 1 or width < 1:
+    raise ValueError(f"`z` must have shape (..., r, d) with r >= 1 and d >= 1, got shape {tuple(z.shape)}.")
+  shared = _check_components(components, rank, width)
+  gamma = default_gamma(width) if gamma is None else _validation.check_positive_float("gamma", gamma)
+  omega = _validation.check_positive_float("omega", omega)
+  fn = functools.partial(_product, activation=resolve_activation(activation), omega=omega, gamma=gamma, shared=shared)
+  if remat:
+    fn = jax.checkpoint(fn)
+  return fn(z, components)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers and networks.
+
+
+def _check_x(x: Any, in_features: int) -> None:
+  shape = getattr(x, "shape", None)
+  if shape is None or len(shape) < 1 or shape[-1] != in_features:
+    raise ValueError(f"`x` must have shape (..., in_features) with in_features = {in_features}, got shape {shape}.")
+  _validation.check_floating("x", x)
+
+
+def lrnn_projection_init(
+    key: Array,
+    in_features: int,
+    rank: int,
+    projection_width: int,
+    *,
+    omega: float = 30.0,
+    first_layer: bool = False,
+    dtype: Any = jnp.float32,
+) -> tuple[Array, Array]:
+  """SIREN-style projection kernel ``(in_features, r, d)`` and bias ``(r, d)`` of an LRNN layer.
+
+  First layer: kernel ``U(-1/in, 1/in)`` (its components use ``omega_0``); later layers: kernel
+  ``U(-sqrt(6/in)/omega, sqrt(6/in)/omega)``. Biases ``U(-1/sqrt(in), 1/sqrt(in))`` (the
+  ``nn.Linear`` default that SIREN keeps).
+  """
+  in_features = _validation.check_positive_int("in_features", in_features)
+  rank = _validation.check_positive_int("rank", rank)
+  width = _validation.check_positive_int("projection_width", projection_width)
+  omega = _validation.check_positive_float("omega", omega)
+  k_kernel, k_bias = jax.random.split(key)
+  bound = 1.0 / in_features if first_layer else math.sqrt(6.0 / in_features) / omega
+  kernel = _uniform(k_kernel, (in_features, rank, width), bound, dtype)
+  bias = _uniform(k_bias, (rank, width), 1.0 / math.sqrt(in_features), dtype)
+  return kernel, bias
+
+
+def lrnn_layer(
+    x: Array,
+    kernel: Array,
+    bias: Array,
+    components: Params,
+    *,
+    gamma: Optional[float] = None,
+    activation: Activation = "sine",
+    omega: float = 30.0,
+    remat: bool = False,
+) -> Array:
+  """One LRNN layer: ``z = einsum('...i,ird->...rd', x, kernel) + bias``, then ``phi(z)``.
+
+  References:
+    LRNN paper, eq. 1 (one layer) and eq. 4 (a layer of a deep LRNN).
+
+  Args:
+    x: ``(..., in_features)`` inputs.
+    kernel: ``(in_features, r, d)`` projection kernel.
+    bias: ``(r, d)`` projection bias.
+    components: component MLPs of the layer (see :func:`product_activation`).
+    gamma, activation, omega, remat: as in :func:`product_activation`.
+
+  Returns:
+    ``(..., r)`` product-structured activations.
+
+  Raises:
+    ValueError / TypeError: on mismatched shapes or bad hyperparameters.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> kernel, bias = sp.lrnn_projection_init(jax.random.key(0), 2, 8, 4, first_layer=True)
+    >>> comps = sp.component_init(jax.random.key(1), 8, 4)
+    >>> sp.lrnn_layer(jnp.ones((5, 2)), kernel, bias, comps).shape
+    (5, 8)
+  """
+  _validation.check_ndim("kernel", kernel, 3)
+  _validation.check_floating("kernel", kernel)
+  in_features, rank, width = kernel.shape
+  if rank < 1 or width < 1:
+    raise ValueError(f"`kernel` must have shape (in_features, r, d) with r >= 1 and d >= 1, got {tuple(kernel.shape)}.")
+  if tuple(bias.shape) != (rank, width):
+    raise ValueError(f"`bias` must have shape (r, d) = {(rank, width)}, got {tuple(bias.shape)}.")
+  _check_x(x, in_features)
+  z = jnp.einsum("...i,ird->...rd", x, kernel) + bias
+  return product_activation(z, components, gamma=gamma, activation=activation, omega=omega, remat=remat)
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, *, epsilon: float = 1e-5) -> Array:
+  """LayerNorm over the last axis, ``(x - mean) / sqrt(var + epsilon) * scale + bias``.
+
+  Args:
+    x: ``(..., r)``; ``scale``, ``bias``: ``(r,)``; ``epsilon``: PyTorch's default ``1e-5``.
+
+  Returns:
+    ``(..., r)``.
+  """
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+
+
+def _as_widths(name: str, value: Union[int, Sequence[int]], n: int) -> tuple[int, ...]:
+  if isinstance(value, int) and not isinstance(value, bool):
+    return (_validation.check_positive_int(name, value),) * n
+  values = tuple(value)
+  if len(values) != n:
+    raise ValueError(f"`{name}` must be an int or have one entry per layer ({n}), got {values}.")
+  return tuple(_validation.check_positive_int(name, v) for v in values)
+
+
+def lrnn_init(
+    key: Array,
+    in_features: int,
+    ranks: Sequence[int],
+    out_features: int,
+    *,
+    projection_width: Union[int, Sequence[int]],
+    hidden: Sequence[int] = (1,),
+    omega: float = 30.0,
+    first_omega: Optional[float] = None,
+    layer_norm: bool = True,
+    shared_components: bool = False,
+    dtype: Any = jnp.float32,
+) -> Params:
+  """Initialises a shallow (eq. 1, one layer) or deep (eq. 3-4) LRNN.
+
+  References:
+    LRNN paper, eq. 1, 3-5, App. B.1, App. C.2 (LayerNorm after every layer), SIREN-style init.
+
+  Architecture ``[in_features, *ranks, out_features]``, e.g. the paper's PDE network
+  ``LRNN [2, 16, 16, 1]`` is ``lrnn_init(key, 2, (16, 16), 1, projection_width=12)``. A shallow
+  LRNN (eq. 1) is ``ranks=(r,)`` with ``layer_norm=False``.
+
+  Args:
+    key: a ``jax.random`` key.
+    in_features: input dimension.
+    ranks: separation rank (neurons) ``r_k`` of each layer; at least one layer.
+    out_features: ``K``, columns of the output map ``S_out``.
+    projection_width: ``d``, an int for all layers or one per layer.
+    hidden: hidden widths of every component MLP (``(1,)``: the paper's 3-parameter components).
+    omega: frequency of the component activations of layers after the first.
+    first_omega: ``omega_0`` of the first layer; ``None`` means ``omega``.
+    layer_norm: LayerNorm (learnable scale and bias) after every layer.
+    shared_components: share the ``d`` components across the neurons of each layer (eq. 5).
+    dtype: parameter dtype.
+
+  Returns:
+    The parameter dict described in the module docstring.
+
+  Raises:
+    ValueError / TypeError: on non-positive sizes or frequencies, or an empty ``ranks``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> params = sp.lrnn_init(jax.random.key(0), 2, (16, 16), 1, projection_width=12, omega=6.0)
+    >>> sp.lrnn_apply(params, jnp.zeros((7, 2)), omega=6.0).shape
+    (7, 1)
+  """
+  in_features = _validation.check_positive_int("in_features", in_features)
+  out_features = _validation.check_positive_int("out_features", out_features)
+  ranks = tuple(ranks)
+  if not ranks:
+    raise ValueError("`ranks` must name at least one layer, got ().")
+  ranks = _as_widths("ranks", ranks, len(ranks))
+  widths = _as_widths("projection_width", projection_width, len(ranks))
+  omega = _validation.check_positive_float("omega", omega)
+  first_omega = omega if first_omega is None else _validation.check_positive_float("first_omega", first_omega)
+  keys = jax.random.split(key, 2 * len(ranks) + 1)
+  layers, fan_in = [], in_features
+  for k, (rank, width) in enumerate(zip(ranks, widths)):
+    layer_omega = first_omega if k == 0 else omega
+    kernel, bias = lrnn_projection_init(
+        keys[2 * k], fan_in, rank, width, omega=layer_omega, first_layer=k == 0, dtype=dtype
+    )
+    comps = component_init(keys[2 * k + 1], rank, width, hidden, omega=layer_omega, shared=shared_components, dtype=dtype)
+    layer = {"kernel": kernel, "bias": bias, "components": comps}
+    if layer_norm:
+      layer["norm"] = {"scale": jnp.ones((rank,), dtype), "bias": jnp.zeros((rank,), dtype)}
+    layers.append(layer)
+    fan_in = rank
+  bound = math.sqrt(6.0 / fan_in) / omega
+  output = {"kernel": _uniform(keys[-1], (fan_in, out_features), bound, dtype), "bias": jnp.zeros((out_features,), dtype)}
+  return {"layers": layers, "output": output}
+
+
+def _forward(params, x, *, gamma, activation, omega, first_omega, remat, epsilon, collect):
+  if not isinstance(params, dict) or "layers" not in params or "output" not in params:
+    raise TypeError("`params` must be the dict returned by `lrnn_init` (keys 'layers' and 'output').")
+  omega = _validation.check_positive_float("omega", omega)
+  first_omega = omega if first_omega is None else _validation.check_positive_float("first_omega", first_omega)
+  act = resolve_activation(activation)
+  h, collected = x, []
+  for k, layer in enumerate(params["layers"]):
+    layer_omega = first_omega if k == 0 else omega
+    if collect:
+      _check_x(h, layer["kernel"].shape[0])
+      z = jnp.einsum("...i,ird->...rd", h, layer["kernel"]) + layer["bias"]
+      collected.append(component_apply(z, layer["components"], activation=act, omega=layer_omega))
+    h = lrnn_layer(h, layer["kernel"], layer["bias"], layer["components"], gamma=gamma, activation=act,
+                   omega=layer_omega, remat=remat)
+    if "norm" in layer:
+      h = layer_norm(h, layer["norm"]["scale"], layer["norm"]["bias"], epsilon=epsilon)
+  out = params["output"]
+  _check_x(h, out["kernel"].shape[0])
+  y = jnp.matmul(h, out["kernel"]) + out["bias"]
+  return y, collected
+
+
+def lrnn_apply(
+    params: Params,
+    x: Array,
+    *,
+    gamma: Optional[float] = None,
+    activation: Activation = "sine",
+    omega: float = 30.0,
+    first_omega: Optional[float] = None,
+    remat: bool = False,
+    epsilon: float = 1e-5,
+) -> Array:
+  """Evaluates an LRNN ``y = S_out (phi^(L) o ... o phi^(1))(x) + c`` (eq. 1, 3-4).
+
+  References:
+    LRNN paper, eq. 1, 3-5; App. C.2 (LayerNorm after each layer); App. B.2 (checkpointing).
+
+  The architecture (ranks, projection widths, component sizes, shared components, LayerNorm)
+  is read from ``params``; ``activation``, ``omega`` and ``first_omega`` must be those the
+  parameters were initialised for (they are not stored in the pytree of arrays).
+
+  Args:
+    params: the dict returned by :func:`lrnn_init`.
+    x: ``(..., in_features)`` inputs.
+    gamma: the product scaling; ``None`` uses ``d^(-1/2)`` of each layer.
+    activation: component activation (name or callable).
+    omega: frequency of the layers after the first; ``first_omega``: of the first (``None``:
+      ``omega``).
+    remat: rematerialise every layer's components and product (see :func:`product_activation`).
+    epsilon: LayerNorm epsilon.
+
+  Returns:
+    ``(..., out_features)`` outputs, in the promoted dtype of ``x`` and ``params``.
+
+  Raises:
+    ValueError / TypeError: on malformed parameters or inputs.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> params = sp.lrnn_init(jax.random.key(0), 3, (8,), 2, projection_width=4, layer_norm=False)
+    >>> sp.lrnn_apply(params, jnp.ones((5, 3))).shape
+    (5, 2)
+  """
+  y, _ = _forward(params, x, gamma=gamma, activation=activation, omega=omega, first_omega=first_omega,
+                  remat=remat, epsilon=epsilon, collect=False)
+  return y
+
+
+def interaction_heatmap(
+    params: Params,
+    x: Array,
+    *,
+    activation: Activation = "sine",
+    omega: float = 30.0,
+    first_omega: Optional[float] = None,
+    epsilon: float = 1e-5,
+) -> list[Array]:
+  """Interaction heatmaps ``Var_x[g_lj(z_lj)]`` per neuron ``l`` and component ``j`` of each layer.
+
+  References:
+    LRNN paper, App. A.2: a component with near-zero variance over the data leaves its factor
+    ``(1 + gamma g)`` near constant, so the neuron ignores that projected coordinate.
+
+  Args:
+    params: the dict returned by :func:`lrnn_init`.
+    x: ``(N, in_features)`` inputs (e.g. a validation set); the variance is over the ``N`` rows.
+    activation, omega, first_omega, epsilon: as in :func:`lrnn_apply`.
+
+  Returns:
+    One array per layer, ``(r_k, d_k)``.
+
+  Raises:
+    ValueError: if ``x`` is not ``(N, in_features)``.
+
+  Example:
+    >>> import jax, spectral_peft as sp
+    >>> params = sp.lrnn_init(jax.random.key(0), 2, (8, 6), 1, projection_width=4)
+    >>> x = jax.random.uniform(jax.random.key(1), (128, 2), minval=-1, maxval=1)
+    >>> [h.shape for h in sp.interaction_heatmap(params, x)]
+    [(8, 4), (6, 4)]
+  """
+  _validation.check_ndim("x", x, 2)
+  _, collected = _forward(params, x, gamma=None, activation=activation, omega=omega, first_omega=first_omega,
+                          remat=False, epsilon=epsilon, collect=True)
+  return [jnp.var(g, axis=0) for g in collected]
+

@@ -1,0 +1,370 @@
+"""Sparse coefficient matrices and their wavelet / Fourier syntheses, dense and factored.
+
+Positions of sparse coefficients are flat, row-major indices into a coefficient grid (``i * N + j``
+for row ``i`` and column ``j`` of an ``(M, N)`` grid), or ``(p, 2)`` ``(row, col)`` pairs. The
+grid is ``(m, n)`` for the identity (SHiRA) and the DFT (FourierFT, LFMA), and the padded wavelet
+grid :func:`spectral_peft.wavelet_coefficient_shape` for WaveFT.
+
+Each synthesis has a product ``x @ Delta W`` that never forms ``Delta W``:
+
+* identity (SHiRA): a gather and scatter-add over the ``p`` entries, ``O(B p)``;
+* wavelets (WaveFT): separable 1-D synthesis along each axis (see
+  :func:`spectral_peft._wavelets.sparse_idwt2_matmul`), ``O(B (K (m + n) + p))``;
+* Fourier (FourierFT, LFMA): ``x @ Re(ifft2(F)) = Re(ifft_n(T))`` with
+  ``T[v] = sum_{t: v_t = v} c_t ifft_m(x)[u_t]``, i.e. the ``p``-term factorisation
+  ``sum_t c_t (x . e_{u_t}) e_{v_t}^T`` evaluated with one 1-D FFT per side,
+  ``O(B (m log m + n log n + p))``.
+
+``path="auto"`` picks the cheaper of the dense and the factored product from a flop model of one
+training step (forward and backward): the dense path forms ``Delta W`` and pays a full
+``(m, n)`` weight-gradient matmul ``x^T g``; the factored path pays per input row. Both paths agree
+in value and gradient to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from spectral_peft import _validation
+from spectral_peft import _wavelets
+
+Array = jax.Array
+
+PATHS = ("auto", "dense", "factored")
+
+
+# -- checks -------------------------------------------------------------------------------------
+def _check_shape(name: str, shape: Any) -> tuple[int, int]:
+  if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+      or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape)):
+    raise ValueError(f"`{name}` must be a pair of positive ints (m, n), got {shape!r}.")
+  return int(shape[0]), int(shape[1])
+
+
+def check_path(path: Any) -> str:
+  """Checks ``path`` is one of ``"auto"``, ``"dense"``, ``"factored"``."""
+  if path not in PATHS:
+    raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")
+  return path
+
+
+def _check_values(values: Any, *, real: bool) -> Array:
+  values = jnp.asarray(values)
+  _validation.check_ndim("values", values, 1)
+  if real and jnp.issubdtype(values.dtype, jnp.complexfloating):
+    raise TypeError(
+        f"`values` must be real here (the wavelet/identity coefficients of WaveFT and SHiRA are real), got {values.dtype}; "
+        "pass jnp.real(values) or use fourier_delta for complex spectra."
+    )
+  _validation.check_floating("values", values)
+  return values
+
+
+def flat_indices(indices: Any, grid: tuple[int, int], p: int) -> Array:
+  """``(p,)`` int32 flat row-major indices from ``(p,)`` flat indices or ``(p, 2)`` pairs."""
+  indices = jnp.asarray(indices)
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise TypeError(f"`indices` must be an integer array, got {indices.dtype}.")
+  if indices.ndim == 2 and indices.shape[1] == 2:
+    indices = indices[:, 0] * grid[1] + indices[:, 1]
+  if indices.shape != (p,):
+    raise ValueError(
+        f"`indices` must be (p,) flat positions or (p, 2) (row, col) pairs with p = len(values) = {p}, "
+        f"got shape {indices.shape}."
+    )
+  return indices.astype(jnp.int32)
+
+
+# -- scatter and syntheses ---------------------------------------------------------------------
+def scatter_coefficients(values: Array, indices: Array, shape: Sequence[int]) -> Array:
+  """Dense ``(M, N)`` matrix with ``values`` at ``indices`` and zeros elsewhere (repeats add up).
+
+  Args:
+    values: ``(p,)`` real or complex coefficients.
+    indices: ``(p,)`` int flat row-major positions in ``[0, M * N)`` or ``(p, 2)`` ``(row, col)``.
+    shape: ``(M, N)``, the grid.
+
+  Returns:
+    ``(M, N)`` array of the dtype of ``values``.
+
+  Raises:
+    ValueError: bad ``shape`` or ``indices`` shape; TypeError: non-integer ``indices``.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> sp.scatter_coefficients(jnp.array([1.0, 2.0]), jnp.array([0, 5]), (2, 3)).tolist()
+    [[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]
+  """
+  grid = _check_shape("shape", tuple(shape))
+  values = jnp.asarray(values)
+  _validation.check_ndim("values", values, 1)
+  flat = flat_indices(indices, grid, values.shape[0])
+  return jnp.zeros(grid[0] * grid[1], values.dtype).at[flat].add(values).reshape(grid)
+
+
+def waveft_delta(values: Array, indices: Array, shape: Sequence[int], *, wavelet: str = "haar", level: int = 1) -> Array:
+  """WaveFT update ``IDWT2(C)`` of a sparse wavelet coefficient matrix ``C``, cropped to ``shape``.
+
+  References:
+    "Exploring sparsity for PEFT using wavelets for vision" (WaveFT), Sec. 3, eq. for
+    ``Delta W_WaveFT = IDWT(C)``.
+
+  Args:
+    values: ``(p,)`` real coefficients.
+    indices: ``(p,)`` flat positions (or ``(p, 2)`` pairs) in the coefficient grid
+      ``(M, N) = wavelet_coefficient_shape(shape, wavelet=wavelet, level=level)``.
+    shape: ``(m, n)`` of ``Delta W``.
+    wavelet, level: as in :func:`spectral_peft.idwt2` (periodised, PyWavelets layout).
+
+  Returns:
+    ``(m, n)`` array of the dtype of ``values``.
+
+  Raises:
+    TypeError: complex ``values``; ValueError: unknown wavelet, level too deep, bad shapes.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> sp.waveft_delta(jnp.array([2.0]), jnp.array([0]), (2, 2)).tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+  """
+  shape = _check_shape("shape", tuple(shape))
+  values = _check_values(values, real=True)
+  grid = _wavelets.wavelet_coefficient_shape(shape, wavelet=wavelet, level=level)
+  coeffs = scatter_coefficients(values, indices, grid)
+  return _wavelets.idwt2(coeffs, wavelet, level, shape=shape)
+
+
+def fourier_delta(values: Array, indices: Array, shape: Sequence[int]) -> Array:
+  """``Re(ifft2(F))`` of a sparse spectrum ``F`` (FourierFT and LFMA, before their scale).
+
+  ``ifft2`` is numpy's: ``(1 / (m n)) sum_{u, v} F[u, v] exp(2 pi i (u a / m + v b / n))``.
+
+  References:
+    Gao et al., "Parameter-Efficient Fine-Tuning with Discrete Fourier Transform" (FourierFT),
+    ICML 2024; LFMA, eq. (2).
+
+  Args:
+    values: ``(p,)`` real or complex spectral coefficients.
+    indices: ``(p,)`` flat positions (or ``(p, 2)`` pairs) in the ``(m, n)`` frequency grid.
+    shape: ``(m, n)``.
+
+  Returns:
+    ``(m, n)`` real array (float32 for float32/complex64 values, float64 for 64-bit ones).
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> sp.fourier_delta(jnp.array([4.0]), jnp.array([0]), (2, 2)).tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+  """
+  shape = _check_shape("shape", tuple(shape))
+  values = _check_values(values, real=False)
+  complex_dtype = jnp.result_type(values.dtype, jnp.complex64)
+  spectrum = scatter_coefficients(values.astype(complex_dtype), indices, shape)
+  return jnp.real(jnp.fft.ifft2(spectrum))
+
+
+def topk_count(shape: Sequence[int], ratio: Any) -> int:
+  """``k = floor(m * n * ratio)`` after checking ``0 < ratio <= 1`` and ``k >= 1``."""
+  m, n = _check_shape("shape", tuple(shape))
+  if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+    raise TypeError(f"`ratio` must be a real number in (0, 1], got {ratio!r}.")
+  if not 0.0 < float(ratio) <= 1.0:
+    raise ValueError(f"`ratio` must be in (0, 1], got {ratio}.")
+  k = int(math.floor(m * n * float(ratio)))
+  if k < 1:
+    raise ValueError(
+        f"`ratio` {ratio} keeps floor(m * n * ratio) = 0 entries of a {m} x {n} spectrum; use ratio >= 1 / {m * n}."
+    )
+  return k
+
+
+def topk_spectral_mask(delta_init: Array, ratio: float) -> Array:
+  """Positions of the ``k = floor(m * n * ratio)`` largest ``|fft2(delta_init)|`` (LFMA's mask).
+
+  References:
+    LFMA, Sec. 3.1 and Algorithm 1 (``torch.topk(|fft2(Delta W_init)|.view(-1), k)``).
+
+  Args:
+    delta_init: ``(m, n)`` real or complex matrix whose spectrum ranks the frequencies.
+    ratio: fraction of the ``m * n`` frequencies kept, in ``(0, 1]``.
+
+  Returns:
+    ``(k,)`` int32 flat row-major positions in the ``(m, n)`` grid, largest magnitude first
+    (``jax.lax.top_k`` order; exact ties, such as the conjugate pairs of a real matrix, are
+    broken towards the lower position up to rounding of the FFT).
+
+  Raises:
+    ValueError: ``ratio`` outside ``(0, 1]`` or too small to keep one entry, ``delta_init`` not 2-D.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> sp.topk_spectral_mask(jnp.ones((4, 4)), 1 / 16).tolist()
+    [0]
+  """
+  delta_init = jnp.asarray(delta_init)
+  _validation.check_ndim("delta_init", delta_init, 2)
+  _validation.check_floating("delta_init", delta_init)
+  k = topk_count(delta_init.shape, ratio)
+  magnitude = jnp.abs(jnp.fft.fft2(delta_init)).reshape(-1)
+  _, idx = jax.lax.top_k(magnitude, k)
+  return idx.astype(jnp.int32)
+
+
+# -- products x @ Delta W ----------------------------------------------------------------------
+def _batch(x: Array) -> int:
+  return max(1, math.prod(x.shape[:-1]))
+
+
+def _check_x(x: Array, m: int) -> Array:
+  x = jnp.asarray(x)
+  if x.ndim < 1 or x.shape[-1] != m:
+    raise ValueError(f"`x` must have shape (..., m) with m = {m}, got {x.shape}.")
+  _validation.check_floating("x", x)
+  return x
+
+
+def matmul_costs(kind: str, batch: int, shape: tuple[int, int], p: int, *, filter_length: int = 2, level: int = 1) -> dict[str, float]:
+  """Flop model of one training step of ``x @ Delta W`` by each path (used by ``path="auto"``).
+
+  Args:
+    kind: ``"sparse"`` (identity), ``"wavelet"`` or ``"fourier"``.
+    batch: number of input rows ``B``; shape: ``(m, n)``; p: number of coefficients.
+    filter_length, level: wavelet filter length ``K`` and depth (``"wavelet"`` only).
+
+  Returns:
+    ``{"dense": flops, "factored": flops}`` counting only what differs from the base ``x @ W0``:
+    the dense path forms ``Delta W`` (and its adjoint in the backward pass) and pays the
+    ``x^T g`` weight gradient ``2 B m n``; the factored path pays its per-row work three times
+    (forward, input gradient, coefficient gradient).
+  """
+  m, n = shape
+  if kind == "sparse":
+    dense = 2.0 * m * n + 2.0 * batch * m * n
+    factored = 3.0 * batch * 2.0 * p
+  elif kind == "wavelet":
+    synth = 2.0 * 2.0 * filter_length * m * n * 4.0 / 3.0  # both axes, all levels (<= 4/3 of level 1)
+    dense = 2.0 * synth + 2.0 * batch * m * n
+    factored = 3.0 * batch * (2.0 * 2.0 * filter_length * (m + n) + 2.0 * p)
+  elif kind == "fourier":
+    fft2 = 5.0 * m * n * math.log2(max(m * n, 2))
+    dense = 2.0 * fft2 + 2.0 * batch * m * n
+    factored = 3.0 * batch * (5.0 * m * math.log2(max(m, 2)) + 5.0 * n * math.log2(max(n, 2)) + 8.0 * p)
+  else:
+    raise ValueError(f"`kind` must be 'sparse', 'wavelet' or 'fourier', got {kind!r}.")
+  return {"dense": dense, "factored": factored}
+
+
+def _resolve(path: str, costs_fn) -> str:
+  check_path(path)
+  if path != "auto":
+    return path
+  costs = costs_fn()
+  return "factored" if costs["factored"] < costs["dense"] else "dense"
+
+
+def sparse_matmul(x: Array, values: Array, indices: Array, shape: Sequence[int], *, path: str = "auto") -> Array:
+  """``x @ scatter_coefficients(values, indices, shape)`` (SHiRA's product).
+
+  Args:
+    x: ``(..., m)``; values: ``(p,)`` real; indices: ``(p,)`` flat or ``(p, 2)`` in ``(m, n)``.
+    shape: ``(m, n)``.
+    path: ``"dense"`` (scatter, then matmul), ``"factored"`` (gather ``x[..., rows]``, scale,
+      scatter-add into ``(..., n)``) or ``"auto"`` (:func:`matmul_costs`).
+
+  Returns:
+    ``(..., n)``.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> sp.sparse_matmul(jnp.ones((1, 2)), jnp.array([3.0]), jnp.array([1]), (2, 2)).tolist()
+    [[0.0, 3.0]]
+  """
+  m, n = _check_shape("shape", tuple(shape))
+  values = _check_values(values, real=True)
+  x = _check_x(x, m)
+  flat = flat_indices(indices, (m, n), values.shape[0])
+  chosen = _resolve(path, lambda: matmul_costs("sparse", _batch(x), (m, n), values.shape[0]))
+  dtype = jnp.result_type(x, values)
+  if chosen == "dense":
+    return jnp.matmul(x.astype(dtype), scatter_coefficients(values.astype(dtype), flat, (m, n)))
+  gathered = jnp.take(x.astype(dtype), flat // n, axis=-1) * values.astype(dtype)
+  return jnp.zeros(x.shape[:-1] + (n,), dtype).at[..., flat % n].add(gathered)
+
+
+def waveft_matmul(
+    x: Array, values: Array, indices: Array, shape: Sequence[int], *, wavelet: str = "haar", level: int = 1,
+    path: str = "auto",
+) -> Array:
+  """``x @ waveft_delta(values, indices, shape, ...)``, factored or dense.
+
+  Args:
+    x: ``(..., m)``; values: ``(p,)`` real; indices: positions in the padded wavelet grid.
+    shape: ``(m, n)``; wavelet, level: as in :func:`waveft_delta`.
+    path: ``"dense"`` (form ``Delta W``), ``"factored"`` (1-D wavelet cascades along each axis,
+      never an ``(m, n)`` array) or ``"auto"``.
+
+  Returns:
+    ``(..., n)``.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> y = sp.waveft_matmul(jnp.ones((1, 4)), jnp.array([1.0]), jnp.array([0]), (4, 4), path="factored")
+    >>> y.shape
+    (1, 4)
+  """
+  shape = _check_shape("shape", tuple(shape))
+  values = _check_values(values, real=True)
+  x = _check_x(x, shape[0])
+  grid = _wavelets.wavelet_coefficient_shape(shape, wavelet=wavelet, level=level)
+  flat = flat_indices(indices, grid, values.shape[0])
+  k_len = _wavelets.filter_length(wavelet)
+  chosen = _resolve(
+      path, lambda: matmul_costs("wavelet", _batch(x), grid, values.shape[0], filter_length=k_len, level=level)
+  )
+  dtype = jnp.result_type(x, values)
+  if chosen == "dense":
+    return jnp.matmul(x.astype(dtype), waveft_delta(values.astype(dtype), flat, shape, wavelet=wavelet, level=level))
+  return _wavelets.sparse_idwt2_matmul(
+      x.astype(dtype), values.astype(dtype), flat // grid[1], flat % grid[1], shape, wavelet=wavelet, level=level
+  )
+
+
+def fourier_matmul(x: Array, values: Array, indices: Array, shape: Sequence[int], *, path: str = "auto") -> Array:
+  """``x @ fourier_delta(values, indices, shape)`` for real ``x``, factored or dense.
+
+  The factored path uses ``x @ Re(ifft2(F)) = Re(ifft(T))`` along the output axis with
+  ``T[v] = sum_{t: v_t = v} c_t ifft(x)[u_t]``: one FFT of each input row, a gather of the ``p``
+  frequencies and one inverse FFT per output row.
+
+  Args:
+    x: ``(..., m)`` real; values: ``(p,)`` real or complex; indices: positions in ``(m, n)``.
+    shape: ``(m, n)``; path: ``"dense"``, ``"factored"`` or ``"auto"``.
+
+  Returns:
+    ``(..., n)`` real.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> sp.fourier_matmul(jnp.ones((1, 2)), jnp.array([4.0]), jnp.array([0]), (2, 2)).tolist()
+    [[2.0, 2.0]]
+  """
+  m, n = _check_shape("shape", tuple(shape))
+  values = _check_values(values, real=False)
+  x = _check_x(x, m)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise TypeError(f"`x` must be real, got {x.dtype}.")
+  flat = flat_indices(indices, (m, n), values.shape[0])
+  chosen = _resolve(path, lambda: matmul_costs("fourier", _batch(x), (m, n), values.shape[0]))
+  real_dtype = jnp.result_type(x, jnp.real(values))
+  if chosen == "dense":
+    return jnp.matmul(x.astype(real_dtype), fourier_delta(values, flat, (m, n)).astype(real_dtype))
+  complex_dtype = jnp.result_type(real_dtype, jnp.complex64)
+  spectrum_x = jnp.fft.ifft(x.astype(complex_dtype), axis=-1)
+  gathered = jnp.take(spectrum_x, flat // n, axis=-1) * values.astype(complex_dtype)
+  t = jnp.zeros(x.shape[:-1] + (n,), complex_dtype).at[..., flat % n].add(gathered)
+  return jnp.real(jnp.fft.ifft(t, axis=-1)).astype(real_dtype)
