@@ -75,3 +75,8 @@ def progress(iterable: Iterable, **kwargs: Any):
   except ImportError:  # pragma: no cover
     return iterable
   return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def num_parameters(tree: Any) -> int:
+  """Number of scalars in a parameter pytree (a complex entry counts as 2)."""
+  return int(sum(np.size(x) * (2 if np.iscomplexobj(x) else 1) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,259 @@
+"""Eight adapters at matched trainable-parameter budgets on one pretrained model (papers 000, 002, 004).
+
+Stage 1 pretrains an MLP classifier on MNIST-1D digits 0-4 (generated locally by the ``mnist1d``
+package) and caches it as an orbax checkpoint under ``results/finetune_comparison/pretrained``.
+Stage 2 adapts its two hidden (width x width) kernels to a different task, digits 5-9, with a fresh
+5-way head: LoRA, DoRA, sine LoRA, sine DoRA, SHiRA, WaveFT, FourierFT and LFMA, each at the same
+per-kernel budget of trainable adapter scalars (LoRA rank 1 = 2 * width, budgets below it too, where
+only the sparse/spectral methods can go). Every (method, budget) is trained for the same steps with
+every learning rate of a small grid and several seeds at once (``jax.vmap`` over seed x learning
+rate); the learning rate is picked on a validation split and the test accuracy reported as
+mean +- std over seeds.
+
+Run:
+  python -m experiments.finetune_comparison --preset quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import spectral_peft as sp
+from experiments import _common
+from experiments import _data
+
+NAME = "finetune_comparison"
+TARGETS = r"hidden_\d/kernel$"
+LOWRANK = ("LoRA", "DoRA", "SineLoRA", "SineDoRA")
+ALL_METHODS = LOWRANK + ("SHiRA", "WaveFT", "FourierFT", "LFMA")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  width: int = 128
+  pretrain_steps: int = 2000
+  finetune_steps: int = 400
+  batch: int = 256
+  budgets: tuple[int, ...] = (64, 256, 1024)  # adapter scalars per kernel; 2 * width = LoRA rank 1
+  methods: tuple[str, ...] = ALL_METHODS
+  learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+  seeds: int = 3
+  omega: float = 100.0
+  seed: int = 0
+
+
+PRESETS = {
+    "quick": Config(),
+    "full": Config(width=256, pretrain_steps=6000, finetune_steps=2000, budgets=(64, 128, 512, 1024, 4096),
+                   learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), seeds=5),
+}
+
+
+class Classifier(nn.Module):
+  width: int
+  classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(self.width, name="input")(x))
+    for i in range(2):
+      h = nn.relu(nn.Dense(self.width, name=f"hidden_{i}")(h))
+    return nn.Dense(self.classes, name="head")(h)
+
+
+def split_tasks(seed: int):
+  """Pretraining task: digits 0-4. Downstream task: digits 5-9 relabelled 0-4, with a validation split."""
+  data = _data.mnist1d(seed=seed, num_samples=8000)
+  low, high = data["y"] < 5, data["y"] >= 5
+  low_t, high_t = data["y_test"] < 5, data["y_test"] >= 5
+  xd, yd = data["x"][high], data["y"][high] - 5
+  n_val = len(xd) // 5
+  return {
+      "pretrain": (data["x"][low], data["y"][low], data["x_test"][low_t], data["y_test"][low_t]),
+      "train": (xd[n_val:], yd[n_val:]),
+      "val": (xd[:n_val], yd[:n_val]),
+      "test": (data["x_test"][high_t], data["y_test"][high_t] - 5),
+  }
+
+
+def pretrained(config, tasks, out):
+  """Trains the base model on digits 0-4, or loads it from the orbax cache written by an earlier run."""
+  import orbax.checkpoint as ocp
+
+  model = Classifier(config.width, 5)
+  x, y, x_test, y_test = (jnp.asarray(a) for a in tasks["pretrain"])
+  fingerprint = hashlib.sha1(json.dumps([config.width, config.pretrain_steps, config.batch, config.seed]).encode())
+  path = os.path.abspath(os.path.join(out, f"pretrained_{fingerprint.hexdigest()[:10]}"))
+  params = model.init(jax.random.key(config.seed), x[:1])["params"]
+  checkpointer = ocp.StandardCheckpointer()
+  if os.path.isdir(path):
+    params = checkpointer.restore(path, params)
+  else:
+    tx = optax.adam(1e-3)
+
+    @jax.jit
+    def step(params, state, key):
+      idx = jax.random.randint(key, (config.batch,), 0, x.shape[0])
+      loss, grads = jax.value_and_grad(
+          lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x[idx]), y[idx]).mean()
+      )(params)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for i in _common.progress(range(config.pretrain_steps), desc="pretrain on digits 0-4"):
+      params, state = step(params, state, jax.random.fold_in(jax.random.key(config.seed), i))
+    checkpointer.save(path, params)
+    checkpointer.wait_until_finished()
+  accuracy = float(jnp.mean(jnp.argmax(model.apply({"params": params}, x_test), -1) == y_test))
+  return model, params, accuracy
+
+
+def method_for(name: str, budget: int, width: int, omega: float):
+  """The spec of `name` with `budget` trainable scalars per (width x width) kernel, or None if it cannot."""
+  shape = (width, width)
+  if name in LOWRANK:
+    rank, rest = divmod(budget, 2 * width)
+    if rest or rank < 1:
+      return None
+    if name == "LoRA":
+      return sp.peft.LoRA(rank)
+    if name == "DoRA":
+      return sp.peft.DoRA(rank)  # + `width` magnitude scalars: counted in the table
+    if name == "SineLoRA":
+      return sp.peft.SineLoRA(rank, omega=omega)
+    return sp.peft.SineDoRA(rank, omega=omega)
+  if name == "SHiRA":
+    return sp.peft.SHiRA(budget)
+  if name == "WaveFT":
+    return sp.peft.WaveFT(budget)
+  if name == "FourierFT":
+    return sp.peft.FourierFT(budget)
+  if name == "LFMA":  # complex coefficients: budget / 2 positions
+    return sp.peft.LFMA((budget // 2 + 0.25) / (shape[0] * shape[1]), delta_init="weight")
+  raise ValueError(f"unknown method {name!r}")
+
+
+def finetune(config, model, params, tasks, spec):
+  """Trains `spec` for every (seed, learning rate) at once; returns (val, test) accuracy (seeds, lrs)."""
+  x, y = (jnp.asarray(a) for a in tasks["train"])
+  evals = {k: tuple(jnp.asarray(a) for a in tasks[k]) for k in ("val", "test")}
+  n_seeds, n_lrs = config.seeds, len(config.learning_rates)
+  lrs = jnp.tile(jnp.asarray(config.learning_rates), n_seeds)
+  keys = jnp.repeat(jax.random.split(jax.random.key(config.seed + 1), n_seeds), n_lrs)
+
+  def init(key):
+    k_ad, k_head = jax.random.split(key)
+    adapters = {} if spec is None else sp.peft.init_adapters(k_ad, params, spec, TARGETS)
+    head = model.init(k_head, x[:1])["params"]["head"]
+    trainable, frozen = sp.peft.partition(adapters)
+    return (trainable, head), frozen
+
+  def logits(train, frozen, xb):
+    trainable, head = train
+    merged = sp.peft.merge(params, sp.peft.combine(trainable, frozen))
+    return model.apply({"params": {**merged, "head": head}}, xb)
+
+  tx = optax.adam(1.0)  # the learning rate multiplies the updates, so it can be vmapped
+
+  def run(key, lr):
+    train, frozen = init(key)
+    state = tx.init(train)
+
+    def step(carry, i):
+      train, state = carry
+      idx = jax.random.randint(jax.random.fold_in(key, i), (config.batch,), 0, x.shape[0])
+      grads = jax.grad(lambda t: optax.softmax_cross_entropy_with_integer_labels(
+          logits(t, frozen, x[idx]), y[idx]).mean())(train)
+      updates, state = tx.update(grads, state, train)
+      return (optax.apply_updates(train, jax.tree.map(lambda u: lr * u, updates)), state), None
+
+    (train, _), _ = jax.lax.scan(step, (train, state), jnp.arange(config.finetune_steps))
+    return tuple(jnp.mean(jnp.argmax(logits(train, frozen, ex), -1) == ey) for ex, ey in evals.values())
+
+  count = 0 if spec is None else sp.peft.count_parameters(
+      jax.eval_shape(lambda k: sp.peft.init_adapters(k, params, spec, TARGETS), jax.random.key(0)))
+  val, test = jax.jit(jax.vmap(run))(keys, lrs)
+  return np.asarray(val).reshape(n_seeds, n_lrs), np.asarray(test).reshape(n_seeds, n_lrs), count
+
+
+def main(preset: str = "quick") -> dict:
+  config = _common.preset(PRESETS, preset)
+  out = _common.results_dir(NAME)
+  tasks = split_tasks(config.seed)
+  model, params, pretrain_accuracy = pretrained(config, tasks, out)
+  runs = []
+  jobs = [(0, "head only")] + [(b, m) for b in config.budgets for m in config.methods]
+  for budget, name in _common.progress(jobs, desc="adapters"):
+    spec = None if budget == 0 else method_for(name, budget, config.width, config.omega)
+    if spec is None and budget:
+      continue
+    val, test, count = finetune(config, model, params, tasks, spec)
+    best = int(np.argmax(val.mean(0)))
+    runs.append({"method": name, "budget_per_kernel": budget, "trainable": count,
+                 "learning_rate": config.learning_rates[best], "val_mean": float(val[:, best].mean()),
+                 "test_mean": float(test[:, best].mean()), "test_std": float(test[:, best].std()),
+                 "test_by_seed": test[:, best].tolist(), "spec": spec and spec.to_config()})
+
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  head_only = runs[0]["test_mean"]
+  ax.axhline(head_only, color="gray", ls=":", label="head only (no adapter)")
+  for name in config.methods:
+    sel = [r for r in runs if r["method"] == name]
+    if sel:
+      ax.errorbar([r["trainable"] for r in sel], [r["test_mean"] for r in sel], [r["test_std"] for r in sel],
+                  marker="o", capsize=3, label=name)
+  ax.set(xscale="log", xlabel="trainable adapter scalars (both kernels)", ylabel="test accuracy, digits 5-9",
+         title=f"Adapters on a pretrained MNIST-1D MLP ({config.seeds} seeds)")
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "accuracy_vs_budget.png"), dpi=120)
+  plt.close(fig)
+
+  table = _common.markdown_table(
+      ["method", "budget / kernel", "trainable", "lr (val)", "test accuracy (mean +- std)"],
+      [[r["method"], r["budget_per_kernel"], r["trainable"], r["learning_rate"],
+        f"{r['test_mean']:.3f} +- {r['test_std']:.3f}"] for r in runs])
+  table += (f"\nBase model: {pretrain_accuracy:.3f} test accuracy on digits 0-4 (its pretraining task); "
+            "the downstream head is new and trained with every adapter (not counted above).\n")
+
+  def score(name, budget):
+    return next((r["test_mean"] for r in runs if r["method"] == name and r["budget_per_kernel"] == budget), None)
+
+  checks = []
+  for budget in config.budgets:
+    for better, worse in (("SineLoRA", "LoRA"), ("WaveFT", "SHiRA"), ("LFMA", "FourierFT")):
+      a, b = score(better, budget), score(worse, budget)
+      if a is not None and b is not None:
+        checks.append(f"{better} {'>=' if a >= b else '<'} {worse} at {budget}")
+  held = sum(">=" in c for c in checks)
+  verdict = (("Matches" if held == len(checks) else "Partly matches" if held else "Does not match") +
+             f" ({held}/{len(checks)} paper orderings hold): " + "; ".join(checks) + ".")
+  result = {"config": config, "pretrain_accuracy": pretrain_accuracy, "runs": runs, "table": table,
+            "verdict": verdict, "plot": os.path.join(out, "accuracy_vs_budget.png"),
+            "environment": _common.environment()}
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(table)
+  _common.write_json(os.path.join(out, "results.json"), result)
+  return result
+
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+  print(main(parser.parse_args().preset)["table"])
