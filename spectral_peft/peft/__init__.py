@@ -14,6 +14,8 @@ from spectral_peft.peft._checkpoint import load_adapters
 from spectral_peft.peft._checkpoint import save_adapters
 from spectral_peft.peft._combination import WeightedSum
 from spectral_peft.peft._combination import weighted_combination
+from spectral_peft.peft._intercept import apply_factored
+from spectral_peft.peft._intercept import factored
 from spectral_peft.peft._lowrank_methods import DoRA
 from spectral_peft.peft._lowrank_methods import LoRA
 from spectral_peft.peft._lowrank_methods import SineDoRA
@@ -44,9 +46,11 @@ __all__ = (
     "SineDoRA",
     "SineLoRA",
     "WeightedSum",
+    "apply_factored",
     "combine",
     "count_parameters",
     "delta_tree",
+    "factored",
     "init_adapters",
     "leaf_paths",
     "load_adapters",
