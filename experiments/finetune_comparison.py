@@ -46,7 +46,7 @@ class Config:
   batch: int = 256
   budgets: tuple[int, ...] = (64, 256, 1024)  # adapter scalars per kernel; 2 * width = LoRA rank 1
   methods: tuple[str, ...] = ALL_METHODS
-  learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+  learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
   seeds: int = 3
   omega: float = 100.0
   seed: int = 0
@@ -55,7 +55,7 @@ class Config:
 PRESETS = {
     "quick": Config(),
     "full": Config(width=256, pretrain_steps=6000, finetune_steps=2000, budgets=(64, 128, 512, 1024, 4096),
-                   learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), seeds=5),
+                   learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), seeds=5),
 }
 
 
@@ -139,13 +139,26 @@ def method_for(name: str, budget: int, width: int, omega: float):
     return sp.peft.WaveFT(budget)
   if name == "FourierFT":
     return sp.peft.FourierFT(budget)
-  if name == "LFMA":  # complex coefficients: budget / 2 positions
-    return sp.peft.LFMA((budget // 2 + 0.25) / (shape[0] * shape[1]), delta_init="weight")
+  if name == "LFMA":  # complex coefficients: budget / 2 positions; mask from the spectrum of W0
+    return sp.peft.LFMA(lfma_ratio(budget, shape), delta_init="weight", value_init="zeros")
   raise ValueError(f"unknown method {name!r}")
 
 
-def finetune(config, model, params, tasks, spec):
-  """Trains `spec` for every (seed, learning rate) at once; returns (val, test) accuracy (seeds, lrs)."""
+def lfma_ratio(budget: int, shape: tuple[int, int]) -> float:
+  """The top-k ratio that keeps budget / 2 complex coefficients (floor(m n ratio) = budget // 2)."""
+  return (budget // 2 + 0.25) / (shape[0] * shape[1])
+
+
+def adapter_maker(params, spec):
+  """key -> adapters of `spec` on the hidden kernels ({} for None: the head-only baseline)."""
+  return lambda key: {} if spec is None else sp.peft.init_adapters(key, params, spec, TARGETS)
+
+
+def finetune(config, model, params, tasks, make_adapters):
+  """Trains the adapters `make_adapters(key)` builds, for every (seed, learning rate) at once.
+
+  Returns (val, test) accuracies of shape (seeds, learning rates) and the trainable adapter count.
+  """
   x, y = (jnp.asarray(a) for a in tasks["train"])
   evals = {k: tuple(jnp.asarray(a) for a in tasks[k]) for k in ("val", "test")}
   n_seeds, n_lrs = config.seeds, len(config.learning_rates)
@@ -154,7 +167,7 @@ def finetune(config, model, params, tasks, spec):
 
   def init(key):
     k_ad, k_head = jax.random.split(key)
-    adapters = {} if spec is None else sp.peft.init_adapters(k_ad, params, spec, TARGETS)
+    adapters = make_adapters(k_ad)
     head = model.init(k_head, x[:1])["params"]["head"]
     trainable, frozen = sp.peft.partition(adapters)
     return (trainable, head), frozen
@@ -181,8 +194,7 @@ def finetune(config, model, params, tasks, spec):
     (train, _), _ = jax.lax.scan(step, (train, state), jnp.arange(config.finetune_steps))
     return tuple(jnp.mean(jnp.argmax(logits(train, frozen, ex), -1) == ey) for ex, ey in evals.values())
 
-  count = 0 if spec is None else sp.peft.count_parameters(
-      jax.eval_shape(lambda k: sp.peft.init_adapters(k, params, spec, TARGETS), jax.random.key(0)))
+  count = sp.peft.count_parameters(jax.eval_shape(make_adapters, jax.random.key(0)))
   val, test = jax.jit(jax.vmap(run))(keys, lrs)
   return np.asarray(val).reshape(n_seeds, n_lrs), np.asarray(test).reshape(n_seeds, n_lrs), count
 
@@ -198,7 +210,7 @@ def main(preset: str = "quick") -> dict:
     spec = None if budget == 0 else method_for(name, budget, config.width, config.omega)
     if spec is None and budget:
       continue
-    val, test, count = finetune(config, model, params, tasks, spec)
+    val, test, count = finetune(config, model, params, tasks, adapter_maker(params, spec))
     best = int(np.argmax(val.mean(0)))
     runs.append({"method": name, "budget_per_kernel": budget, "trainable": count,
                  "learning_rate": config.learning_rates[best], "val_mean": float(val[:, best].mean()),
