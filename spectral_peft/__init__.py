@@ -13,6 +13,16 @@ from spectral_peft._diagnostics import numerical_rank
 from spectral_peft._diagnostics import sine_rank_lower_bound
 from spectral_peft._diagnostics import singular_spectrum
 from spectral_peft._diagnostics import stable_rank
+from spectral_peft._frequency_analysis import HarmonicExpansion
+from spectral_peft._frequency_analysis import SubPeriod
+from spectral_peft._frequency_analysis import amplitude_bound
+from spectral_peft._frequency_analysis import bessel_j
+from spectral_peft._frequency_analysis import detect_sub_period
+from spectral_peft._frequency_analysis import expansion_apply
+from spectral_peft._frequency_analysis import generated_frequencies
+from spectral_peft._frequency_analysis import harmonic_expansion
+from spectral_peft._frequency_analysis import hidden_neurons
+from spectral_peft._frequency_analysis import multi_indices
 from spectral_peft._lowrank import default_block_size
 from spectral_peft._lowrank import default_sine_gain
 from spectral_peft._lowrank import lowrank
@@ -35,21 +45,99 @@ from spectral_peft._pde import poisson_loss
 from spectral_peft._pde import poisson_residual
 from spectral_peft._pde import poisson_source
 from spectral_peft._pde import relative_l2_error
+from spectral_peft._sinusoidal import frequencies_as_integers
+from spectral_peft._sinusoidal import integer_frequencies
+from spectral_peft._sinusoidal import periodic_siren_apply
+from spectral_peft._sinusoidal import periodic_siren_first_layer
+from spectral_peft._sinusoidal import periodic_siren_init
+from spectral_peft._sinusoidal import periodic_siren_num_parameters
+from spectral_peft._sinusoidal import siren_frequencies
+from spectral_peft._sinusoidal import symmetric_frequencies
+from spectral_peft._sinusoidal_training import FitResult
+from spectral_peft._sinusoidal_training import GrowthRound
+from spectral_peft._sinusoidal_training import PruningRound
+from spectral_peft._sinusoidal_training import alpha_schedule
+from spectral_peft._sinusoidal_training import band_frequencies
+from spectral_peft._sinusoidal_training import block_bounds
+from spectral_peft._sinusoidal_training import block_importance
+from spectral_peft._sinusoidal_training import block_index
+from spectral_peft._sinusoidal_training import bound_matrix
+from spectral_peft._sinusoidal_training import bound_params
+from spectral_peft._sinusoidal_training import bounding
+from spectral_peft._sinusoidal_training import fit_periodic_siren
+from spectral_peft._sinusoidal_training import group_l1_norms
+from spectral_peft._sinusoidal_training import grow_loop
+from spectral_peft._sinusoidal_training import grow_params
+from spectral_peft._sinusoidal_training import l1_weight_decay
+from spectral_peft._sinusoidal_training import prune_params
+from spectral_peft._sinusoidal_training import pruning_selection
+from spectral_peft._sinusoidal_training import regularized_loss
+from spectral_peft._sinusoidal_training import shrink_params
+from spectral_peft._sinusoidal_training import structured_pruning
+from spectral_peft._sinusoidal_training import targeted_weight_decay
 from spectral_peft._sparse_interpolation import SparseFit
 from spectral_peft._sparse_interpolation import random_support
 from spectral_peft._sparse_interpolation import sparse_least_squares
+from spectral_peft._sparse_theory import gradient_coverage
+from spectral_peft._sparse_theory import lemma1_threshold
+from spectral_peft._sparse_theory import receptive_field_size
+from spectral_peft._sparse_theory import sparse_positions
+from spectral_peft._sparse_theory import sparse_rank_curve
+from spectral_peft._spectral import fourier_delta
+from spectral_peft._spectral import fourier_matmul
+from spectral_peft._spectral import scatter_coefficients
+from spectral_peft._spectral import sparse_matmul
+from spectral_peft._spectral import topk_spectral_mask
+from spectral_peft._spectral import waveft_delta
+from spectral_peft._spectral import waveft_matmul
+from spectral_peft._wavelets import dwt2
+from spectral_peft._wavelets import idwt2
+from spectral_peft._wavelets import wavelet_coefficient_shape
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "FitResult",
+    "GrowthRound",
+    "HarmonicExpansion",
+    "PruningRound",
     "SineRankBound",
     "SparseFit",
+    "SubPeriod",
+    "alpha_schedule",
+    "amplitude_bound",
+    "band_frequencies",
+    "bessel_j",
+    "block_bounds",
+    "block_importance",
+    "block_index",
+    "bound_matrix",
+    "bound_params",
+    "bounding",
     "component_apply",
     "component_init",
     "default_block_size",
     "default_sine_gain",
+    "detect_sub_period",
+    "dwt2",
+    "expansion_apply",
+    "fit_periodic_siren",
+    "fourier_delta",
+    "fourier_matmul",
+    "frequencies_as_integers",
+    "generated_frequencies",
+    "gradient_coverage",
+    "group_l1_norms",
+    "grow_loop",
+    "grow_params",
+    "harmonic_expansion",
+    "hidden_neurons",
+    "idwt2",
+    "integer_frequencies",
     "interaction_heatmap",
+    "l1_weight_decay",
     "laplacian",
+    "lemma1_threshold",
     "linen",
     "lowrank",
     "lowrank_dense",
@@ -57,22 +145,44 @@ __all__ = (
     "lrnn_init",
     "lrnn_layer",
     "lrnn_projection_init",
+    "multi_indices",
     "nnx",
     "numerical_rank",
     "peft",
+    "periodic_siren_apply",
+    "periodic_siren_first_layer",
+    "periodic_siren_init",
+    "periodic_siren_num_parameters",
     "poisson_exact_solution",
     "poisson_grid",
     "poisson_loss",
     "poisson_residual",
     "poisson_source",
     "product_activation",
+    "prune_params",
+    "pruning_selection",
     "random_support",
+    "receptive_field_size",
+    "regularized_loss",
     "relative_l2_error",
+    "scatter_coefficients",
+    "shrink_params",
     "sine_lowrank",
     "sine_lowrank_dense",
     "sine_lowrank_matmul",
+    "siren_frequencies",
     "sparse_least_squares",
     "sine_rank_lower_bound",
     "singular_spectrum",
+    "sparse_matmul",
+    "sparse_positions",
+    "sparse_rank_curve",
     "stable_rank",
+    "structured_pruning",
+    "symmetric_frequencies",
+    "targeted_weight_decay",
+    "topk_spectral_mask",
+    "waveft_delta",
+    "waveft_matmul",
+    "wavelet_coefficient_shape",
 )

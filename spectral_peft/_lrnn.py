@@ -144,13 +144,23 @@ def _check_z(z: Any) -> tuple[int, int]:
   return shape[-2], shape[-1]
 
 
+def _block_linear(a: Array, w: Array, shared: bool) -> Array:
+  # One layer of all r * d component MLPs: a (..., r, d, h_in) times w (r, d, h_in, h_out) (or the
+  # shared (d, h_in, h_out)). Width-1 sides are elementwise products (a batched dot_general over
+  # r * d tiny matrices costs more, above all under nested forward-mode AD).
+  if w.shape[-2] == 1:
+    return a * w[..., 0, :]
+  if w.shape[-1] == 1:
+    return jnp.sum(a * w[..., 0], axis=-1, keepdims=True)
+  return jnp.einsum("...rdi,dio->...rdo" if shared else "...rdi,rdio->...rdo", a, w)
+
+
 def _components_forward(z: Array, components: Params, activation: Callable, omega: float, shared: bool) -> Array:
   weights, biases = components["weights"], components["biases"]
-  spec = "...rdi,dio->...rdo" if shared else "...rdi,rdio->...rdo"
   a = activation(omega * z)[..., None]  # (..., r, d, 1): the first op is the activation.
   for w, b in zip(weights[:-1], biases):
-    a = activation(omega * (jnp.einsum(spec, a, w) + b))
-  return jnp.einsum(spec, a, weights[-1])[..., 0]  # Last layer: linear, no bias.
+    a = activation(omega * (_block_linear(a, w, shared) + b))
+  return _block_linear(a, weights[-1], shared)[..., 0]  # Last layer: linear, no bias.
 
 
 def component_apply(z: Array, components: Params, *, activation: Activation = "sine", omega: float = 1.0) -> Array:

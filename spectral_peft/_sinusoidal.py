@@ -41,6 +41,12 @@ def _check_period(period: Any) -> float:
   return _validation.check_positive_float("period", period)
 
 
+def _host_choice(key: Array, population: int, n: int) -> np.ndarray:
+  """``n`` distinct draws from ``range(population)``, seeded by ``key`` (on the host: no per-shape compile)."""
+  seed = np.asarray(jax.random.bits(key, (2,), jnp.uint32)).astype(np.uint64)
+  return np.random.default_rng(seed).choice(population, size=n, replace=False).astype(np.int64)
+
+
 def integer_frequencies(
     key: Array,
     n: int,
@@ -100,16 +106,14 @@ def integer_frequencies(
         f"`n` must be at most the number of frequencies in the band: [-{bandwidth}, {bandwidth}]^{dim} "
         f"holds {available} {what}, got n={n}."
     )
-  if total >= 2**31:
-    raise ValueError(f"`bandwidth`={bandwidth} with `dim`={dim} gives {total} candidates; at most 2**31 - 1 are supported.")
-  idx = jax.random.choice(key, available, (n,), replace=False)
+  idx = _host_choice(key, available, n)
   idx = idx + center + 1 if half_space else idx + (idx >= center)
   digits = []
   for _ in range(dim):
     digits.append(idx % side)
     idx = idx // side
   k = jnp.stack(digits[::-1], axis=0) - bandwidth  # (dim, n); axis 0 is the most significant digit.
-  return (2.0 * math.pi / period) * k.astype(dtype)
+  return jnp.asarray((2.0 * math.pi / period) * k, dtype)
 
 
 def symmetric_frequencies(

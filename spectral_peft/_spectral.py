@@ -129,7 +129,7 @@ def waveft_delta(values: Array, indices: Array, shape: Sequence[int], *, wavelet
 
   Example:
     >>> import jax.numpy as jnp, spectral_peft as sp
-    >>> sp.waveft_delta(jnp.array([2.0]), jnp.array([0]), (2, 2)).tolist()
+    >>> sp.waveft_delta(jnp.array([2.0]), jnp.array([0]), (2, 2)).round(4).tolist()
     [[1.0, 1.0], [1.0, 1.0]]
   """
   shape = _check_shape("shape", tuple(shape))

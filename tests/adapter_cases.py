@@ -24,4 +24,8 @@ CASES = [
     Case("sine_lora", sp.peft.SineLoRA(rank=2, omega=50.0, alpha=4.0), scale=0.05),
     Case("sine_dora", sp.peft.SineDoRA(rank=2, omega=50.0, alpha=4.0), scale=0.05),
     Case("dora_exact_grad", sp.peft.DoRA(rank=1, stop_norm_gradient=False)),
+    Case("waveft", sp.peft.WaveFT(n_params=20, scale=2.0, wavelet="db2", level=1)),
+    Case("shira", sp.peft.SHiRA(n_params=20, scale=2.0)),
+    Case("fourierft", sp.peft.FourierFT(n_frequency=20, scale=30.0)),
+    Case("lfma", sp.peft.LFMA(top_k_ratio=0.1, alpha=30.0, value_init="zeros")),
 ]

@@ -24,6 +24,18 @@ from spectral_peft.peft._method import Adapter
 from spectral_peft.peft._method import AdapterMethod
 from spectral_peft.peft._method import method_from_config
 from spectral_peft.peft._method import method_registry
+from spectral_peft.peft._sharding import adapter_partition_specs
+from spectral_peft.peft._sharding import adapter_shardings
+from spectral_peft.peft._sharding import data_model_mesh
+from spectral_peft.peft._sharding import path_shardings
+from spectral_peft.peft._sharding import shard_adapters
+from spectral_peft.peft._spectral_methods import FourierFT
+from spectral_peft.peft._spectral_methods import LFMA
+from spectral_peft.peft._spectral_methods import SHiRA
+from spectral_peft.peft._spectral_methods import WaveFT
+from spectral_peft.peft._spectral_methods import init_lfma_adapters
+from spectral_peft.peft._spectral_methods import lfma_gradient_init
+from spectral_peft.peft._spectral_methods import proportional_allocation
 from spectral_peft.peft._tree import combine
 from spectral_peft.peft._tree import count_parameters
 from spectral_peft.peft._tree import delta_tree
@@ -42,17 +54,26 @@ __all__ = (
     "Adapter",
     "AdapterMethod",
     "DoRA",
+    "FourierFT",
+    "LFMA",
     "LoRA",
+    "SHiRA",
     "SineDoRA",
     "SineLoRA",
+    "WaveFT",
     "WeightedSum",
+    "adapter_partition_specs",
+    "adapter_shardings",
     "apply_factored",
     "combine",
     "count_parameters",
+    "data_model_mesh",
     "delta_tree",
     "factored",
     "init_adapters",
+    "init_lfma_adapters",
     "leaf_paths",
+    "lfma_gradient_init",
     "load_adapters",
     "masked_optimizer",
     "merge",
@@ -60,8 +81,11 @@ __all__ = (
     "method_registry",
     "partition",
     "path_key",
+    "path_shardings",
+    "proportional_allocation",
     "save_adapters",
     "select_paths",
+    "shard_adapters",
     "switch_adapters",
     "trainable_mask",
     "unmerge",

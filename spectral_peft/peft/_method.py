@@ -71,6 +71,10 @@ class AdapterMethod:
     del key, w0
     return {}
 
+  def init_both(self, params_key: Array, frozen_key: Array, w0: Array) -> tuple[PyTree, PyTree]:
+    """``(init(params_key, w0), init_frozen(frozen_key, w0))``; override when both share a random draw."""
+    return self.init(params_key, w0), self.init_frozen(frozen_key, w0)
+
   def unmerge(self, params: PyTree, w: Array, frozen: PyTree = None) -> Array:
     """Recovers ``w0`` from ``w = w0 + delta(params, w0, frozen)``."""
     if self.delta_depends_on_w0:

@@ -193,9 +193,10 @@ def init_adapters(
       raise ValueError(f"Target {path!r} (shape {shape}, matrix {mshape}): {err}") from None
     w0_matrix = jnp.reshape(w0, mshape)
     params_key, frozen_key = jax.random.split(path_key(key, path))
+    adapter_params, frozen = spec.init_both(params_key, frozen_key, w0_matrix)
     adapters[path] = Adapter(
-        params=spec.init(params_key, w0_matrix),
-        frozen=spec.init_frozen(frozen_key, w0_matrix),
+        params=adapter_params,
+        frozen=frozen,
         method=spec,
         shape=shape,
         dtype=jnp.dtype(w0.dtype).name,

@@ -1,0 +1,120 @@
+"""Flax NNX Dense layers with a sparse/spectral adapter (WaveFT, SHiRA, FourierFT, LFMA), thin over the core.
+
+Each layer holds the base ``kernel: (in_features, out_features)`` and ``bias`` (``nnx.Param``, to
+be frozen by the caller's optimizer filter, e.g. ``nnx.Optimizer(model, tx, wrt=nnx.All(nnx.Param,
+nnx.PathContains("values")))``), the trainable coefficients ``values: (p,)`` (``nnx.Param``; complex
+for LFMA) and their positions ``indices: (p,)`` int32 (:class:`AdapterIndices`, not a ``Param``).
+The forward pass is the method's ``apply`` (:mod:`spectral_peft.peft`): ``x @ W0 + x @ Delta W``
+with the factored product where it is cheaper (``path``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spectral_peft import _validation
+from spectral_peft.peft import _spectral_methods as methods
+
+Array = jax.Array
+
+
+class AdapterIndices(nnx.Variable):
+  """Frozen integer positions of a sparse or spectral adapter (never trained, saved with the model)."""
+
+
+class _AdaptedDense(nnx.Module):
+  """Shared body: base kernel and bias, one adapter spec, its values and indices."""
+
+  def _build(self, in_features, out_features, method, *, use_bias, dtype, param_dtype, kernel_init, bias_init, rngs):
+    in_features = _validation.check_positive_int("in_features", in_features)
+    out_features = _validation.check_positive_int("out_features", out_features)
+    method.check_shape((in_features, out_features))
+    self.in_features, self.out_features, self.method = in_features, out_features, method
+    self.dtype, self.param_dtype = dtype, param_dtype
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+    params, frozen = method.init_both(rngs.params(), rngs.params(), self.kernel[...])
+    self.values = nnx.Param(params["values"])
+    self.indices = AdapterIndices(frozen["indices"])
+
+  def delta(self) -> Array:
+    """``Delta W: (in_features, out_features)``."""
+    return self.method.delta({"values": self.values[...]}, self.kernel[...], {"indices": self.indices[...]})
+
+  def __call__(self, x: Array) -> Array:
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
+    y = self.method.apply({"values": self.values[...]}, x, kernel, {"indices": self.indices[...]}).astype(x.dtype)
+    return y if bias is None else y + bias
+
+
+_DEFAULTS = dict(kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init())
+
+
+class WaveFTDense(_AdaptedDense):
+  """``nnx.Linear`` plus a WaveFT adapter: ``y = x (W0 + scale IDWT2(C)) + b`` (see :class:`sp.peft.WaveFT`).
+
+  Example:
+    >>> from flax import nnx; import jax.numpy as jnp, spectral_peft as sp
+    >>> layer = sp.nnx.WaveFTDense(16, 8, n_params=12, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((4, 16))).shape, layer.values[...].shape
+    ((4, 8), (12,))
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, n_params: int, scale: float = 25.0,
+               wavelet: str = "haar", level: int = 1, value_init: str = "zeros", path: str = "auto",
+               use_bias: bool = True, dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
+               kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
+               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):
+    method = methods.WaveFT(n_params, scale=scale, wavelet=wavelet, level=level, value_init=value_init, path=path)
+    self._build(in_features, out_features, method, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+
+class SHiRADense(_AdaptedDense):
+  """``nnx.Linear`` plus a SHiRA adapter: ``y = x (W0 + scale C) + b`` with sparse ``C``."""
+
+  def __init__(self, in_features: int, out_features: int, *, n_params: int, scale: float = 1.0,
+               value_init: str = "zeros", path: str = "auto", use_bias: bool = True,
+               dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
+               kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
+               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):
+    method = methods.SHiRA(n_params, scale=scale, value_init=value_init, path=path)
+    self._build(in_features, out_features, method, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+
+class FourierFTDense(_AdaptedDense):
+  """``nnx.Linear`` plus a FourierFT adapter: ``y = x (W0 + scale Re(ifft2(C))) + b``."""
+
+  def __init__(self, in_features: int, out_features: int, *, n_frequency: int = 1000, scale: float = 150.0,
+               value_init: str = "zeros", path: str = "auto", use_bias: bool = True,
+               dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
+               kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
+               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):
+    method = methods.FourierFT(n_frequency, scale=scale, value_init=value_init, path=path)
+    self._build(in_features, out_features, method, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+
+class LFMADense(_AdaptedDense):
+  """``nnx.Linear`` plus an LFMA adapter: ``y = x (W0 + alpha Re(ifft2(F))) + b``, ``F`` on a top-k mask.
+
+  ``delta_init`` is ``"random"`` or ``"weight"`` (the layer's own initial kernel); for given or
+  gradient masks use :func:`sp.peft.init_lfma_adapters` on a model's parameters.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, top_k_ratio: float, alpha: float = 120.0,
+               delta_init: str = "random", value_init: str = "spectrum", path: str = "auto",
+               use_bias: bool = True, dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
+               kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
+               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):
+    if delta_init not in ("random", "weight"):
+      raise ValueError(f"`delta_init` of LFMADense must be 'random' or 'weight', got {delta_init!r}.")
+    method = methods.LFMA(top_k_ratio, alpha, delta_init=delta_init, value_init=value_init, path=path)
+    self._build(in_features, out_features, method, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)

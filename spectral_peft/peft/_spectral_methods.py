@@ -1,0 +1,561 @@
+"""Sparse and spectral adapters: WaveFT, SHiRA, FourierFT and LFMA as adapter method specs.
+
+References:
+  "Exploring sparsity for PEFT using wavelets for vision" (WaveFT; SHiRA and FourierFT baselines).
+  Bhardwaj et al., "Sparse High Rank Adapters" (SHiRA), NeurIPS 2024.
+  Gao et al., "Parameter-Efficient Fine-Tuning with Discrete Fourier Transform" (FourierFT), ICML 2024.
+  "LFMA: Layerwise Fourier Masked Adapter with Top-k Frequency Selection".
+
+Each method stores ``p`` trainable coefficients (``params["values"]``; LFMA's are complex) and
+their positions (``frozen["indices"]``, ``(p,)`` int32 flat row-major positions, saved with the
+adapter). Positions are drawn from the key the adapter gets from :func:`sp.peft.init_adapters`
+(``fold_in(key, crc32(path))``), so the same key gives the same positions on every machine.
+
+* WaveFT: ``Delta W = scale * IDWT2(C)[:m, :n]`` (periodised, PyWavelets layout; see
+  :func:`spectral_peft.idwt2`), ``C`` sparse in the zero-padded wavelet grid.
+* SHiRA: ``Delta W = scale * C`` (the identity in place of the IDWT).
+* FourierFT: ``Delta W = scale * Re(ifft2(C))`` with real ``C`` at random frequencies.
+* LFMA: ``Delta W = alpha * Re(ifft2(F))`` with complex ``F`` on the top-k frequencies of
+  ``|fft2(Delta W_init)|``.
+
+``apply`` (used by :func:`sp.peft.factored`) computes ``x @ W0 + x @ Delta W`` with the factored
+products of :mod:`spectral_peft._spectral` (chosen by a flop model, or forced with ``path``).
+
+Budgets: a spec has a fixed ``p`` per layer. For a different ``p`` on some paths pass a
+``{regex: spec}`` mapping to ``init_adapters`` (first match wins); for ``p`` proportional to each
+layer's size use :func:`proportional_allocation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_peft import _sparse_theory
+from spectral_peft import _spectral
+from spectral_peft import _validation
+from spectral_peft import _wavelets
+from spectral_peft.peft._method import Adapter, AdapterMethod, matrix_shape
+from spectral_peft.peft._tree import Adapters, PyTree, init_adapters, leaf_paths, merge
+
+Array = jax.Array
+
+_REAL_INITS = ("zeros", "normal")
+_LFMA_INITS = ("spectrum", "zeros")
+_LFMA_DELTA_INITS = ("random", "weight", "given", "gradient")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def _check_param_dtype(dtype: Any) -> Optional[str]:
+  if dtype is None:
+    return None
+  if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise ValueError(f"`param_dtype` must be a real floating dtype or None, got {dtype!r}.")
+  return jnp.dtype(dtype).name
+
+
+def _is_abstract(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SparseRealBase(AdapterMethod):
+  """``p`` real coefficients at random positions of a coefficient grid, scaled by ``scale``."""
+
+  n_params: int
+  _: dataclasses.KW_ONLY
+  scale: float = 1.0
+  value_init: str = "zeros"
+  init_std: float = 1.0
+  path: str = "auto"
+  param_dtype: Optional[str] = None
+
+  def __post_init__(self) -> None:
+    _validation.check_positive_int("n_params", self.n_params)
+    _validation.check_positive_float("scale", self.scale)
+    _check_choice("value_init", self.value_init, _REAL_INITS)
+    _validation.check_positive_float("init_std", self.init_std)
+    _spectral.check_path(self.path)
+    object.__setattr__(self, "param_dtype", _check_param_dtype(self.param_dtype))
+
+  def grid(self, shape: tuple[int, int]) -> tuple[int, int]:
+    """``(M, N)``: the coefficient grid of an ``(m, n)`` weight."""
+    return tuple(shape)
+
+  def check_shape(self, shape: tuple[int, int]) -> None:
+    big_m, big_n = self.grid(tuple(shape))
+    if self.n_params > big_m * big_n:
+      raise ValueError(
+          f"`n_params` of {type(self).__name__} must be at most the {big_m * big_n} positions of the "
+          f"{big_m} x {big_n} coefficient grid of a weight of matrix shape {tuple(shape)}, got {self.n_params}."
+      )
+
+  def _dtype(self, w0: Array) -> Any:
+    return jnp.dtype(self.param_dtype) if self.param_dtype is not None else w0.dtype
+
+  def init(self, key: Array, w0: Array) -> dict[str, Array]:
+    """``{"values": (p,)}``: zeros (identity at init) or ``init_std * N(0, 1)`` (``value_init="normal"``)."""
+    dtype = self._dtype(w0)
+    if self.value_init == "zeros":
+      return {"values": jnp.zeros((self.n_params,), dtype)}
+    return {"values": self.init_std * jax.random.normal(key, (self.n_params,), dtype)}
+
+  def init_frozen(self, key: Array, w0: Array) -> dict[str, Array]:
+    """``{"indices": (p,) int32}``: distinct positions, uniform without replacement, sorted."""
+    self.check_shape(tuple(w0.shape))
+    return {"indices": _sparse_theory.sparse_positions(key, self.grid(tuple(w0.shape)), self.n_params)}
+
+  def synthesis(self, values: Array, indices: Array, shape: tuple[int, int]) -> Array:
+    raise NotImplementedError
+
+  def synthesis_matmul(self, x: Array, values: Array, indices: Array, shape: tuple[int, int]) -> Array:
+    raise NotImplementedError
+
+  def delta(self, params, w0, frozen=None):
+    return self.scale * self.synthesis(params["values"], frozen["indices"], tuple(w0.shape))
+
+  def apply(self, params, x, w0, frozen=None):
+    dtype = jnp.result_type(x, w0)
+    update = self.synthesis_matmul(x, params["values"].astype(dtype), frozen["indices"], tuple(w0.shape))
+    return jnp.matmul(x, w0) + (self.scale * update).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveFT(_SparseRealBase):
+  """Wavelet fine-tuning: ``w = w0 + scale * IDWT2(C)``, ``C`` with ``n_params`` trainable entries.
+
+  ``C`` lives in the zero-padded grid ``(M, N) = sp.wavelet_coefficient_shape((m, n), ...)`` (the
+  matrix rounded up to a multiple of ``2**level``) in the ``pywt.coeffs_to_array`` layout, and the
+  periodised synthesis is cropped to ``(m, n)``. Positions are uniform without replacement over
+  that grid; values start at zero (the paper found Gaussian init far worse; ``value_init="normal"``
+  is kept for that ablation).
+
+  References:
+    "Exploring sparsity for PEFT using wavelets for vision", Sec. 3 (``lambda = 25`` in SDXL runs).
+
+  Args:
+    n_params: ``p`` per layer, ``1 <= p <= M * N``. Per-path values: a ``{regex: spec}`` mapping in
+      ``init_adapters``; proportional to layer size: :func:`proportional_allocation`.
+    scale: ``lambda``.
+    wavelet: any discrete PyWavelets wavelet (``"haar"``, ``"db2"``, ``"sym3"``, ``"coif1"``...).
+    level: decomposition depth, valid for the weight's shape (checked per target).
+    value_init: ``"zeros"`` or ``"normal"`` (``init_std * N(0, 1)``, not the identity at init).
+    init_std: standard deviation for ``value_init="normal"``.
+    path: ``"auto"``, ``"dense"`` or ``"factored"`` product in :meth:`apply`.
+    param_dtype: dtype of the values (``None``: that of ``w0``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> method = sp.peft.WaveFT(n_params=10, wavelet="db2")
+    >>> method.init_frozen(jax.random.key(0), jnp.zeros((12, 9)))["indices"].shape
+    (10,)
+  """
+
+  scale: float = 25.0
+  wavelet: str = "haar"
+  level: int = 1
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    _wavelets.check_wavelet(self.wavelet)
+    _validation.check_positive_int("level", self.level)
+
+  def grid(self, shape):
+    return _wavelets.wavelet_coefficient_shape(tuple(shape), wavelet=self.wavelet, level=self.level)
+
+  def synthesis(self, values, indices, shape):
+    return _spectral.waveft_delta(values, indices, shape, wavelet=self.wavelet, level=self.level)
+
+  def synthesis_matmul(self, x, values, indices, shape):
+    return _spectral.waveft_matmul(x, values, indices, shape, wavelet=self.wavelet, level=self.level, path=self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class SHiRA(_SparseRealBase):
+  """Sparse high-rank adapter: ``w = w0 + scale * C``, ``C`` with ``n_params`` trainable entries.
+
+  WaveFT with the identity in place of the IDWT (positions uniform over the ``(m, n)`` weight).
+
+  References:
+    Bhardwaj et al., "Sparse High Rank Adapters", NeurIPS 2024; WaveFT, Sec. 3.
+
+  Args:
+    n_params: ``p``, ``1 <= p <= m * n``.
+    scale: multiplier of the sparse update.
+    value_init, init_std, path, param_dtype: as in :class:`WaveFT`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> sp.peft.SHiRA(n_params=5).init(jax.random.key(0), jnp.zeros((4, 4)))["values"].shape
+    (5,)
+  """
+
+  def synthesis(self, values, indices, shape):
+    return _spectral.scatter_coefficients(_spectral._check_values(values, real=True), indices, shape)
+
+  def synthesis_matmul(self, x, values, indices, shape):
+    return _spectral.sparse_matmul(x, values, indices, shape, path=self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class FourierFT(AdapterMethod):
+  """FourierFT: ``w = w0 + scale * Re(ifft2(C))``, real ``C`` on ``n_frequency`` random frequencies.
+
+  ``ifft2`` is numpy's (normalised by ``1 / (m n)``), as ``torch.fft.ifft2`` in the reference code.
+  Frequencies are uniform without replacement over the ``(m, n)`` grid, per target.
+
+  References:
+    Gao et al., "Parameter-Efficient Fine-Tuning with Discrete Fourier Transform", ICML 2024.
+
+  Args:
+    n_frequency: ``p``, ``1 <= p <= m * n``.
+    scale: ``alpha`` of the paper (150 is its GLUE default).
+    value_init: ``"zeros"`` (identity at init) or ``"normal"`` (``init_std * N(0, 1)``, the
+      reference implementation's ``randn``; then the adapter is not the identity at init).
+    init_std, path, param_dtype: as in :class:`WaveFT`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> sp.peft.FourierFT(n_frequency=8).init_frozen(jax.random.key(0), jnp.zeros((6, 5)))["indices"].shape
+    (8,)
+  """
+
+  n_frequency: int = 1000
+  _: dataclasses.KW_ONLY
+  scale: float = 150.0
+  value_init: str = "zeros"
+  init_std: float = 1.0
+  path: str = "auto"
+  param_dtype: Optional[str] = None
+
+  def __post_init__(self) -> None:
+    _validation.check_positive_int("n_frequency", self.n_frequency)
+    _validation.check_positive_float("scale", self.scale)
+    _check_choice("value_init", self.value_init, _REAL_INITS)
+    _validation.check_positive_float("init_std", self.init_std)
+    _spectral.check_path(self.path)
+    object.__setattr__(self, "param_dtype", _check_param_dtype(self.param_dtype))
+
+  def check_shape(self, shape):
+    m, n = shape
+    if self.n_frequency > m * n:
+      raise ValueError(
+          f"`n_frequency` of FourierFT must be at most m * n = {m * n} for a weight of matrix shape {tuple(shape)}, "
+          f"got {self.n_frequency}."
+      )
+
+  def init(self, key, w0):
+    """``{"values": (p,)}`` real: zeros or ``init_std * N(0, 1)``."""
+    dtype = jnp.dtype(self.param_dtype) if self.param_dtype is not None else w0.dtype
+    if self.value_init == "zeros":
+      return {"values": jnp.zeros((self.n_frequency,), dtype)}
+    return {"values": self.init_std * jax.random.normal(key, (self.n_frequency,), dtype)}
+
+  def init_frozen(self, key, w0):
+    """``{"indices": (p,) int32}``: distinct frequencies, uniform without replacement, sorted."""
+    self.check_shape(tuple(w0.shape))
+    return {"indices": _sparse_theory.sparse_positions(key, tuple(w0.shape), self.n_frequency)}
+
+  def delta(self, params, w0, frozen=None):
+    values = _spectral._check_values(params["values"], real=True)
+    return self.scale * _spectral.fourier_delta(values, frozen["indices"], tuple(w0.shape))
+
+  def apply(self, params, x, w0, frozen=None):
+    dtype = jnp.result_type(x, w0)
+    values = _spectral._check_values(params["values"], real=True).astype(dtype)
+    update = _spectral.fourier_matmul(x, values, frozen["indices"], tuple(w0.shape), path=self.path)
+    return jnp.matmul(x, w0) + (self.scale * update).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LFMA(AdapterMethod):
+  """Layerwise Fourier masked adapter: ``w = w0 + alpha * Re(ifft2(F))`` on a top-k spectral mask.
+
+  The mask holds the ``k = floor(m n top_k_ratio)`` frequencies of largest ``|fft2(Delta W_init)|``
+  (:func:`spectral_peft.topk_spectral_mask`); ``F`` is zero off the mask and trainable, complex, on
+  it. ``value_init="spectrum"`` starts ``F`` at ``fft2(Delta W_init)`` on the mask, as Algorithm 1
+  of the paper (then the adapter is *not* the identity at init: ``Delta W`` is ``alpha`` times the
+  top-k approximation of ``Delta W_init``); ``value_init="zeros"`` starts at the identity.
+
+  ``Delta W_init`` (``delta_init``):
+
+  * ``"random"``: ``N(0, 1 / m)`` entries from the adapter's key;
+  * ``"weight"``: ``w0`` itself;
+  * ``"given"`` / ``"gradient"``: one array per target, passed to :func:`init_lfma_adapters`
+    (``"gradient"``: the accumulated loss gradient of :func:`lfma_gradient_init`). Such specs
+    cannot be initialised by :func:`sp.peft.init_adapters` (which has no array to rank), but they
+    save and load like every other adapter.
+
+  References:
+    "LFMA: ... Layerwise Fourier Masked Adapter with Top-k Frequency Selection", Sec. 3 and
+    Algorithm 1 (``alpha = 120``, top-k 0.0003 for ViT; ``alpha = 12``, top-k 0.05 in Table 1).
+
+  Args:
+    top_k_ratio: fraction of frequencies kept, in ``(0, 1]``, with ``floor(m n ratio) >= 1``.
+    alpha: scale of the update.
+    delta_init: ``"random"``, ``"weight"``, ``"given"`` or ``"gradient"``.
+    value_init: ``"spectrum"`` or ``"zeros"``.
+    path: ``"auto"``, ``"dense"`` or ``"factored"`` product in :meth:`apply`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> method = sp.peft.LFMA(top_k_ratio=0.1, alpha=12.0, value_init="zeros")
+    >>> method.init(jax.random.key(0), jnp.ones((8, 8)))["values"].dtype
+    dtype('complex64')
+  """
+
+  top_k_ratio: float
+  alpha: float = 120.0
+  _: dataclasses.KW_ONLY
+  delta_init: str = "random"
+  value_init: str = "spectrum"
+  path: str = "auto"
+
+  def __post_init__(self) -> None:
+    if isinstance(self.top_k_ratio, bool) or not isinstance(self.top_k_ratio, (int, float)):
+      raise TypeError(f"`top_k_ratio` must be a real number in (0, 1], got {self.top_k_ratio!r}.")
+    if not 0.0 < float(self.top_k_ratio) <= 1.0:
+      raise ValueError(f"`top_k_ratio` must be in (0, 1], got {self.top_k_ratio}.")
+    object.__setattr__(self, "top_k_ratio", float(self.top_k_ratio))
+    _validation.check_positive_float("alpha", self.alpha)
+    _check_choice("delta_init", self.delta_init, _LFMA_DELTA_INITS)
+    _check_choice("value_init", self.value_init, _LFMA_INITS)
+    _spectral.check_path(self.path)
+
+  def k(self, shape: tuple[int, int]) -> int:
+    """``floor(m n top_k_ratio)``."""
+    return _spectral.topk_count(tuple(shape), self.top_k_ratio)
+
+  def check_shape(self, shape):
+    try:
+      self.k(shape)
+    except ValueError as err:
+      raise ValueError(f"`top_k_ratio` of LFMA: {err}") from None
+
+  def _delta_init(self, key: Array, w0: Array) -> Optional[Array]:
+    if self.delta_init == "weight":
+      return w0
+    if self.delta_init == "random":
+      m = w0.shape[0]
+      return jax.random.normal(key, w0.shape, w0.dtype) / math.sqrt(m)
+    if _is_abstract(w0):  # load_adapters rebuilds the structure with jax.eval_shape.
+      return None
+    raise ValueError(
+        f"LFMA(delta_init={self.delta_init!r}) needs one Delta W_init array per target: build the adapters "
+        "with sp.peft.init_lfma_adapters(key, params, method, targets, delta_inits) (and, for gradients, "
+        "sp.peft.lfma_gradient_init)."
+    )
+
+  def init_from_delta(self, delta_init: Array, w0: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+    """``(params, frozen)`` for a given ``Delta W_init`` of ``w0``'s matrix shape."""
+    if tuple(delta_init.shape) != tuple(w0.shape):
+      raise ValueError(f"`delta_init` must have the matrix shape {tuple(w0.shape)} of the weight, got {tuple(delta_init.shape)}.")
+    self.check_shape(tuple(w0.shape))
+    complex_dtype = jnp.result_type(w0.dtype, jnp.complex64)
+    indices = _spectral.topk_spectral_mask(delta_init, self.top_k_ratio)
+    if self.value_init == "zeros":
+      values = jnp.zeros(indices.shape, complex_dtype)
+    else:
+      values = jnp.fft.fft2(delta_init.astype(complex_dtype)).reshape(-1)[indices]
+    return {"values": values.astype(complex_dtype)}, {"indices": indices}
+
+  def _abstract(self, w0):
+    k = self.k(tuple(w0.shape))
+    complex_dtype = jnp.result_type(w0.dtype, jnp.complex64)
+    return {"values": jnp.zeros((k,), complex_dtype)}, {"indices": jnp.zeros((k,), jnp.int32)}
+
+  def init_both(self, params_key, frozen_key, w0):
+    """``(params, frozen)`` from one ``Delta W_init`` (the random one is drawn from ``frozen_key``)."""
+    del params_key
+    delta_init = self._delta_init(frozen_key, w0)
+    return self._abstract(w0) if delta_init is None else self.init_from_delta(delta_init, w0)
+
+  def init(self, key, w0):
+    """``{"values": (k,) complex}``: ``fft2(Delta W_init)`` on the mask, or zeros.
+
+    With ``delta_init="random"`` the values and the mask must come from the same random matrix:
+    :func:`sp.peft.init_adapters` calls :meth:`init_both`, which draws it once; called alone,
+    ``init(key, w0)`` draws it from ``key`` (pair it with ``init_frozen(key, w0)``).
+    """
+    return self.init_both(None, key, w0)[0]
+
+  def init_frozen(self, key, w0):
+    """``{"indices": (k,) int32}``: top-k positions of ``|fft2(Delta W_init)|``."""
+    return self.init_both(None, key, w0)[1]
+
+  def delta(self, params, w0, frozen=None):
+    return self.alpha * _spectral.fourier_delta(params["values"], frozen["indices"], tuple(w0.shape))
+
+  def apply(self, params, x, w0, frozen=None):
+    dtype = jnp.result_type(x, w0)
+    update = _spectral.fourier_matmul(x, params["values"], frozen["indices"], tuple(w0.shape), path=self.path)
+    return jnp.matmul(x, w0) + (self.alpha * update).astype(dtype)
+
+
+# -- budgets -------------------------------------------------------------------------------------
+def proportional_allocation(
+    params: PyTree,
+    targets: Any,
+    method: AdapterMethod,
+    total: int,
+    *,
+    in_axes: Any = None,
+    by: str = "m+n",
+) -> Callable[[str, tuple[int, ...]], AdapterMethod]:
+  """A per-target ``method`` for ``init_adapters`` that splits ``total`` coefficients by layer size.
+
+  Layer ``i`` gets ``p_i = max(1, round(total * s_i / sum_j s_j))`` with ``s_i = m_i + n_i``
+  (``by="m+n"``, the WaveFT ablation) or ``m_i n_i`` (``by="mn"``); the default in WaveFT is the same
+  ``p`` for every layer.
+
+  Args:
+    params: the base parameters.
+    targets, in_axes: as in :func:`sp.peft.init_adapters`.
+    method: a :class:`WaveFT`, :class:`SHiRA` or :class:`FourierFT` spec (its budget field is replaced).
+    total: total number of coefficients over all targets.
+    by: ``"m+n"`` or ``"mn"``.
+
+  Returns:
+    ``(path, shape) -> spec``, to pass as ``method`` to :func:`sp.peft.init_adapters`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> params = {"a": {"kernel": jnp.zeros((8, 8))}, "b": {"kernel": jnp.zeros((8, 24))}}
+    >>> choose = sp.peft.proportional_allocation(params, "kernel", sp.peft.SHiRA(1), 120)
+    >>> ad = sp.peft.init_adapters(jax.random.key(0), params, choose, "kernel")
+    >>> ad["a/kernel"].method.n_params, ad["b/kernel"].method.n_params
+    (40, 80)
+  """
+  from spectral_peft.peft._tree import _resolve_in_axes, select_paths
+
+  total = _validation.check_positive_int("total", total)
+  _check_choice("by", by, ("m+n", "mn"))
+  field = {"FourierFT": "n_frequency"}.get(type(method).__name__, "n_params")
+  if not any(f.name == field for f in dataclasses.fields(method)):
+    raise TypeError(f"`method` must be a WaveFT, SHiRA or FourierFT spec, got {type(method).__name__}.")
+  paths = leaf_paths(params)
+  sizes = {}
+  for path in select_paths(params, targets):
+    shape = tuple(int(d) for d in np.shape(paths[path]))
+    m, n = matrix_shape(shape, _resolve_in_axes(in_axes, path, shape))
+    sizes[path] = (m + n) if by == "m+n" else m * n
+  norm = sum(sizes.values())
+  specs = {p: dataclasses.replace(method, **{field: max(1, int(round(total * s / norm)))}) for p, s in sizes.items()}
+
+  def choose(path: str, shape: tuple[int, ...]) -> AdapterMethod:
+    del shape
+    return specs[path]
+
+  return choose
+
+
+# -- LFMA with a given or gradient Delta W_init ------------------------------------------------
+def init_lfma_adapters(
+    key: Array,
+    params: PyTree,
+    method: LFMA,
+    targets: Any,
+    delta_inits: Mapping[str, Array],
+    *,
+    in_axes: Any = None,
+) -> Adapters:
+  """LFMA adapters whose masks come from one ``Delta W_init`` array per target.
+
+  Args:
+    key: as in :func:`sp.peft.init_adapters` (unused by the mask itself; kept for the same API).
+    params: base parameters.
+    method: an :class:`LFMA` spec; its ``delta_init`` is recorded as ``"given"`` unless it is
+      ``"gradient"``.
+    targets, in_axes: as in :func:`sp.peft.init_adapters`.
+    delta_inits: ``{path: array}`` with an array in each target weight's own shape (e.g. the
+      output of :func:`lfma_gradient_init`); every selected target needs one.
+
+  Returns:
+    ``{path: Adapter}``.
+
+  Raises:
+    ValueError: a target without a ``delta_inits`` entry, or an entry of the wrong shape.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> params = {"dense": {"kernel": jnp.ones((8, 4))}}
+    >>> inits = {"dense/kernel": jnp.arange(32.0).reshape(8, 4)}
+    >>> ad = sp.peft.init_lfma_adapters(jax.random.key(0), params, sp.peft.LFMA(0.25, 1.0), "kernel", inits)
+    >>> ad["dense/kernel"].frozen["indices"].shape
+    (8,)
+  """
+  if not isinstance(method, LFMA):
+    raise TypeError(f"`method` must be an sp.peft.LFMA spec, got {type(method).__name__}.")
+  if not isinstance(delta_inits, Mapping):
+    raise TypeError(f"`delta_inits` must be a {{path: array}} mapping, got {type(delta_inits).__name__}.")
+  spec = method if method.delta_init in ("given", "gradient") else dataclasses.replace(method, delta_init="given")
+  shell = init_adapters(key, params, dataclasses.replace(spec, delta_init="weight", value_init="zeros"), targets,
+                        in_axes=in_axes)
+  paths = leaf_paths(params)
+  missing = [p for p in shell if p not in delta_inits]
+  if missing:
+    raise ValueError(f"`delta_inits` has no array for target(s) {missing[:5]}; give one per target path.")
+  adapters: Adapters = {}
+  for path, adapter in shell.items():
+    w0 = jnp.reshape(paths[path], adapter.matrix_shape)
+    given = jnp.asarray(delta_inits[path])
+    if tuple(given.shape) != adapter.shape:
+      raise ValueError(f"`delta_inits[{path!r}]` must have the weight's shape {adapter.shape}, got {tuple(given.shape)}.")
+    p, f = spec.init_from_delta(jnp.reshape(given, adapter.matrix_shape).astype(w0.dtype), w0)
+    adapters[path] = Adapter(p, f, spec, adapter.shape, adapter.dtype, adapter.in_axes)
+  return adapters
+
+
+def lfma_gradient_init(
+    loss_fn: Callable[[PyTree, Any], Array],
+    params: PyTree,
+    batches: Iterable[Any],
+    targets: Any,
+) -> dict[str, Array]:
+  """Accumulated loss gradient ``sum_b dL(params, b)/dW0`` at every target: LFMA's ``"gradient"`` ``Delta W_init``.
+
+  Args:
+    loss_fn: ``(params, batch) -> scalar`` loss of the base model.
+    params: base parameters.
+    batches: a few batches (any iterable; each is passed to ``loss_fn``).
+    targets: as in :func:`sp.peft.init_adapters`.
+
+  Returns:
+    ``{path: gradient}`` in each target's shape, for :func:`init_lfma_adapters` with
+    ``LFMA(..., delta_init="gradient")``.
+
+  Raises:
+    ValueError: no batch was given.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2))}}
+    >>> loss = lambda p, x: jnp.sum((x @ p["dense"]["kernel"]) ** 2)
+    >>> g = sp.peft.lfma_gradient_init(loss, params, [jnp.ones((1, 3))], "kernel")
+    >>> g["dense/kernel"].shape
+    (3, 2)
+  """
+  from spectral_peft.peft._tree import select_paths
+
+  chosen = select_paths(params, targets)
+  grad_fn = jax.jit(jax.grad(loss_fn))
+  total = None
+  count = 0
+  for batch in batches:
+    grads = leaf_paths(grad_fn(params, batch))
+    picked = {p: grads[p] for p in chosen}
+    total = picked if total is None else {p: total[p] + picked[p] for p in chosen}
+    count += 1
+  if count == 0:
+    raise ValueError("`batches` must hold at least one batch.")
+  return total
