@@ -506,9 +506,12 @@ class FitResult(NamedTuple):
   losses: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "penalty", "bounded"))
-def _train_step(params, opt_state, x, y, alpha, weights, bound, *, optimizer, penalty, bounded):
-  """One full-batch step of ``(1 - alpha) MSE + alpha P``; ``P = sum(weights * |A|)`` or ``penalty(params)``."""
+@functools.partial(jax.jit, static_argnames=("optimizer", "penalty", "bounded", "batch_size"))
+def _train_step(params, opt_state, x, y, alpha, weights, bound, key, *, optimizer, penalty, bounded, batch_size):
+  """One step of ``(1 - alpha) MSE + alpha P``; ``P = sum(weights * |A|)`` or ``penalty(params)``."""
+  if batch_size is not None:
+    idx = jax.random.randint(key, (batch_size,), 0, x.shape[0])
+    x, y = x[idx], y[idx]
 
   def loss_fn(p):
     mse = _mse_loss(p, x, y)
@@ -536,6 +539,8 @@ def fit_periodic_siren(
     targeted: Optional[Any] = None,
     groups: str = "frequencies",
     alpha: Any = None,
+    batch_size: Optional[int] = None,
+    key: Optional[Array] = None,
     progress: Optional[Callable[[Any], Any]] = None,
 ) -> FitResult:
   """Full-batch training of a periodic SIREN on ``(x, y)``, with optional bounding and regularisation.
@@ -557,10 +562,13 @@ def fit_periodic_siren(
     groups: ``"frequencies"`` or ``"neurons"`` (for ``targeted``).
     alpha: ``None`` (plain MSE), a constant in ``[0, 1]``, or a vectorisable function of the step array
       (e.g. ``lambda t: sp.alpha_schedule(t, steps)``).
+    batch_size: ``None`` for full-batch steps, else the number of points drawn (with replacement) per step.
+    key: a ``jax.random`` key, required with ``batch_size``.
     progress: optional wrapper of the step iterable (a tqdm progress bar).
 
   Returns:
-    :class:`FitResult` with the final parameters and the MSE of every step (before its update).
+    :class:`FitResult` with the final parameters and the MSE of every step (before its update, on the
+    step's batch).
 
   Raises:
     ValueError: on a negative ``steps``, ``penalty`` or ``targeted`` without ``alpha``, or a bad mask.
@@ -594,6 +602,11 @@ def fit_periodic_siren(
     alphas = np.broadcast_to(np.asarray(alpha(jnp.arange(steps, dtype=jnp.float32)), np.float32), (steps,))
   else:
     alphas = np.full(steps, float(alpha), np.float32)
+  if batch_size is not None:
+    batch_size = _validation.check_positive_int("batch_size", batch_size)
+    if key is None:
+      raise ValueError("`key` (a jax.random key) is required with `batch_size`.")
+  keys = jax.random.split(key if key is not None else jax.random.key(0), max(steps, 1))
   bounded = bound is not None
   bound_arr = jnp.asarray(_check_bound("bound", bound) if bounded else 0.0, a.dtype)
   if bounded:
@@ -603,7 +616,8 @@ def fit_periodic_siren(
   iterator = range(steps) if progress is None else progress(range(steps))
   for t in iterator:
     params, opt_state, mse = _train_step(
-        params, opt_state, x, y, alphas[t], weights, bound_arr, optimizer=optimizer, penalty=penalty, bounded=bounded
+        params, opt_state, x, y, alphas[t], weights, bound_arr, keys[t],
+        optimizer=optimizer, penalty=penalty, bounded=bounded, batch_size=batch_size,
     )
     losses[t] = mse
   return FitResult(params, losses)
@@ -636,6 +650,8 @@ def structured_pruning(
     target_pruned: Optional[int] = None,
     max_rounds: int = 100,
     bound: Any = None,
+    batch_size: Optional[int] = None,
+    key: Optional[Array] = None,
     progress: Optional[Callable[[Any], Any]] = None,
 ) -> tuple[Params, list[PruningRound]]:
   """The pruning loop of sec. 7.2.4 with a real shrink after every round.
@@ -664,10 +680,11 @@ def structured_pruning(
     target_pruned: stop once this many groups are removed in total (caps the last selection).
     max_rounds: at most this many rounds.
     bound: optional bounding applied throughout (scalar only, as the rows change).
+    batch_size, key: minibatch training (see :func:`fit_periodic_siren`); the key is split per phase.
     progress: optional wrapper of each phase's step iterable.
 
   Returns:
-    ``(shrunk_params, rounds)``.
+    ``(shrunk_params, rounds)``; ``rounds[i].mse`` is the full-data MSE after round ``i``.
 
   Raises:
     ValueError: on bad ``groups``, a negative threshold, or a per-frequency (vector) ``bound``.
@@ -678,11 +695,14 @@ def structured_pruning(
   max_rounds = _validation.check_positive_int("max_rounds", max_rounds)
   rounds: list[PruningRound] = []
   total = 0
+  key = jax.random.key(0) if key is None else key
+  fit_kw = dict(bound=bound, batch_size=batch_size, progress=progress)
   for _ in range(max_rounds):
+    key, k_decay, k_targeted, k_finetune = jax.random.split(key, 4)
     if decay_steps:
       params = fit_periodic_siren(
-          params, x, y, optimizer, decay_steps, bound=bound,
-          alpha=lambda t: alpha_schedule(t, decay_steps, scale=alpha_scale), progress=progress,
+          params, x, y, optimizer, decay_steps, alpha=lambda t: alpha_schedule(t, decay_steps, scale=alpha_scale),
+          key=k_decay, **fit_kw,
       ).params
     cap = max_groups_per_round
     if target_pruned is not None:
@@ -695,8 +715,8 @@ def structured_pruning(
       break
     if targeted_steps:
       params = fit_periodic_siren(
-          params, x, y, optimizer, targeted_steps, bound=bound, targeted=selected, groups=groups,
-          alpha=targeted_alpha, progress=progress,
+          params, x, y, optimizer, targeted_steps, targeted=selected, groups=groups, alpha=targeted_alpha,
+          key=k_targeted, **fit_kw,
       ).params
     norms = np.asarray(group_l1_norms(_hidden_kernel(params), groups))
     pruned = selected & (norms < prune_below)
@@ -707,7 +727,7 @@ def structured_pruning(
       else:
         params = shrink_params(params, keep_neurons=~pruned, drop_zero_frequencies=False)
     total += int(pruned.sum())
-    fit = fit_periodic_siren(params, x, y, optimizer, finetune_steps, bound=bound, progress=progress)
+    fit = fit_periodic_siren(params, x, y, optimizer, finetune_steps, key=k_finetune, **fit_kw)
     params = fit.params
     mse = float(_mse_loss(params, x, y))
     a = _hidden_kernel(params)
@@ -856,7 +876,7 @@ def grow_params(key: Array, params: Params, new_omega: Array) -> Params:
 
 
 class GrowthRound(NamedTuple):
-  """One round of growing: the block importances, the chosen block, frequencies and MSE after training."""
+  """One round of growing: block importances, chosen block, frequency count after growing, MSE before it."""
 
   importance: tuple[float, ...]
   block: int
@@ -879,6 +899,7 @@ def grow_loop(
     final_steps: int = 0,
     eps: float = 1e-2,
     period: float = 2.0,
+    batch_size: Optional[int] = None,
     progress: Optional[Callable[[Any], Any]] = None,
 ) -> tuple[Params, list[GrowthRound]]:
   """The growing scheme of sec. 8: train with block bounding, add ``n_add`` frequencies to the most important block.
@@ -898,6 +919,7 @@ def grow_loop(
     final_steps: extra training steps after the last growth.
     eps: the closeness tolerance of :func:`block_importance`.
     period: the network period.
+    batch_size: minibatch size per step (``None``: full batch).
     progress: optional wrapper of each phase's step iterable.
 
   Returns:
@@ -918,10 +940,14 @@ def grow_loop(
   added = 0
   while True:
     bound = block_bounds(params["omega"], limits, bounds, period=period)
-    fit = fit_periodic_siren(params, x, y, optimizer, steps_per_round, bound=bound, progress=progress)
+    key, k_fit = jax.random.split(key)
+    fit = fit_periodic_siren(
+        params, x, y, optimizer, steps_per_round, bound=bound, batch_size=batch_size, key=k_fit, progress=progress
+    )
     params = fit.params
     if added >= total_add:
       break
+    mse = float(_mse_loss(params, x, y))  # Full-data MSE before this growth.
     importance = block_importance(params, limits, bounds, eps=eps, period=period)
     block = int(np.argmax(importance))  # argmax returns the lowest index on ties.
     key, k_freq, k_phi = jax.random.split(key, 3)
@@ -931,8 +957,10 @@ def grow_loop(
     )
     params = grow_params(k_phi, params, new)
     added += n_add
-    rounds.append(GrowthRound(tuple(importance.tolist()), block, params["omega"].shape[1], float(fit.losses[-1]) if len(fit.losses) else float("nan")))
+    rounds.append(GrowthRound(tuple(importance.tolist()), block, params["omega"].shape[1], mse))
   if final_steps:
     bound = block_bounds(params["omega"], limits, bounds, period=period)
-    params = fit_periodic_siren(params, x, y, optimizer, final_steps, bound=bound, progress=progress).params
+    params = fit_periodic_siren(
+        params, x, y, optimizer, final_steps, bound=bound, batch_size=batch_size, key=key, progress=progress
+    ).params
   return params, rounds

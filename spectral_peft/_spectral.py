@@ -259,12 +259,18 @@ def matmul_costs(kind: str, batch: int, shape: tuple[int, int], p: int, *, filte
   return {"dense": dense, "factored": factored}
 
 
+# Gathers, scatters and small FFTs run far below matmul throughput: the factored path must save this
+# factor in flops before "auto" takes it. Calibrated with experiments/bench_spectral_step.py on CPU, where
+# a factored path with ~5x fewer flops than the dense one was still 1.5-2.5x slower.
+FACTORED_FLOP_ADVANTAGE = 8.0
+
+
 def _resolve(path: str, costs_fn) -> str:
   check_path(path)
   if path != "auto":
     return path
   costs = costs_fn()
-  return "factored" if costs["factored"] < costs["dense"] else "dense"
+  return "factored" if FACTORED_FLOP_ADVANTAGE * costs["factored"] < costs["dense"] else "dense"
 
 
 def sparse_matmul(x: Array, values: Array, indices: Array, shape: Sequence[int], *, path: str = "auto") -> Array:

@@ -80,11 +80,9 @@ def train(mesh=None, process_index=0, process_count=1):
     params_shardings = sp.peft.path_shardings(params, mesh, RULES)
     adapters_shardings = sp.peft.adapter_shardings(adapters, params_shardings)
 
-    def to_global(tree, shardings):
-      # Every process holds the full value; each device takes its slice of it.
-      return jax.tree.map(lambda v, s: jax.make_array_from_callback(v.shape, s, lambda i: np.asarray(v)[i]), tree, shardings)
-
-    params, adapters = to_global(params, params_shardings), to_global(adapters, adapters_shardings)
+    # Every process holds the same full values (same keys), so device_put can place them globally.
+    params = jax.device_put(params, params_shardings)
+    adapters = sp.peft.shard_adapters(adapters, params)
     batch = NamedSharding(mesh, P("data"))
     rows = slice(process_index * GLOBAL_BATCH // process_count, (process_index + 1) * GLOBAL_BATCH // process_count)
     x = jax.make_array_from_process_local_data(batch, x[rows], x.shape)

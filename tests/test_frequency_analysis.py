@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fractions
 import math
 
 import chex
@@ -81,12 +82,13 @@ def test_amplitude_bound_theorem_2():
 
 
 def _group(generators):
-  elements = {(0.0, 0.0)}
+  generators = [tuple(fractions.Fraction(v).limit_denominator(1000) for v in g) for g in generators]
+  elements = {(fractions.Fraction(0), fractions.Fraction(0))}
   frontier = list(elements)
-  while frontier:
+  while frontier and len(elements) < 1000:
     e = frontier.pop()
     for g in generators:
-      new = tuple(round((a + b) % 1.0, 9) % 1.0 for a, b in zip(e, g))
+      new = tuple((a + b) % 1 for a, b in zip(e, g))
       if new not in elements:
         elements.add(new)
         frontier.append(new)

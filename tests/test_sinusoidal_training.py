@@ -224,3 +224,13 @@ def test_grow_loop_adds_frequencies_in_the_most_saturated_band():
     assert ((lv >= max(edges[r.block], 1)) & (lv < edges[r.block + 1])).all()
   with pytest.raises(ValueError, match="multiple"):
     sp.grow_loop(jax.random.key(2), params, x, y, optax.adam(1e-2), limits=[3], bounds=[1.0, 1.0], n_add=2, total_add=3, steps_per_round=1)
+
+
+def test_minibatch_fit_needs_a_key_and_trains():
+  params = _network()
+  x, y = _data(128)
+  with pytest.raises(ValueError, match="key"):
+    sp.fit_periodic_siren(params, x, y, optax.adam(1e-2), 1, batch_size=16)
+  fit = sp.fit_periodic_siren(params, x, y, optax.adam(2e-2), 40, batch_size=32, key=jax.random.key(0))
+  full = lambda p: float(jnp.mean((sp.periodic_siren_apply(p, x) - y) ** 2))  # noqa: E731
+  assert full(fit.params) < 0.5 * full(params)

@@ -77,7 +77,7 @@ def test_lfma_weight_init_follows_the_paper():
   mask = np.asarray(a.frozen["indices"])
   np.testing.assert_array_equal(mask, np.asarray(sp.topk_spectral_mask(w0, 0.05)))
   spectrum = np.fft.fft2(np.asarray(w0, np.float64)).ravel()
-  np.testing.assert_allclose(np.asarray(a.params["values"]), spectrum[mask], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(method.coefficients(a.params)), spectrum[mask], rtol=1e-4, atol=1e-4)
   masked = np.zeros_like(spectrum)
   masked[mask] = spectrum[mask]
   np.testing.assert_allclose(a.delta(w0), 12.0 * np.fft.ifft2(masked.reshape(16, 12)).real, atol=1e-4)
@@ -85,7 +85,7 @@ def test_lfma_weight_init_follows_the_paper():
 
 def test_lfma_random_init_mask_and_values_share_one_draw(base_params):
   adapters = sp.peft.init_adapters(jax.random.key(2), base_params, sp.peft.LFMA(0.1, 1.0), r"mlp_in/kernel$")
-  values = np.abs(np.asarray(adapters["mlp_in/kernel"].params["values"]))
+  values = np.abs(np.asarray(sp.peft.LFMA.coefficients(adapters["mlp_in/kernel"].params)))
   # The mask is in top-k order of |fft2(Delta W_init)| and the values are that spectrum on it.
   assert values.shape == (int(16 * 32 * 0.1),)
   assert np.all(np.diff(values) <= 1e-5 * values.max())
@@ -199,7 +199,7 @@ def test_linen_layers_equal_core(name):
   delta = method.delta({"values": p["values"]}, p["kernel"], {"indices": idx})
   np.testing.assert_allclose(module.apply(variables, X), X @ (p["kernel"] + delta) + p["bias"], atol=2e-5)
   if name == "lfma":  # mask and values come from one Delta W_init: values in decreasing magnitude.
-    mags = np.abs(np.asarray(p["values"]))
+    mags = np.abs(np.asarray(sp.peft.LFMA.coefficients(p)))
     assert np.all(np.diff(mags) <= 1e-5 * mags.max())
 
 
@@ -235,3 +235,23 @@ def test_receptive_field_is_the_support_of_one_coefficient():
   one[20, 20] = 1.0  # a level-1 diagonal detail coefficient
   support = np.count_nonzero(np.abs(np.asarray(sp.idwt2(jnp.asarray(one), "db2", 1))) > 1e-9)
   assert support == sp.receptive_field_size("db2", 1)
+
+
+def test_lfma_trains_with_a_standard_optimizer():
+  # Real storage of the complex coefficients: a plain optax.adam loop must lower the loss.
+  import optax
+  w0 = jax.random.normal(jax.random.key(0), (16, 12))
+  adapters = sp.peft.init_adapters(jax.random.key(1), {"w": w0}, sp.peft.LFMA(0.1, 1.0, delta_init="weight",
+                                                                               value_init="zeros"), "w")
+  trainable, frozen = sp.peft.partition(adapters)
+  goal = jax.random.normal(jax.random.key(2), (19,)) + 1j * jax.random.normal(jax.random.key(3), (19,))
+  target = w0 + sp.fourier_delta(goal, frozen["w"].frozen["indices"], (16, 12))  # reachable on the mask
+  assert not jnp.iscomplexobj(trainable["w"].params["values"])
+  loss = lambda t: jnp.mean(jnp.square(sp.peft.merge({"w": w0}, sp.peft.combine(t, frozen))["w"] - target))
+  tx = optax.adam(0.1)
+  state = tx.init(trainable)
+  start = float(loss(trainable))
+  for _ in range(100):
+    updates, state = tx.update(jax.grad(loss)(trainable), state)
+    trainable = optax.apply_updates(trainable, updates)
+  assert float(loss(trainable)) < 1e-2 * start

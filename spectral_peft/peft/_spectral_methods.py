@@ -283,7 +283,10 @@ class LFMA(AdapterMethod):
 
   The mask holds the ``k = floor(m n top_k_ratio)`` frequencies of largest ``|fft2(Delta W_init)|``
   (:func:`spectral_peft.topk_spectral_mask`); ``F`` is zero off the mask and trainable, complex, on
-  it. ``value_init="spectrum"`` starts ``F`` at ``fft2(Delta W_init)`` on the mask, as Algorithm 1
+  it. The complex coefficients are stored as real pairs, ``params["values"]: (k, 2)`` = (real,
+  imaginary) (:meth:`coefficients` gives the complex view): optimisers such as ``optax.adam`` step
+  real parameters correctly, whereas JAX's gradient of a real loss wrt a complex parameter is the
+  conjugate of the descent direction. ``value_init="spectrum"`` starts ``F`` at ``fft2(Delta W_init)`` on the mask, as Algorithm 1
   of the paper (then the adapter is *not* the identity at init: ``Delta W`` is ``alpha`` times the
   top-k approximation of ``Delta W_init``); ``value_init="zeros"`` starts at the identity.
 
@@ -310,8 +313,9 @@ class LFMA(AdapterMethod):
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
     >>> method = sp.peft.LFMA(top_k_ratio=0.1, alpha=12.0, value_init="zeros")
-    >>> method.init(jax.random.key(0), jnp.ones((8, 8)))["values"].dtype
-    dtype('complex64')
+    >>> params = method.init(jax.random.key(0), jnp.ones((8, 8)))
+    >>> params["values"].shape, method.coefficients(params).dtype
+    ((6, 2), dtype('complex64'))
   """
 
   top_k_ratio: float
@@ -367,12 +371,19 @@ class LFMA(AdapterMethod):
       values = jnp.zeros(indices.shape, complex_dtype)
     else:
       values = jnp.fft.fft2(delta_init.astype(complex_dtype)).reshape(-1)[indices]
-    return {"values": values.astype(complex_dtype)}, {"indices": indices}
+    return {"values": _as_pairs(values, _real_dtype(w0))}, {"indices": indices}
 
   def _abstract(self, w0):
     k = self.k(tuple(w0.shape))
-    complex_dtype = jnp.result_type(w0.dtype, jnp.complex64)
-    return {"values": jnp.zeros((k,), complex_dtype)}, {"indices": jnp.zeros((k,), jnp.int32)}
+    return {"values": jnp.zeros((k, 2), _real_dtype(w0))}, {"indices": jnp.zeros((k,), jnp.int32)}
+
+  @staticmethod
+  def coefficients(params) -> Array:
+    """The complex coefficients ``(k,)`` of ``params["values"]: (k, 2)`` (real, imaginary)."""
+    values = params["values"]
+    if values.ndim < 1 or values.shape[-1] != 2 or jnp.iscomplexobj(values):
+      raise ValueError(f"LFMA `values` must be real pairs of shape (k, 2), got {values.dtype} {tuple(values.shape)}.")
+    return jax.lax.complex(values[..., 0], values[..., 1])
 
   def init_both(self, params_key, frozen_key, w0):
     """``(params, frozen)`` from one ``Delta W_init`` (the random one is drawn from ``frozen_key``)."""
@@ -381,7 +392,7 @@ class LFMA(AdapterMethod):
     return self._abstract(w0) if delta_init is None else self.init_from_delta(delta_init, w0)
 
   def init(self, key, w0):
-    """``{"values": (k,) complex}``: ``fft2(Delta W_init)`` on the mask, or zeros.
+    """``{"values": (k, 2)}``: (real, imaginary) of ``fft2(Delta W_init)`` on the mask, or zeros.
 
     With ``delta_init="random"`` the values and the mask must come from the same random matrix:
     :func:`sp.peft.init_adapters` calls :meth:`init_both`, which draws it once; called alone,
@@ -394,12 +405,21 @@ class LFMA(AdapterMethod):
     return self.init_both(None, key, w0)[1]
 
   def delta(self, params, w0, frozen=None):
-    return self.alpha * _spectral.fourier_delta(params["values"], frozen["indices"], tuple(w0.shape))
+    return self.alpha * _spectral.fourier_delta(self.coefficients(params), frozen["indices"], tuple(w0.shape))
 
   def apply(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
-    update = _spectral.fourier_matmul(x, params["values"], frozen["indices"], tuple(w0.shape), path=self.path)
+    update = _spectral.fourier_matmul(x, self.coefficients(params), frozen["indices"], tuple(w0.shape),
+                                      path=self.path)
     return jnp.matmul(x, w0) + (self.alpha * update).astype(dtype)
+
+
+def _real_dtype(w0) -> Any:
+  return w0.dtype if jnp.issubdtype(w0.dtype, jnp.floating) else jnp.float32
+
+
+def _as_pairs(values: Array, dtype: Any) -> Array:
+  return jnp.stack([jnp.real(values), jnp.imag(values)], axis=-1).astype(dtype)
 
 
 # -- budgets -------------------------------------------------------------------------------------
