@@ -80,3 +80,29 @@ def progress(iterable: Iterable, **kwargs: Any):
 def num_parameters(tree: Any) -> int:
   """Number of scalars in a parameter pytree (a complex entry counts as 2)."""
   return int(sum(np.size(x) * (2 if np.iscomplexobj(x) else 1) for x in jax.tree.leaves(tree)))
+
+
+def save(out: str, result: dict[str, Any], *, stem: str = "results") -> dict[str, Any]:
+  """Writes ``result["table"]`` to ``<out>/table.md`` (``<stem>.md`` for another stem) and the whole
+  result, with the environment it was measured on, to ``<out>/<stem>.json``; returns the result."""
+  result.setdefault("environment", environment())
+  with open(os.path.join(out, "table.md" if stem == "results" else f"{stem}.md"), "w") as f:
+    f.write(result["table"])
+  write_json(os.path.join(out, f"{stem}.json"), result)
+  return result
+
+
+def agreement(held: int, total: int) -> str:
+  """"Matches" / "Partly matches" / "Does not match" for ``held`` of ``total`` checks of a claim."""
+  return "Matches" if held == total else "Partly matches" if held else "Does not match"
+
+
+def cli(main, presets: dict[str, Any], doc: str) -> None:
+  """``python -m experiments.<name> --preset quick|full``: runs ``main`` and prints its table and verdict."""
+  import argparse
+
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--preset", default="quick", choices=sorted(presets))
+  result = main(parser.parse_args().preset)
+  print(result["table"])
+  print(result.get("verdict", ""))

@@ -12,7 +12,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -97,19 +96,14 @@ def main(preset: str = "quick") -> dict:
       [[r["m"], r["n"], r["k"], r["batch"], 1e3 * r["dense_median_s"], 1e3 * r["lean_median_s"], r["lean_over_dense"]]
        for r in timing],
   )
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
   worst = max(r["lean_over_dense"] for r in memory)
   verdict = (f"{'Improves on the paper' if worst < 1 else 'Does not improve on the paper'}: the lean product needs at "
              f"most {worst:.1%} of the dense version's temporary memory in a value-and-grad step (the paper pays +31% "
              "for materialising the matrix).")
   result = {"config": config, "memory": memory, "timing": timing, "environment": _common.environment(), "table": table,
             "verdict": verdict}
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

@@ -16,7 +16,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -254,18 +253,13 @@ def main(preset: str = "quick") -> dict:
       if a is not None and b is not None:
         checks.append(f"{better} {'>=' if a >= b else '<'} {worse} at {budget}")
   held = sum(">=" in c for c in checks)
-  verdict = (("Matches" if held == len(checks) else "Partly matches" if held else "Does not match") +
+  verdict = (_common.agreement(held, len(checks)) +
              f" ({held}/{len(checks)} paper orderings hold): " + "; ".join(checks) + ".")
   result = {"config": config, "pretrain_accuracy": pretrain_accuracy, "runs": runs, "table": table,
             "verdict": verdict, "plot": os.path.join(out, "accuracy_vs_budget.png"),
             "environment": _common.environment()}
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

@@ -14,7 +14,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -113,17 +112,12 @@ def main(preset: str = "quick") -> dict:
       checks.append((f"LFMA {label} ({best['mask']} mask) {best['test_mean']:.3f} vs FourierFT {fourier:.3f} at "
                      f"{budget}", best["test_mean"] >= fourier - max(best["test_std"], 1e-3)))
   held = sum(ok for _, ok in checks)
-  verdict = (("Matches" if held == len(checks) else "Partly matches" if held else "Does not match") +
+  verdict = (_common.agreement(held, len(checks)) +
              " (LFMA within one std or above FourierFT): " + "; ".join(c for c, _ in checks) + ".")
   result = {"config": config, "rows": rows, "table": table, "verdict": verdict,
             "plot": os.path.join(out, "lfma.png"), "environment": _common.environment()}
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

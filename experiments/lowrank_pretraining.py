@@ -16,7 +16,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -207,13 +206,8 @@ def main(preset: str = "quick") -> dict:
              f": sine low rank minus low rank, " + ", ".join(f"{m} {d:+.3f} at k={k}" for k, m, d in gaps) + ".")
   result = {"config": config, "classifier": classifier, "occupancy": occupancy_rows, "table": table,
             "verdict": verdict, "plot": os.path.join(out, "pretraining.png"), "environment": _common.environment()}
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

@@ -11,7 +11,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -119,13 +118,8 @@ def main(preset: str = "quick") -> dict:
   plt.close(fig)
   result = {"config": config, "rows": rows, "table": table, "verdict": verdict,
             "plot": os.path.join(out, "mnist1d.png"), "environment": _common.environment()}
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

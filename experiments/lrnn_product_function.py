@@ -12,7 +12,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -148,13 +147,8 @@ def main(preset: str = "quick") -> dict:
              f" ({len(mlps_at_most)} MLPs had at least the LRNN's parameter count).")
   result = {"config": config, "rows": rows, "table": table, "verdict": verdict,
             "plot": os.path.join(out, "scaling.png"), "environment": _common.environment()}
-  with open(os.path.join(out, "table.md"), "w") as f_:
-    f_.write(table)
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

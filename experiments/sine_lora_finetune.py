@@ -13,7 +13,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -141,8 +140,6 @@ def main(preset: str = "quick") -> dict:
       [[r["method"], r["rank"], r["trainable_parameters"], r["psnr"], r["best_learning_rate"]] for r in runs],
   )
   table += f"\nPretrained on A to PSNR {psnr(pre_mse, image_a):.1f} dB; on B without adapter: {base_psnr_b:.1f} dB.\n"
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
   wins = []
   for rank in config.ranks:
     lora = next(r["psnr"] for r in runs if r["rank"] == rank and r["method"] == "LoRA")
@@ -153,11 +150,8 @@ def main(preset: str = "quick") -> dict:
                  f"{d:+.2f} dB at rank {r}" for r, d in wins) + "."
   result = {"verdict": verdict, "config": config, "runs": runs, "pretrain_psnr_a": psnr(pre_mse, image_a), "base_psnr_b": base_psnr_b,
             "environment": _common.environment(), "plot": os.path.join(out, "psnr_vs_rank.png"), "table": table}
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

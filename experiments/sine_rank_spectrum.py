@@ -11,7 +11,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -102,8 +101,6 @@ def main(preset: str = "quick") -> dict:
       [[r["omega"], r["numerical_rank_mean"], r["stable_rank_mean"],
         f"{r['prop1_bound']:.3g} ({'yes' if r['prop1_valid'] else 'no'})" if r["omega"] else "-"] for r in summary],
   )
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
   ranks = [r["numerical_rank_mean"] for r in summary]
   rising = all(b >= a for a, b in zip(ranks, ranks[1:])) and ranks[-1] > ranks[0]
   verdict = (f"{'Matches' if rising else 'Does not match'}: numerical rank goes from {ranks[0]:.0f} (no sine, k = "
@@ -111,11 +108,8 @@ def main(preset: str = "quick") -> dict:
              f"{', never decreasing' if rising else ', not monotonically'}.")
   result = {"config": config, "summary": summary, "rows": rows, "environment": _common.environment(),
             "plot": os.path.join(out, "spectrum.png"), "table": table, "verdict": verdict}
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

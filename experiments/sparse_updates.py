@@ -15,7 +15,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -150,13 +149,8 @@ def main(preset: str = "quick") -> dict:
   result = {"config": config, "rank_curves": rank_curves, "interpolation": interp, "threshold": threshold,
             "adam": adam, "environment": _common.environment(), "table": table, "verdict": verdict,
             "plot": os.path.join(out, "sparse_updates.png")}
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)
