@@ -4,7 +4,7 @@ fits an image faster and better than SIREN's real-valued first layer, at equal s
 Three networks f(x) = C sin(A sin(omega x + phi) + b) + d with the same widths, hidden init, optimizer
 and steps fit the 256 x 256 cameraman; only the frozen first layer differs: integer frequencies in
 [-w0, w0]^2 (sp.integer_frequencies) or SIREN's real omega ~ omega_0 U(-1/2, 1/2) (sp.siren_frequencies),
-compared band for band: w0 = 5 against SIREN's omega_0 = 30 (|k| <= 4.8), and a wide band w0 = 30 against
+compared band for band: w0 = 6 against SIREN's omega_0 = 30 (|k| <= 4.8), and a wide band w0 = 30 against
 a SIREN layer of the same band (omega_0 = 2 pi w0).
 
 Run:
@@ -49,8 +49,8 @@ NAME = "sinusoidal_init"
 def first_layers(config: Config) -> dict:
   key = jax.random.key(config.seed)
   # SIREN's omega_0 = 30 with fan-in 2 draws |omega| <= 15, i.e. integer units |k| <= 15 / pi ~ 4.8: the
-  # integer layer with w0 = 5 covers the same band; the wide band w0 is compared with a SIREN of that band.
-  low = 5
+  # integer layer with w0 = 6 covers about the same band; the wide band w0 is compared with a SIREN of that band.
+  low = 6  # [-5, 5]^2 holds only 60 frequencies up to sign; 6 is the smallest band with 64.
   return {
       f"integer (w0 = {low})": sp.integer_frequencies(key, config.frequencies, low),
       "siren (omega_0 = 30, |k| <= 4.8)": sp.siren_frequencies(key, config.frequencies, omega_0=30.0),

@@ -47,7 +47,7 @@ def test_expansion_converges_to_the_neuron_when_a_is_small():
   x = jax.random.uniform(jax.random.key(7), (20, 2), minval=-1.0, maxval=1.0)
   exact = sp.hidden_neurons(params, x)
   errors = []
-  for order in (1, 2, 4, 6, 9):
+  for order in (1, 3, 9):
     expansion = sp.harmonic_expansion(params, order=order)
     errors.append(float(jnp.abs(sp.expansion_apply(expansion, x) - exact).max()))
   assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:]))

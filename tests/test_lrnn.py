@@ -51,9 +51,7 @@ class ProductActivationTest(parameterized.TestCase):
   @parameterized.parameters(
       dict(hidden=(), shared=False, d=1),
       dict(hidden=(1,), shared=True, d=5),
-      dict(hidden=(1,), shared=False, d=4),
-      dict(hidden=(3, 2), shared=False, d=5),
-      dict(hidden=(3, 2), shared=True, d=1),
+      dict(hidden=(3, 2), shared=False, d=4),
   )
   def test_matches_numpy_loops(self, hidden, shared, d):
     r, omega = 3, 2.0
@@ -258,10 +256,11 @@ class NetworkTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
   def test_structure_and_dtypes(self):
-    params = sp.lrnn_init(jax.random.key(0), 2, (16, 16), 1, projection_width=12, omega=6.0)
+    shapes = jax.eval_shape(lambda k: sp.lrnn_init(k, 2, (16, 16), 1, projection_width=12, omega=6.0), jax.random.key(0))
     assert sp._lrnn.default_gamma(12) == pytest.approx(12**-0.5)
-    assert sum(a.size for a in jax.tree.leaves(params)) == 5073  # ~5k, Table 11's LRNN [2,16,16,1].
-    assert set(params["layers"][0]) == {"kernel", "bias", "components", "norm"}
+    assert sum(a.size for a in jax.tree.leaves(shapes)) == 5073  # ~5k, Table 11's LRNN [2,16,16,1].
+    assert set(shapes["layers"][0]) == {"kernel", "bias", "components", "norm"}
+    params = sp.lrnn_init(jax.random.key(0), 2, (4, 3), 1, projection_width=2, omega=6.0)
     shallow = sp.lrnn_init(jax.random.key(0), 2, (4,), 1, projection_width=3, layer_norm=False, shared_components=True)
     assert "norm" not in shallow["layers"][0] and shallow["layers"][0]["components"]["weights"][0].shape == (3, 1, 1)
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
@@ -275,7 +274,7 @@ class NetworkTest(parameterized.TestCase):
     w_last = params["layers"][0]["components"]["weights"][-1].at[1, 2].set(0.0)
     params["layers"][0]["components"]["weights"] = params["layers"][0]["components"]["weights"][:-1] + (w_last,)
     x = jax.random.uniform(jax.random.key(1), (64, 2), minval=-1, maxval=1)
-    maps = sp.interaction_heatmap(params, x, omega=6.0)
+    maps = jax.jit(lambda p, x: sp.interaction_heatmap(p, x, omega=6.0))(params, x)
     assert [m.shape for m in maps] == [(4, 5), (3, 5)]
     assert float(maps[0][1, 2]) == 0.0 and float(jnp.min(maps[0].at[1, 2].set(1.0))) > 0.0
     layer = params["layers"][0]

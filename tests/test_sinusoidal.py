@@ -82,11 +82,7 @@ def test_symmetric_layout_of_fig14_and_siren_init():
     sp.frequencies_as_integers(siren)
 
 
-VARIANTS = pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["no_jit", "jit"])
-
-
-@VARIANTS
-@pytest.mark.parametrize("hidden", [16, (16, 8)])
+@pytest.mark.parametrize("hidden,transform", [(16, lambda f: f), ((16, 8), jax.jit)], ids=["one_hidden_no_jit", "two_hidden_jit"])
 def test_apply_matches_numpy_and_is_periodic(hidden, transform):
   params = _network(hidden=hidden)
   x = jax.random.uniform(jax.random.key(5), (7, 2), minval=-1.0, maxval=1.0)

@@ -79,7 +79,8 @@ class LRNNLayer(nnx.Module):
     self.in_features = _validation.check_positive_int("in_features", in_features)
     self.rank = _validation.check_positive_int("rank", rank)
     self.projection_width = _validation.check_positive_int("projection_width", projection_width)
-    self.activation = _lrnn.resolve_activation(activation) and activation
+    _lrnn.resolve_activation(activation)  # Validates the name (raises early).
+    self.activation = activation
     self.omega = _validation.check_positive_float("omega", omega)
     self.gamma = None if gamma is None else _validation.check_positive_float("gamma", gamma)
     self.remat = bool(remat)
@@ -149,7 +150,8 @@ class LRNN(nnx.Module):
         omega=omega, first_omega=first_omega, layer_norm=layer_norm, shared_components=shared_components,
         dtype=param_dtype,
     )
-    self.activation = _lrnn.resolve_activation(activation) and activation
+    _lrnn.resolve_activation(activation)  # Validates the name (raises early).
+    self.activation = activation
     self.omega = _validation.check_positive_float("omega", omega)
     self.first_omega = None if first_omega is None else _validation.check_positive_float("first_omega", first_omega)
     self.gamma = None if gamma is None else _validation.check_positive_float("gamma", gamma)
