@@ -41,7 +41,7 @@ ALL_METHODS = LOWRANK + ("SHiRA", "WaveFT", "FourierFT", "LFMA")
 class Config:
   width: int = 128
   pretrain_steps: int = 2000
-  finetune_steps: int = 400
+  finetune_steps: int = 300
   batch: int = 256
   budgets: tuple[int, ...] = (64, 256, 1024)  # adapter scalars per kernel; 2 * width = LoRA rank 1
   methods: tuple[str, ...] = ALL_METHODS

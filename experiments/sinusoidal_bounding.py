@@ -37,7 +37,7 @@ class Config:
   bounds: tuple[float, ...] = (1.3, 0.6, 0.1)
   steps: int = 300
   learning_rate: float = 2e-3
-  batch_size: int | None = 16384
+  batch_size: int | None = 8192
   seed: int = 0
 
 

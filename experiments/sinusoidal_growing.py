@@ -41,7 +41,7 @@ class Config:
   wide_bandwidth: int = 60
   eps: float = 0.05
   learning_rate: float = 2e-3
-  batch_size: int | None = 16384
+  batch_size: int | None = 8192
   seed: int = 0
 
 

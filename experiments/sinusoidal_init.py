@@ -35,7 +35,7 @@ class Config:
   bandwidth: int = 30
   steps: int = 300
   learning_rate: float = 2e-3
-  batch_size: int | None = 16384  # None: full batch.
+  batch_size: int | None = 8192  # None: full batch.
   seed: int = 0
 
 

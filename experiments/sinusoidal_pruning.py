@@ -47,7 +47,7 @@ class Config:
   alpha_scale: float = 1e-6
   targeted_alpha: float = 1e-4
   learning_rate: float = 2e-3
-  batch_size: int | None = 16384
+  batch_size: int | None = 8192
   seed: int = 0
 
 

@@ -38,6 +38,7 @@ from spectral_peft._lrnn import lrnn_init
 from spectral_peft._lrnn import lrnn_layer
 from spectral_peft._lrnn import lrnn_projection_init
 from spectral_peft._lrnn import product_activation
+from spectral_peft._lrnn import resolve_activation
 from spectral_peft._pde import laplacian
 from spectral_peft._pde import poisson_exact_solution
 from spectral_peft._pde import poisson_grid
@@ -165,6 +166,7 @@ __all__ = (
     "receptive_field_size",
     "regularized_loss",
     "relative_l2_error",
+    "resolve_activation",
     "scatter_coefficients",
     "shrink_params",
     "sine_lowrank",

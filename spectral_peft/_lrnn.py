@@ -145,22 +145,25 @@ def _check_z(z: Any) -> tuple[int, int]:
 
 
 def _block_linear(a: Array, w: Array, shared: bool) -> Array:
-  # One layer of all r * d component MLPs: a (..., r, d, h_in) times w (r, d, h_in, h_out) (or the
-  # shared (d, h_in, h_out)). Width-1 sides are elementwise products (a batched dot_general over
-  # r * d tiny matrices costs more, above all under nested forward-mode AD).
-  if w.shape[-2] == 1:
-    return a * w[..., 0, :]
-  if w.shape[-1] == 1:
-    return jnp.sum(a * w[..., 0], axis=-1, keepdims=True)
+  # One layer of all r * d component MLPs. ``a`` is (..., r, d) when its width is 1 (the singleton
+  # axis is left out: a trailing axis of size 1 makes XLA's CPU loops and reductions several times
+  # slower) and (..., r, d, h_in) otherwise; w is (r, d, h_in, h_out) (or the shared (d, h_in, h_out)).
+  # The result follows the same convention for h_out. Width-1 sides are elementwise products (a
+  # batched dot_general over r * d tiny matrices costs more, above all under nested forward-mode AD).
+  h_in, h_out = w.shape[-2:]
+  if h_in == 1:
+    return a * w[..., 0, 0] if h_out == 1 else a[..., None] * w[..., 0, :]
+  if h_out == 1:
+    return jnp.sum(a * w[..., 0], axis=-1)
   return jnp.einsum("...rdi,dio->...rdo" if shared else "...rdi,rdio->...rdo", a, w)
 
 
 def _components_forward(z: Array, components: Params, activation: Callable, omega: float, shared: bool) -> Array:
   weights, biases = components["weights"], components["biases"]
-  a = activation(omega * z)[..., None]  # (..., r, d, 1): the first op is the activation.
+  a = activation(omega * z)  # (..., r, d): the first op is the activation (width 1, axis left out).
   for w, b in zip(weights[:-1], biases):
-    a = activation(omega * (_block_linear(a, w, shared) + b))
-  return _block_linear(a, weights[-1], shared)[..., 0]  # Last layer: linear, no bias.
+    a = activation(omega * (_block_linear(a, w, shared) + (b[..., 0] if b.shape[-1] == 1 else b)))
+  return _block_linear(a, weights[-1], shared)  # Last layer: linear, no bias, width 1.
 
 
 def component_apply(z: Array, components: Params, *, activation: Activation = "sine", omega: float = 1.0) -> Array:
