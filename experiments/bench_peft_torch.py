@@ -14,7 +14,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -139,6 +138,7 @@ def main(preset: str = "quick") -> dict:
                                      in_axes=lambda path, shape: 1 if len(shape) == 3 and "out" not in path else None)
     for path in ("merge", "factored"):
       fn, trainable = bench_adapters.step_fn(model, params, adapters, tx, path)
+      trainable = jax.tree.map(lambda a: a.copy(), trainable)  # Private buffers: the step donates them.
       state = {"t": trainable, "s": tx.init(trainable)}
 
       def step(fn=fn, state=state):
@@ -189,6 +189,4 @@ def main(preset: str = "quick") -> dict:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

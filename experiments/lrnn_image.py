@@ -20,7 +20,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -195,7 +194,7 @@ def main(preset: str = "quick") -> dict:
   plot = _plot(runs, target, out, preset)
   print(table)
   best = max(runs[1:], key=lambda r: r["psnr"])
-  verdict = (f"{'matches' if lrnn['psnr'] > best['psnr'] else 'does not match'}: at ~{lrnn['num_params']} parameters "
+  verdict = (f"{'Matches' if lrnn['psnr'] > best['psnr'] else 'Does not match'}: at ~{lrnn['num_params']} parameters "
              f"and {config.steps} steps the LRNN reaches {lrnn['psnr']:.2f} dB against {best['psnr']:.2f} dB for the best "
              f"baseline ({best['name']}); its step takes {ratio:.1f}x SIREN's on {jax.default_backend()} (paper: 2.6x "
              "on a GPU).")
@@ -230,6 +229,4 @@ def _plot(runs: list[dict], target: jax.Array, out: str, preset: str) -> str:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  main(parser.parse_args().preset)
+  _common.cli(main, PRESETS, __doc__)

@@ -39,7 +39,7 @@ class Config:
 
 
 PRESETS = {
-    "quick": Config(omegas=(100.0,)),
+    "quick": Config(adapt_steps=300, omegas=(100.0,)),
     "full": Config(resolution=128, width=256, pretrain_steps=3000, adapt_steps=2000, ranks=(1, 2, 4, 8),
                    omegas=(100.0, 300.0, 1000.0)),
 }

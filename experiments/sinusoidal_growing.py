@@ -14,7 +14,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -125,6 +124,4 @@ def main(preset: str = "quick") -> dict:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, PRESETS, __doc__)

@@ -52,6 +52,7 @@ class ProductActivationTest(parameterized.TestCase):
       dict(hidden=(), shared=False, d=1),
       dict(hidden=(1,), shared=True, d=5),
       dict(hidden=(3, 2), shared=False, d=4),
+      dict(hidden=(1, 3), shared=False, d=2),  # width 1 -> 1 -> 3 -> 1: every _block_linear case.
   )
   def test_matches_numpy_loops(self, hidden, shared, d):
     r, omega = 3, 2.0
