@@ -777,6 +777,20 @@ def block_importance(
   return importance
 
 
+def _ring_candidates(low: int, high: int, dim: int, period: float, exclude: Optional[Array]) -> np.ndarray:
+  """``(count, dim)`` integer vectors ``k`` (one of each ``+-k`` pair) with ``low <= |k|_inf < high``, not in ``exclude``."""
+  axis = np.arange(-(high - 1), high)
+  grid = np.stack(np.meshgrid(*([axis] * dim), indexing="ij"), axis=-1).reshape(-1, dim)
+  level = np.abs(grid).max(axis=1)
+  first = grid[np.arange(grid.shape[0]), np.argmax(grid != 0, axis=1)]
+  candidates = grid[(level >= max(low, 1)) & (first > 0)]
+  if exclude is not None:
+    existing = _sinusoidal.frequencies_as_integers(exclude, period=period).T
+    taken = {tuple(v) for v in existing} | {tuple(-v) for v in existing}
+    candidates = np.array([c for c in candidates if tuple(c) not in taken], dtype=np.int64).reshape(-1, dim)
+  return candidates
+
+
 def band_frequencies(
     key: Array,
     n: int,
@@ -821,16 +835,7 @@ def band_frequencies(
   period = _validation.check_positive_float("period", period)
   if isinstance(low, bool) or isinstance(high, bool) or int(low) != low or int(high) != high or not 0 <= low < high:
     raise ValueError(f"`low` and `high` must be ints with 0 <= low < high, got low={low!r}, high={high!r}.")
-  low, high = int(low), int(high)
-  axis = np.arange(-(high - 1), high)
-  grid = np.stack(np.meshgrid(*([axis] * dim), indexing="ij"), axis=-1).reshape(-1, dim)
-  level = np.abs(grid).max(axis=1)
-  first = grid[np.arange(grid.shape[0]), np.argmax(grid != 0, axis=1)]
-  candidates = grid[(level >= max(low, 1)) & (first > 0)]
-  if exclude is not None:
-    existing = _sinusoidal.frequencies_as_integers(exclude, period=period).T
-    taken = {tuple(v) for v in existing} | {tuple(-v) for v in existing}
-    candidates = np.array([c for c in candidates if tuple(c) not in taken], dtype=np.int64).reshape(-1, dim)
+  candidates = _ring_candidates(int(low), int(high), dim, period, exclude)
   if n > candidates.shape[0]:
     raise ValueError(
         f"`n` must be at most the number of new frequencies in the ring [{low}, {high}): {candidates.shape[0]}, got {n}."
@@ -937,6 +942,8 @@ def grow_loop(
   edges = [0.0, *limits_np.tolist()]
   last_width = (edges[-1] - edges[-2]) if len(edges) > 1 else 8.0
   edges.append(edges[-1] + last_width)
+  rings = [(int(math.ceil(lo)), int(math.ceil(hi))) for lo, hi in zip(edges[:-1], edges[1:])]  # Integer band per block.
+  dim = params["omega"].shape[0]
   rounds: list[GrowthRound] = []
   added = 0
   while True:
@@ -952,19 +959,11 @@ def grow_loop(
     importance = block_importance(params, limits, bounds, eps=eps, period=period)
     key, k_freq, k_phi = jax.random.split(key, 3)
     # Most important block first (ties: the lower block); a block with no room left passes to the next.
-    new = None
-    for block in np.argsort(-importance, kind="stable"):
-      block = int(block)
-      try:
-        new = band_frequencies(
-            k_freq, n_add, int(math.ceil(edges[block])), int(math.ceil(edges[block + 1])),
-            dim=params["omega"].shape[0], period=period, exclude=params["omega"],
-        )
-        break
-      except ValueError:
-        continue
-    if new is None:
+    block = next((int(b) for b in np.argsort(-importance, kind="stable")
+                  if _ring_candidates(*rings[b], dim, period, params["omega"]).shape[0] >= n_add), None)
+    if block is None:
       raise ValueError(f"no block has {n_add} unused integer frequencies left; lower `n_add` or `total_add`.")
+    new = band_frequencies(k_freq, n_add, *rings[block], dim=dim, period=period, exclude=params["omega"])
     params = grow_params(k_phi, params, new)
     added += n_add
     rounds.append(GrowthRound(tuple(importance.tolist()), block, params["omega"].shape[1], mse))

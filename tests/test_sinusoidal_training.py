@@ -225,6 +225,25 @@ def test_grow_loop_adds_frequencies_in_the_most_saturated_band():
     sp.grow_loop(jax.random.key(2), params, x, y, optax.adam(1e-2), limits=[3], bounds=[1.0, 1.0], n_add=2, total_add=3, steps_per_round=1)
 
 
+def test_grow_loop_passes_over_a_full_block():
+  # Block 0 (|k|_inf = 1) holds all four half-space vectors already: growth goes to the most important
+  # block that still has room, and a request no block can hold is refused.
+  omega = math.pi * jnp.asarray([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, -1.0]])
+  params = sp.periodic_siren_init(jax.random.key(1), omega, 8, 1)
+  x, y = _data(48)
+  grown, rounds = sp.grow_loop(
+      jax.random.key(2), params, x, y, optax.adam(2e-2), limits=[2, 3], bounds=[1.0, 0.5, 0.5],
+      n_add=2, total_add=4, steps_per_round=5,
+  )
+  assert grown["omega"].shape == (2, 8) and len(rounds) == 2
+  for r in rounds:
+    assert r.block != 0
+    assert r.block == max((1, 2), key=lambda b: (r.importance[b], -b))
+  with pytest.raises(ValueError, match="no block"):
+    sp.grow_loop(jax.random.key(2), params, x, y, optax.adam(1e-2), limits=[2], bounds=[1.0, 1.0], n_add=22,
+                 total_add=22, steps_per_round=1)  # Block 1, levels 2-3, holds 20.
+
+
 def test_minibatch_fit_needs_a_key_and_trains():
   params = _network()
   x, y = _data(128)
