@@ -32,12 +32,15 @@ def _checkpointer():
 def _structure(adapter_meta: dict[str, Any]):
   """Abstract ``(params, frozen)`` of one adapter, from its metadata alone."""
   method = method_from_config(adapter_meta["method"])
-  mshape = matrix_shape(tuple(adapter_meta["shape"]), adapter_meta["in_axes"])
-  w0 = jax.ShapeDtypeStruct(mshape, jnp.dtype(adapter_meta["dtype"]))
+  stack = int(adapter_meta.get("stack_axes", 0))
+  shape = tuple(adapter_meta["shape"])
+  shell = Adapter({}, {}, method, shape[stack:], adapter_meta["dtype"], adapter_meta["in_axes"],
+                  adapter_meta.get("layout", "in_out"))
+  w0 = jax.ShapeDtypeStruct(shell.matrix_shape, jnp.dtype(adapter_meta["dtype"]))
   key = jax.random.key(0)
-  params = jax.eval_shape(method.init, key, w0)
-  frozen = jax.eval_shape(method.init_frozen, key, w0)
-  return method, params, frozen
+  params, frozen = jax.eval_shape(lambda k, w: (method.init(k, w), method.init_frozen(k, w)), key, w0)
+  stacked = lambda x: jax.ShapeDtypeStruct(shape[:stack] + tuple(x.shape), x.dtype)
+  return method, jax.tree.map(stacked, params), jax.tree.map(stacked, frozen)
 
 
 def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: bool = False) -> None:
@@ -68,6 +71,8 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
         "shape": list(adapter.shape),
         "in_axes": adapter.in_axes,
         "dtype": adapter.dtype,
+        "layout": adapter.layout,
+        "stack_axes": adapter.stack_axes,
         "method": adapter.method.to_config(),
     })
   metadata = {"format_version": FORMAT_VERSION, "adapters": entries}
@@ -146,5 +151,7 @@ def load_adapters(path: str | os.PathLike, params: Optional[PyTree] = None) -> A
         shape=tuple(entry["shape"]),
         dtype=entry["dtype"],
         in_axes=entry["in_axes"],
+        layout=entry.get("layout", "in_out"),
+        stack_axes=int(entry.get("stack_axes", 0)),
     )
   return adapters

@@ -20,11 +20,13 @@ flattened to a matrix by :class:`Adapter` before a method sees them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -120,44 +122,186 @@ def method_from_config(config: Mapping[str, Any]) -> AdapterMethod:
   return _METHOD_REGISTRY[name](**{k: _from_json(v) for k, v in config.items()})
 
 
+class Constants:
+  """Hashable holder of an adapter's constant arrays (host numpy), compared by content.
+
+  An adapter's constants (sparse positions, spectral masks, reference norms) are never trained;
+  keeping them out of the pytree children means ``jax.grad``, optax, an EMA ``tree_map`` and
+  ``jax.device_put`` see only trainable floating arrays. Under ``jit`` the constants are compile-time
+  constants; two holders with equal contents are equal (and hash alike), so re-creating an adapter
+  with the same positions does not retrace.
+  """
+
+  __slots__ = ("tree", "_key", "abstract")
+
+  def __init__(self, tree: PyTree):
+    self.abstract = False
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    digest = hashlib.sha1()
+    converted = []
+    for leaf in leaves:
+      if isinstance(leaf, jax.core.Tracer):  # Made under eval_shape/jit: only its structure is known.
+        leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+      if isinstance(leaf, jax.ShapeDtypeStruct):  # Abstract structure (planning, checkpoint restore).
+        self.abstract = True
+        converted.append(leaf)
+        digest.update(repr((leaf.shape, str(leaf.dtype))).encode())
+        continue
+      array = np.array(leaf, copy=True)
+      array.setflags(write=False)
+      converted.append(array)
+      digest.update(repr((array.shape, array.dtype.str)).encode())
+      digest.update(np.ascontiguousarray(array).tobytes())
+    self.tree = jax.tree_util.tree_unflatten(treedef, converted)
+    self._key = (treedef, digest.hexdigest())
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, Constants) and self._key == other._key
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  def __repr__(self) -> str:
+    shapes = jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", self.tree)
+    return f"Constants({shapes})"
+
+
+LAYOUTS = ("in_out", "out_in")
+
+
 @jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Adapter:
-  """One adapter on one weight: its arrays (pytree children) and how it attaches (static).
+  """One adapter on one weight: its trainable arrays (the pytree children) and how it attaches.
+
+  Only ``params`` are pytree children, so ``jax.grad``, optax and ``tree_map`` over a dict of
+  adapters see exactly the trainable arrays; the constants ``frozen`` and the rest are static.
 
   Attributes:
-    params: trainable arrays, as returned by ``method.init``.
-    frozen: constant arrays, as returned by ``method.init_frozen`` (often empty).
-    method: the method spec (static).
-    shape: shape of the adapted weight ``w0`` (static).
-    dtype: dtype name of ``w0`` (static).
-    in_axes: number of leading axes of ``w0`` that are input axes (static). ``w0`` is seen by the
-      method as the matrix ``(prod(shape[:in_axes]), prod(shape[in_axes:]))``.
+    params: trainable arrays, as returned by ``method.init`` (with ``stack_axes`` leading axes).
+    frozen: constant arrays, as returned by ``method.init_frozen`` (often empty), held as read-only
+      host numpy arrays (static under ``jit``; see :class:`Constants`).
+    method: the method spec.
+    shape: shape of the adapted weight leaf ``w0`` (stack axes included).
+    dtype: dtype name of ``w0``.
+    in_axes: number of input axes of one slice of ``w0``.
+    layout: ``"in_out"`` (Flax: the first ``in_axes`` axes of a slice are inputs) or ``"out_in"``
+      (PyTorch ``Linear`` / GPT-2 ``Conv1D`` style, PEFT's ``fan_in_fan_out=False`` for torch: the last
+      ``in_axes`` axes are inputs). The method always sees the matrix ``(in, out)``.
+    stack_axes: leading axes of ``w0`` that index independent weights (``nn.scan``/``nnx.vmap``
+      stacked layers): each slice ``w0[i]`` has its own adapter, stacked along the same axes.
   """
 
   params: PyTree
   frozen: PyTree
-  method: AdapterMethod
+  method: "AdapterMethod"
   shape: tuple[int, ...]
   dtype: str
   in_axes: int
+  layout: str = "in_out"
+  stack_axes: int = 0
+
+  def __post_init__(self) -> None:
+    constants = self.frozen if isinstance(self.frozen, Constants) else Constants(self.frozen)
+    object.__setattr__(self, "_constants", constants)
+    object.__setattr__(self, "frozen", constants.tree)
+    object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"`layout` must be one of {LAYOUTS}, got {self.layout!r}.")
+
+  def __eq__(self, other: Any) -> bool:
+    if not isinstance(other, Adapter):
+      return NotImplemented
+    mine, theirs = jax.tree_util.tree_flatten(self), jax.tree_util.tree_flatten(other)
+    if mine[1] != theirs[1]:
+      return False
+    return all(_leaf_equal(a, b) for a, b in zip(mine[0], theirs[0]))
+
+  __hash__ = None  # type: ignore[assignment]
 
   def tree_flatten(self):
-    return (self.params, self.frozen), (self.method, self.shape, self.dtype, self.in_axes)
+    aux = (self._constants, self.method, self.shape, self.dtype, self.in_axes, self.layout, self.stack_axes)
+    return (self.params,), aux
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(children[0], children[1], *aux)
+    constants, method, shape, dtype, in_axes, layout, stack_axes = aux
+    adapter = object.__new__(cls)
+    for name, value in (("params", children[0]), ("frozen", constants.tree), ("method", method), ("shape", shape),
+                        ("dtype", dtype), ("in_axes", in_axes), ("layout", layout), ("stack_axes", stack_axes),
+                        ("_constants", constants)):
+      object.__setattr__(adapter, name, value)
+    return adapter
+
+  def replace(self, **changes: Any) -> "Adapter":
+    """A copy with some fields changed (``params``, ``frozen``, ``method``, ...)."""
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    if "frozen" not in changes:
+      fields["frozen"] = self._constants
+    fields.update(changes)
+    return Adapter(**fields)
+
+  @property
+  def slice_shape(self) -> tuple[int, ...]:
+    """Shape of one adapted weight (``shape`` without the stack axes)."""
+    return self.shape[self.stack_axes:]
 
   @property
   def matrix_shape(self) -> tuple[int, int]:
-    """``(m, n)``: the matrix the method adapts."""
-    return matrix_shape(self.shape, self.in_axes)
+    """``(m, n)`` = ``(in_features, out_features)``: the matrix the method adapts."""
+    shape = self.slice_shape
+    if self.layout == "in_out":
+      return matrix_shape(shape, self.in_axes)
+    return math.prod(shape[len(shape) - self.in_axes:]), math.prod(shape[: len(shape) - self.in_axes])
+
+  def to_matrix(self, w: Array) -> Array:
+    """One weight slice in its stored layout -> the ``(in, out)`` matrix the method sees."""
+    m, n = self.matrix_shape
+    if self.layout == "in_out":
+      return w.reshape(m, n)
+    return w.reshape(n, m).T
+
+  def from_matrix(self, matrix: Array) -> Array:
+    """Inverse of :meth:`to_matrix`: an ``(in, out)`` matrix -> one weight slice."""
+    if self.layout == "in_out":
+      return matrix.reshape(self.slice_shape)
+    return matrix.T.reshape(self.slice_shape)
+
+  def unstacked(self, index: Any) -> "Adapter":
+    """The adapter of slice ``index`` of a stacked adapter (``params``/``frozen`` indexed along the stack axes)."""
+    if self.stack_axes == 0:
+      return self
+    params = jax.tree.map(lambda a: a[index], self.params)
+    frozen = jax.tree.map(lambda a: np.asarray(a)[index], self.frozen)
+    return Adapter(params, frozen, self.method, self.slice_shape, self.dtype, self.in_axes, self.layout, 0)
+
+  def check_concrete(self) -> None:
+    """Raises ``TypeError`` when the constants are abstract (the adapter was made under ``jit``/``eval_shape``)."""
+    if self._constants.abstract:
+      raise TypeError(
+          f"This {type(self.method).__name__} adapter's constants (positions, masks, norms) are abstract shapes "
+          "because it was created under `jit`/`jax.eval_shape`; such adapters only describe shapes (e.g. for "
+          "sharding plans). Create adapters with sp.peft.init_adapters outside `jit` to compute with them.")
+
+  def map_slices(self, fn, *weights: Array) -> Array:
+    """``fn(params, frozen, *weight_slices)`` on every slice, vmapped over the stack axes.
+
+    ``fn`` receives one slice's trainable arrays, its constants (arrays) and the matching slices
+    of ``weights``; without stack axes it is called once on everything.
+    """
+    self.check_concrete()
+    if self.stack_axes == 0:
+      return fn(self.params, self.frozen, *weights)
+    mapped = fn
+    for _ in range(self.stack_axes):
+      mapped = jax.vmap(mapped)
+    return mapped(self.params, jax.tree.map(jnp.asarray, self.frozen), *weights)
 
   def delta(self, w0: Array) -> Array:
     """``Delta W`` in the shape and dtype of ``w0``."""
-    w0_matrix = w0.reshape(self.matrix_shape)
-    return self.method.delta(self.params, w0_matrix, self.frozen).astype(w0.dtype).reshape(w0.shape)
+    def one(params, frozen, w):
+      return self.from_matrix(self.method.delta(params, self.to_matrix(w), frozen)).astype(w.dtype)
+    return self.map_slices(one, w0)
 
   def merge(self, w0: Array) -> Array:
     """``w0 + Delta W`` in the shape and dtype of ``w0``."""
@@ -165,22 +309,41 @@ class Adapter:
 
   def unmerge(self, w: Array) -> Array:
     """Recovers ``w0`` from a merged weight."""
-    w_matrix = w.reshape(self.matrix_shape)
-    return self.method.unmerge(self.params, w_matrix, self.frozen).astype(w.dtype).reshape(w.shape)
+    def one(params, frozen, w_slice):
+      return self.from_matrix(self.method.unmerge(params, self.to_matrix(w_slice), frozen)).astype(w_slice.dtype)
+    return self.map_slices(one, w)
+
+  def io_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(input_axes, output_axes)`` of one slice in its stored order."""
+    shape = self.slice_shape
+    if self.layout == "in_out":
+      return shape[: self.in_axes], shape[self.in_axes:]
+    return shape[len(shape) - self.in_axes:], shape[: len(shape) - self.in_axes]
 
   def apply(self, x: Array, w0: Array) -> Array:
-    """``x @ (w0 + Delta W)`` for inputs ``x: (..., *shape[:in_axes])``.
+    """``x @ (w0 + Delta W)`` for inputs ``x: (..., *input_axes)`` (one unstacked weight).
+
+    Uses the method's factored product (``method.apply``) where it has one.
 
     Returns:
-      ``(..., *shape[in_axes:])``.
+      ``(..., *output_axes)``.
     """
-    in_shape, out_shape = self.shape[: self.in_axes], self.shape[self.in_axes :]
-    if tuple(x.shape[x.ndim - len(in_shape) :]) != tuple(in_shape):
+    if self.stack_axes:
+      raise ValueError("`apply` needs the adapter of one slice: call `adapter.unstacked(index)` first.")
+    self.check_concrete()
+    in_shape, out_shape = self.io_shapes()
+    if tuple(x.shape[x.ndim - len(in_shape):]) != tuple(in_shape):
       raise ValueError(f"`x` must end with the input axes {in_shape}, got shape {x.shape}.")
     batch = x.shape[: x.ndim - len(in_shape)]
     m, _ = self.matrix_shape
-    y = self.method.apply(self.params, x.reshape(batch + (m,)), w0.reshape(self.matrix_shape), self.frozen)
-    return y.reshape(batch + out_shape)
+    y = self.method.apply(self.params, x.reshape(batch + (m,)), self.to_matrix(w0), self.frozen)
+    return y.reshape(batch + tuple(out_shape))
+
+
+def _leaf_equal(a: Any, b: Any) -> bool:
+  if isinstance(a, (jax.Array, np.ndarray)) or isinstance(b, (jax.Array, np.ndarray)):
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+  return bool(a == b)
 
 
 def matrix_shape(shape: tuple[int, ...], in_axes: int) -> tuple[int, int]:

@@ -185,17 +185,25 @@ def _array_spec(x: Any, adapter: Adapter, base: list[SpecEntry], mesh: Optional[
   shape = tuple(np.shape(x))
   if not jnp.issubdtype(jnp.result_type(x), jnp.inexact) or not shape:
     return PartitionSpec()
-  k = adapter.in_axes
+  stack = adapter.stack_axes
+  stack_entries, base = list(base[:stack]), list(base[stack:])
+  shape = shape[stack:]
+  slice_shape = adapter.slice_shape
+  k = adapter.in_axes if adapter.layout == "in_out" else len(slice_shape) - adapter.in_axes
   m, n = adapter.matrix_shape
-  row = _flattened_entry(base[:k], adapter.shape[:k])
-  col = _flattened_entry(base[k:], adapter.shape[k:])
-  if shape == adapter.shape:
+  row = _flattened_entry(base[:k], slice_shape[:k])
+  col = _flattened_entry(base[k:], slice_shape[k:])
+  if adapter.layout == "out_in":
+    row, col = col, row
+  if shape == slice_shape:
     entries = list(base)
   elif len(shape) == 2:
     entries = [row if shape[0] == m else None, col if shape[1] == n else None]
   else:
     entries = [None] * len(shape)
-  entries = [e if size % _mesh_size(e, mesh) == 0 else None for e, size in zip(entries, shape)]
+  entries = stack_entries + entries
+  full_shape = tuple(np.shape(x))
+  entries = [e if size % _mesh_size(e, mesh) == 0 else None for e, size in zip(entries, full_shape)]
   while entries and entries[-1] is None:
     entries.pop()
   return PartitionSpec(*entries)

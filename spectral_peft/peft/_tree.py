@@ -157,6 +157,8 @@ def init_adapters(
     targets: Target,
     *,
     in_axes: InAxes = None,
+    layout: Union[str, Mapping[str, str]] = "in_out",
+    stack_axes: Union[int, Mapping[str, int]] = 0,
 ) -> Adapters:
   """Creates one adapter of ``method`` for every target weight of ``params``.
 
@@ -171,6 +173,13 @@ def init_adapters(
     targets: regex searched in ``'/'``-joined paths, or a predicate ``(path, leaf) -> bool``.
     in_axes: reshape rule for weights with more than 2 axes (see the module docstring): an int for
       all targets, ``{regex: int}``, or ``(path, shape) -> int | None``.
+    layout: ``"in_out"`` (Flax kernels, the default) or ``"out_in"`` for weights stored
+      ``(out_features, in_features)`` (PyTorch ``Linear`` / GPT-2 ``Conv1D`` style; PEFT's
+      ``fan_in_fan_out``), or ``{regex: layout}``. The method always sees ``(in, out)``, so DoRA's
+      magnitude and the sine gain use the right axis.
+    stack_axes: number of leading axes that index independent weights (kernels stacked by
+      ``nn.scan``/``nn.vmap``/``nnx.vmap``, shape ``(layers, ...)``), or ``{regex: int}``. Each slice
+      gets its own adapter (key ``fold_in(path_key, slice_index)``), stacked along the same axes.
 
   Returns:
     ``{path: Adapter}``, identity at init: ``merge(params, adapters)`` equals ``params``.
@@ -184,16 +193,35 @@ def init_adapters(
   for path in select_paths(params, targets):
     w0 = paths[path]
     shape = tuple(int(d) for d in np.shape(w0))
-    axes = _resolve_in_axes(in_axes, path, shape)
-    mshape = matrix_shape(shape, axes)
-    spec = _resolve_method(method, path, shape)
+    stack = _resolve_per_path(stack_axes, path, "stack_axes", 0)
+    if isinstance(stack, bool) or not isinstance(stack, (int, np.integer)) or not 0 <= stack <= max(len(shape) - 2, 0):
+      raise ValueError(f"`stack_axes` for target {path!r} of shape {shape} must be an int in [0, {len(shape) - 2}], "
+                       f"got {stack!r}.")
+    slice_shape = shape[stack:]
+    axes = _resolve_in_axes(in_axes, path, slice_shape)
+    kind = _resolve_per_path(layout, path, "layout", "in_out")
+    shell = Adapter({}, {}, _NoMethod(), slice_shape, "float32", axes, kind)
+    mshape = shell.matrix_shape
+    spec = _resolve_method(method, path, slice_shape)
     try:
       spec.check_shape(mshape)
     except ValueError as err:
       raise ValueError(f"Target {path!r} (shape {shape}, matrix {mshape}): {err}") from None
-    w0_matrix = jnp.reshape(w0, mshape)
-    params_key, frozen_key = jax.random.split(path_key(key, path))
-    adapter_params, frozen = spec.init_both(params_key, frozen_key, w0_matrix)
+    target_key = path_key(key, path)
+    w0 = jnp.asarray(w0)
+    slices = [()] if stack == 0 else list(np.ndindex(*shape[:stack]))
+    inits = []
+    for index in slices:
+      slice_key = target_key if stack == 0 else jax.random.fold_in(target_key, int(np.ravel_multi_index(index, shape[:stack])))
+      params_key, frozen_key = jax.random.split(slice_key)
+      inits.append(spec.init_both(params_key, frozen_key, shell.to_matrix(w0[index])))
+    if stack == 0:
+      adapter_params, frozen = inits[0]
+    else:
+      stacked = lambda *leaves: jnp.stack(leaves).reshape(shape[:stack] + leaves[0].shape)
+      adapter_params = jax.tree.map(stacked, *[p for p, _ in inits])
+      frozen = jax.tree.map(lambda *leaves: np.stack(leaves).reshape(shape[:stack] + leaves[0].shape),
+                            *[f for _, f in inits])
     adapters[path] = Adapter(
         params=adapter_params,
         frozen=frozen,
@@ -201,8 +229,21 @@ def init_adapters(
         shape=shape,
         dtype=jnp.dtype(w0.dtype).name,
         in_axes=axes,
+        layout=kind,
+        stack_axes=int(stack),
     )
   return adapters
+
+
+class _NoMethod(AdapterMethod):
+  """Placeholder method of a shape-only adapter shell (never registered: the name starts with '_')."""
+
+
+def _resolve_per_path(value: Any, path: str, name: str, default: Any) -> Any:
+  """``value`` itself, or the first ``{regex: value}`` entry matching ``path`` (``default`` if none)."""
+  if isinstance(value, Mapping):
+    return next((v for pattern, v in value.items() if re.search(pattern, path)), default)
+  return value
 
 
 def _check_adapters(adapters: Any) -> None:
@@ -275,16 +316,7 @@ def trainable_mask(tree: PyTree) -> PyTree:
   """
 
   def mark(node):
-    if isinstance(node, Adapter):
-      return Adapter(
-          params=jax.tree.map(lambda _: True, node.params),
-          frozen=jax.tree.map(lambda _: False, node.frozen),
-          method=node.method,
-          shape=node.shape,
-          dtype=node.dtype,
-          in_axes=node.in_axes,
-      )
-    return jax.tree.map(lambda _: False, node)
+    return jax.tree.map(lambda _: isinstance(node, Adapter), node)
 
   return jax.tree.map(mark, tree, is_leaf=lambda n: isinstance(n, Adapter))
 
