@@ -104,7 +104,21 @@ def scatter_coefficients(values: Array, indices: Array, shape: Sequence[int]) ->
   values = jnp.asarray(values)
   _validation.check_ndim("values", values, 1)
   flat = flat_indices(indices, grid, values.shape[0])
-  return jnp.zeros(grid[0] * grid[1], values.dtype).at[flat].add(values).reshape(grid)
+  return _zeros_after(values, grid[0] * grid[1]).at[flat].add(values).reshape(grid)
+
+
+def _zeros_after(values: Array, size: int) -> Array:
+  """``zeros(size)`` computed from ``values`` (exactly zero), so XLA cannot make it a constant.
+
+  A constant zero buffer would be copied for the in-place scatter, and XLA's CPU scheduler hoists
+  such copies to the start of the program: with one per adapted layer, every layer's ``(m, n)``
+  buffer would be alive at once. Deriving it from the data keeps each buffer in its layer.
+  """
+  if values.shape[0] == 0:
+    return jnp.zeros(size, values.dtype)
+  first = values[0]
+  zero = jnp.where(jnp.isfinite(first), first, jnp.zeros((), first.dtype)) * 0
+  return jnp.broadcast_to(zero, (size,))
 
 
 def waveft_delta(values: Array, indices: Array, shape: Sequence[int], *, wavelet: str = "haar", level: int = 1) -> Array:
@@ -163,9 +177,22 @@ def fourier_delta(values: Array, indices: Array, shape: Sequence[int]) -> Array:
   """
   shape = _check_shape("shape", tuple(shape))
   values = _check_values(values, real=False)
+  m, n = shape
   complex_dtype = jnp.result_type(values.dtype, jnp.complex64)
-  spectrum = scatter_coefficients(values.astype(complex_dtype), indices, shape)
-  return jnp.real(jnp.fft.ifft2(spectrum))
+  values = values.astype(complex_dtype)
+  flat = flat_indices(indices, shape, values.shape[0])
+  # Re(ifft2(S)) = ifft2(H) with the Hermitian H = (S + conj(S[-u, -v])) / 2, and a Hermitian spectrum
+  # is synthesised from its half (columns 0..n//2) by irfft2: half the complex memory and work.
+  rows, cols = flat // n, flat % n
+  mirror_rows, mirror_cols = (-rows) % m, (-cols) % n
+  half = n // 2 + 1
+  keep = cols < half
+  keep_mirror = mirror_cols < half
+  positions = jnp.concatenate([jnp.where(keep, rows * half + cols, m * half),
+                               jnp.where(keep_mirror, mirror_rows * half + mirror_cols, m * half)])
+  contributions = 0.5 * jnp.concatenate([values, jnp.conj(values)])
+  spectrum = _zeros_after(contributions, m * half).at[positions].add(contributions, mode="drop")
+  return jnp.fft.irfft2(spectrum.reshape(m, half), s=(m, n))
 
 
 def topk_count(shape: Sequence[int], ratio: Any) -> int:

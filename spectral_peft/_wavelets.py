@@ -147,15 +147,35 @@ def _upsample(c: Array) -> Array:
 
 def _synthesis_last(c: Array, wavelet: str) -> Array:
   """Inverse of :func:`_analysis_last`: ``[lo, hi]`` (length ``N``) to the signal (length ``N``)."""
+  return _synthesis_axis(c, wavelet, -1)
+
+
+def _synthesis_axis(c: Array, wavelet: str, axis: int) -> Array:
+  """Periodised synthesis along ``axis`` in polyphase form: ``[lo, hi]`` (length ``N``) to the signal.
+
+  Output sample ``2 i + r`` only meets the filter taps ``j`` with ``s_j = 1 - K // 2 + j`` of the
+  parity of ``r`` (the upsampled signal is zero elsewhere), at ``lo[i + (r - s_j) / 2]``: each phase is
+  a sum of rolled half-length ``lo``/``hi``, and the phases are interleaved. No upsampled ``N``-length
+  intermediate is formed, and no transpose for ``axis != -1``.
+  """
   _, _, rec_lo, rec_hi = _filters(wavelet)
   k_len = len(rec_lo)
-  half = c.shape[-1] // 2
-  up_lo, up_hi = _upsample(c[..., :half]), _upsample(c[..., half:])
-  out = None
-  for j in range(k_len):
-    term = jnp.roll(rec_lo[j] * up_lo + rec_hi[j] * up_hi, 1 - k_len // 2 + j, axis=-1)
-    out = term if out is None else out + term
-  return out
+  axis = axis % c.ndim
+  half = c.shape[axis] // 2
+  lo = jax.lax.slice_in_dim(c, 0, half, axis=axis)
+  hi = jax.lax.slice_in_dim(c, half, 2 * half, axis=axis)
+  phases = []
+  for r in (0, 1):
+    out = None
+    for j in range(k_len):
+      shift = 1 - k_len // 2 + j
+      if (r - shift) % 2:
+        continue
+      term = jnp.roll(rec_lo[j] * lo + rec_hi[j] * hi, (shift - r) // 2, axis=axis)
+      out = term if out is None else out + term
+    phases.append(jnp.zeros_like(lo) if out is None else out)
+  interleaved = jnp.stack(phases, axis=axis + 1)
+  return interleaved.reshape(c.shape[:axis] + (2 * half,) + c.shape[axis + 1:])
 
 
 def _synthesis_adjoint_last(y: Array, wavelet: str) -> Array:
@@ -260,9 +280,9 @@ def idwt2(coeffs: Array, wavelet: str = "haar", level: int = 1, *, shape: Option
   for lev in reversed(range(level)):
     rows, cols = big_m >> lev, big_n >> lev
     block = out[..., :rows, :cols]
-    block = _synthesis_last(block, wavelet)
-    block = _along(_synthesis_last, block, -2, wavelet)
-    out = out.at[..., :rows, :cols].set(block)
+    block = _synthesis_axis(block, wavelet, -1)
+    block = _synthesis_axis(block, wavelet, -2)
+    out = block if (rows, cols) == (big_m, big_n) else out.at[..., :rows, :cols].set(block)
   return out[..., : out_shape[0], : out_shape[1]]
 
 

@@ -24,6 +24,7 @@ from spectral_peft.peft._method import Adapter
 from spectral_peft.peft._method import AdapterMethod
 from spectral_peft.peft._method import method_from_config
 from spectral_peft.peft._method import method_registry
+from spectral_peft.peft._runtime_linen import apply_adapters
 from spectral_peft.peft._sharding import adapter_partition_specs
 from spectral_peft.peft._sharding import adapter_shardings
 from spectral_peft.peft._sharding import data_model_mesh
@@ -64,6 +65,7 @@ __all__ = (
     "WeightedSum",
     "adapter_partition_specs",
     "adapter_shardings",
+    "apply_adapters",
     "apply_factored",
     "combine",
     "count_parameters",

@@ -50,6 +50,8 @@ class _LowRankBase(AdapterMethod):
   alpha: Optional[float] = None
   param_dtype: Optional[str] = None
 
+  runtime_factored = True  # x W0 + s (x a) b: no (m, n) array in the adapter runtime.
+
   def __post_init__(self) -> None:
     _validation.check_positive_int("rank", self.rank)
     if self.alpha is not None:

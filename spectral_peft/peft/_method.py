@@ -50,6 +50,11 @@ class AdapterMethod:
   #: True when ``delta`` ignores ``w0`` (then ``unmerge`` is ``w - delta``).
   delta_depends_on_w0: ClassVar[bool] = False
 
+  #: True when the adapter runtime should use :meth:`apply` (a product that never forms an
+  #: ``(m, n)`` array) on plain contraction layers; otherwise the runtime rebuilds ``W0 + Delta W``
+  #: per layer under ``jax.checkpoint``.
+  runtime_factored: ClassVar[bool] = False
+
   def __init_subclass__(cls, **kwargs: Any) -> None:
     super().__init_subclass__(**kwargs)
     if not cls.__name__.startswith("_"):

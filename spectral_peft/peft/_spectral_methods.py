@@ -124,6 +124,11 @@ class _SparseRealBase(AdapterMethod):
   def delta(self, params, w0, frozen=None):
     return self.scale * self.synthesis(params["values"], frozen["indices"], tuple(w0.shape))
 
+  @property
+  def runtime_factored(self) -> bool:  # type: ignore[override]
+    """Only when forced: the factored product's gathers over ``batch x p`` cost more than a rebuilt ``Delta W``."""
+    return self.path == "factored"
+
   def apply(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
     update = self.synthesis_matmul(x, params["values"].astype(dtype), frozen["indices"], tuple(w0.shape))
@@ -270,6 +275,11 @@ class FourierFT(AdapterMethod):
     values = _spectral._check_values(params["values"], real=True)
     return self.scale * _spectral.fourier_delta(values, frozen["indices"], tuple(w0.shape))
 
+  @property
+  def runtime_factored(self) -> bool:  # type: ignore[override]
+    """Only when forced: the factored product's gathers over ``batch x p`` cost more than a rebuilt ``Delta W``."""
+    return self.path == "factored"
+
   def apply(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
     values = _spectral._check_values(params["values"], real=True).astype(dtype)
@@ -406,6 +416,11 @@ class LFMA(AdapterMethod):
 
   def delta(self, params, w0, frozen=None):
     return self.alpha * _spectral.fourier_delta(self.coefficients(params), frozen["indices"], tuple(w0.shape))
+
+  @property
+  def runtime_factored(self) -> bool:  # type: ignore[override]
+    """Only when forced: the factored product's gathers over ``batch x p`` cost more than a rebuilt ``Delta W``."""
+    return self.path == "factored"
 
   def apply(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)

@@ -1,0 +1,261 @@
+"""The adapter runtime: each adapted layer computes its own product, with bounded memory.
+
+Training through :func:`sp.peft.merge` builds ``W0 + Delta W`` for every adapted weight before the
+forward pass and keeps all of them alive until the backward pass: at LLM scale, a second copy of
+the adapted part of the model. The runtime instead applies each adapter *inside the layer that owns
+its weight*, in one of two ways, chosen per layer:
+
+* **factored**: where the layer is a plain contraction over trailing input axes (Linen ``Dense`` /
+  ``DenseGeneral``, NNX ``Linear`` / ``LinearGeneral``) and the method has a memory-lean product
+  (LoRA ``x W0 + s (x a) b``, DoRA's column norms from ``a^T W0``, sine LoRA's blocked product; or a
+  sparse/spectral spec with ``path="factored"``), the layer computes ``method.apply(x, W0)``; no
+  ``(m, n)`` array is formed.
+* **merged, rematerialised**: every other case (any method on any kernel-using layer: ``Conv``,
+  ``Einsum``, ``DenseGeneral`` with ``batch_dims``, subclasses, custom layers) runs the layer's own
+  code with the weight ``W0 + Delta W`` built for that layer only, under ``jax.checkpoint``: the
+  merged weight is not stored for the backward pass but rebuilt there, so at most a few ``(m, n)``
+  temporaries are alive at any time, whatever the depth. By construction the result is the layer
+  evaluated at the merged weight, i.e. exactly what :func:`merge` gives.
+
+The framework providers (:mod:`spectral_peft.peft._runtime_linen`, ``_runtime_nnx``) only find the
+layers and route them here; every method's per-layer product is written once, in its spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_peft.peft._method import Adapter
+
+Array = jax.Array
+PyTree = Any
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerAdapter:
+  """An adapter as it travels into a layer: trainable ``params`` *and* constants as array children.
+
+  Inside a model (and under ``nn.scan`` / ``nnx.scan``, which slice every array of the layer's
+  variables along the stack axis) the constants must be arrays so that they are sliced with the
+  weight; outside, :class:`~spectral_peft.peft.Adapter` keeps them static.
+
+  Attributes:
+    params: trainable arrays (stack axes included unless sliced by a lifted transform).
+    frozen: the constants as ``jax.Array`` s.
+    shell: an :class:`Adapter` with the static description (method, shapes, layout; empty arrays).
+    path: the adapter's path in the adapters dict (for messages and bookkeeping).
+  """
+
+  params: PyTree
+  frozen: PyTree
+  shell: Adapter
+  path: str
+
+  def tree_flatten(self):
+    return (self.params, self.frozen), (self.shell, self.path)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], children[1], *aux)
+
+  @classmethod
+  def from_adapter(cls, path: str, adapter: Adapter) -> "LayerAdapter":
+    adapter.check_concrete()
+    shell = Adapter({}, {}, adapter.method, adapter.shape, adapter.dtype, adapter.in_axes, adapter.layout,
+                    adapter.stack_axes)
+    return cls(adapter.params, jax.tree.map(jnp.asarray, adapter.frozen), shell, path)
+
+  @property
+  def method(self):
+    return self.shell.method
+
+  def for_weight(self, w0: Array) -> "LayerAdapter":
+    """Checks ``w0`` is the adapted weight (whole stack, or one slice of it) and returns self.
+
+    Raises:
+      ValueError: ``w0`` has neither the adapted weight's shape nor the shape of one of its slices.
+    """
+    shape = tuple(w0.shape)
+    if shape == self.shell.shape or shape == self.shell.slice_shape:
+      return self
+    raise ValueError(
+        f"The adapter at {self.path!r} was made for a weight of shape {self.shell.shape} "
+        f"(slices {self.shell.slice_shape}), but the layer uses a weight of shape {shape} there.")
+
+  def _is_slice(self, w0: Array) -> bool:
+    return self.shell.stack_axes > 0 and tuple(w0.shape) == self.shell.slice_shape
+
+  def delta(self, w0: Array) -> Array:
+    """``Delta W`` of the weight ``w0`` (the whole stack or one slice), in ``w0``'s shape and dtype."""
+    self.for_weight(w0)
+    shell = self.shell
+    method = shell.method
+
+    def one(params, frozen, w):
+      update = method.delta(params, shell.to_matrix(w), frozen)
+      return shell.from_matrix(update).astype(w.dtype)
+
+    if shell.stack_axes == 0 or self._is_slice(w0):
+      return one(self.params, self.frozen, w0)
+    mapped = one
+    for _ in range(shell.stack_axes):
+      mapped = jax.vmap(mapped)
+    return mapped(self.params, self.frozen, w0)
+
+  def merge(self, w0: Array) -> Array:
+    return w0 + self.delta(w0)
+
+  def apply(self, x: Array, w0: Array) -> Array:
+    """The factored product ``x @ (W0 + Delta W)`` over the trailing input axes of ``x`` (one slice)."""
+    if self.shell.stack_axes and not self._is_slice(w0):
+      raise ValueError(f"The adapter at {self.path!r} is stacked; the factored product needs one slice.")
+    one = Adapter.tree_unflatten(
+        (_ArrayConstants(self.frozen), self.shell.method, self.shell.slice_shape, self.shell.dtype,
+         self.shell.in_axes, self.shell.layout, 0), (self.params,))
+    return one.apply(x, w0)
+
+
+class _ArrayConstants:
+  """Stands in for :class:`Constants` when the constants are (possibly traced) arrays inside a layer."""
+
+  abstract = False
+
+  def __init__(self, tree: PyTree):
+    self.tree = tree
+
+
+def uses_factored_product(adapter: LayerAdapter) -> bool:
+  """Whether the method's own product beats the rematerialised merged weight (see the module docstring)."""
+  method = adapter.method
+  return bool(getattr(method, "runtime_factored", False))
+
+
+def _zero_cotangent(x: Any) -> Any:
+  x_dtype = jnp.result_type(x)
+  if jnp.issubdtype(x_dtype, jnp.inexact):
+    return jnp.zeros(jnp.shape(x), x_dtype)
+  return np.zeros(jnp.shape(x), jax.dtypes.float0)
+
+
+def _cotangent_like(value: Any, cotangent: Any) -> Any:
+  """``cotangent`` for floating ``value``, a float0 zero for integer/bool ``value`` (custom_vjp's rule)."""
+  if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
+    return cotangent
+  return np.zeros(jnp.shape(value), jax.dtypes.float0)
+
+
+def merged_call(adapters: Mapping[str, tuple[LayerAdapter, Array]],
+                call: Callable[[dict[str, Array], Any], Any], operands: Any) -> Any:
+  """``call({name: W0 + Delta W}, operands)`` with the merged weights rebuilt in the backward pass.
+
+  The merged weights exist only while this layer runs forward, and again while its backward pass
+  runs: the backward rule rebuilds them only once the output cotangent has arrived (an
+  ``optimization_barrier`` ties the rebuild to it), so XLA cannot hoist every layer's rebuild to the
+  start of the backward pass. Memory: a few ``(m, n)`` temporaries of one layer at a time.
+
+  Args:
+    adapters: ``{name: (layer_adapter, w0)}`` for every adapted weight of one layer.
+    call: ``(merged, operands) -> outputs``: the layer evaluated at its merged weights by name; it
+      must not close over traced values (pass them in ``operands``).
+    operands: every array the layer reads besides the adapted weights (its inputs, other
+      variables); a pytree whose leaves are arrays (integer leaves get no gradient).
+
+  Returns:
+    ``call(merged, operands)``, equal in value and gradient to evaluating it at merged weights.
+  """
+  names = sorted(adapters)
+  shells = [(adapters[n][0].shell, adapters[n][0].path) for n in names]
+
+  def merge_all(arrays, weights):
+    return {name: LayerAdapter(params, frozen, shell, path).merge(w0)
+            for name, (params, frozen), (shell, path), w0 in zip(names, arrays, shells, weights)}
+
+  @jax.custom_vjp
+  def run(params, frozen, weights, operands):
+    # Tie the rebuild to the layer's inputs, so XLA cannot hoist every layer's merge to the start.
+    params, frozen, operands = jax.lax.optimization_barrier((params, frozen, operands))
+    return call(merge_all(list(zip(_tie(params, operands), frozen)), weights), operands)
+
+  def run_fwd(params, frozen, weights, operands):
+    return run(params, frozen, weights, operands), (params, frozen, weights, operands)
+
+  def run_bwd(residuals, cotangent):
+    params, frozen, weights, operands = residuals
+    params, frozen, operands, cotangent = jax.lax.optimization_barrier((params, frozen, operands, cotangent))
+    params = _tie(params, cotangent)
+    float_ops, rebuild = _split_floats(operands)
+    merged, merge_vjp = jax.vjp(lambda p, w: merge_all(list(zip(p, frozen)), w), params, weights)
+    _, call_vjp = jax.vjp(lambda m, f: call(m, rebuild(f)), merged, float_ops)
+    d_merged, d_float_ops = call_vjp(cotangent)
+    d_params, d_weights = merge_vjp(d_merged)
+    d_weights = [_cotangent_like(w, d) for w, d in zip(weights, d_weights)]
+    d_frozen = jax.tree.map(lambda f: np.zeros(jnp.shape(f), jax.dtypes.float0), frozen)
+    return d_params, d_frozen, d_weights, rebuild(d_float_ops, fill=True)
+
+  run.defvjp(run_fwd, run_bwd)
+  params = [adapters[n][0].params for n in names]
+  frozen = [adapters[n][0].frozen for n in names]
+  weights = [adapters[n][1] for n in names]
+  return run(params, frozen, weights, operands)
+
+
+def _tie(params: Any, anchor: Any) -> Any:
+  """``params`` made data-dependent on ``anchor`` without changing their values (for finite ``anchor``).
+
+  ``optimization_barrier`` orders the rebuild on GPU/TPU, but XLA:CPU removes barriers before
+  scheduling; adding ``0 * anchor[0]`` (which XLA does not fold for floating types) gives every
+  backend a real dependency: a layer's merged weight cannot be built before its input (forward) or
+  its output cotangent (backward) exists.
+  """
+  floats = [x for x in jax.tree.leaves(anchor) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and jnp.size(x)]
+  if not floats:
+    return params
+  zero = jnp.real(jnp.ravel(floats[0])[0]) * 0
+
+  def tie(p):
+    if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
+      return p
+    return p + zero.astype(p.dtype)
+
+  return jax.tree.map(tie, params)
+
+
+def _split_floats(tree: Any):
+  """``(floating leaves, rebuild)``: ``rebuild(floats)`` puts them back among the other leaves.
+
+  ``rebuild(cotangents, fill=True)`` instead returns a cotangent tree for ``tree``: the given
+  cotangents at floating leaves and float0 zeros elsewhere.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+  floats = [x for x, f in zip(leaves, is_float) if f]
+
+  def rebuild(values, fill=False):
+    it = iter(values)
+    out = [next(it) if f else (np.zeros(jnp.shape(x), jax.dtypes.float0) if fill else x)
+           for x, f in zip(leaves, is_float)]
+    return jax.tree.unflatten(treedef, out)
+
+  return floats, rebuild
+
+
+def unused_adapters_error(unused: list[str], seen: Mapping[str, str]) -> ValueError:
+  """The error for adapters no layer consumed during a call (``seen``: module path -> layer type)."""
+  lines = []
+  for path in unused:
+    owner = "/".join(p for p in path.split("/")[:-1] if p != "params")
+    kind = seen.get(owner)
+    if kind is None:
+      lines.append(f"{path!r}: no layer owning this weight was called")
+    else:
+      lines.append(f"{path!r}: the layer {owner!r} ({kind}) ran but did not read this weight through a "
+                   "method the runtime intercepts")
+  return ValueError(
+      "Adapters were not applied during this call (the runtime never skips an adapter silently): "
+      + "; ".join(lines) + ". Check the adapter paths against the model's parameters and that these layers run.")

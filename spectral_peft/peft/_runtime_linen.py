@@ -1,0 +1,295 @@
+"""The adapter runtime for Flax Linen: adapters applied inside the layers that own their weights.
+
+:func:`apply_adapters` (and the :func:`adapted` context) runs ``model.apply`` on the *unmerged* base
+parameters. Each adapter travels into the model next to its weight, in the ``params`` collection
+under the reserved name ``"<weight>@adapter"``, so lifted transforms (``nn.scan``, ``nn.vmap``,
+``nn.remat``) slice and carry it exactly like the weight (a kernel stacked ``(layers, ...)`` by
+``nn.scan`` needs an adapter made with ``stack_axes=1``: one adapter per layer). A method
+interceptor then finds, at every module call, the adapters of that module's own weights and routes
+the call through :mod:`spectral_peft.peft._runtime`:
+
+* ``Dense`` / ``DenseGeneral`` (exact types, trailing ``axis``, no ``batch_dims``, default
+  ``dot_general`` and ``precision``) with a low-rank method: the method's factored product;
+* anything else (``Conv``, ``ConvTranspose``, ``Einsum``, ``DenseGeneral(axis=0)`` or with
+  ``batch_dims``, subclasses, keyword inputs, custom layers, any method): the layer's own code at
+  the merged weight, rebuilt per layer under ``jax.checkpoint``.
+
+After the call every adapter must have been consumed; otherwise the call raises and names the
+adapter and the layer (never a silent fall-back to the base model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_peft.peft import _runtime
+from spectral_peft.peft._method import Adapter
+
+Array = jax.Array
+
+SUFFIX = "@adapter"
+
+_state = threading.local()
+
+
+def _frames() -> list:
+  if not hasattr(_state, "frames"):
+    _state.frames = []
+  return _state.frames
+
+
+class _Frame:
+  """Bookkeeping of one adapted call: consumed adapter paths, modules seen, modules running."""
+
+  def __init__(self, paths):
+    self.paths = set(paths)
+    self.consumed: set[str] = set()
+    self.seen: dict[str, str] = {}
+    self.running: set[int] = set()
+
+
+def _check_adapters(adapters: Any) -> None:
+  if not isinstance(adapters, Mapping) or not all(isinstance(a, Adapter) for a in adapters.values()):
+    raise TypeError(
+        "`adapters` must be the {path: Adapter} dict of sp.peft.init_adapters (or load_adapters), got "
+        f"{type(adapters).__name__}" + ("" if not isinstance(adapters, Mapping) else " with non-Adapter values") + ".")
+
+
+def inject(params: Any, adapters: Mapping[str, Adapter]) -> dict:
+  """``params`` with every adapter placed next to its weight as ``"<name>@adapter"``.
+
+  Args:
+    params: the Linen ``params`` collection (nested dicts), unmerged.
+    adapters: ``{path: Adapter}``; paths relative to ``params``, with or without a leading ``params/``.
+
+  Returns:
+    A copy of ``params`` (only the dicts along adapter paths are copied) holding the adapters.
+
+  Raises:
+    ValueError: an adapter path has no weight in ``params``, or a weight of another shape.
+  """
+  _check_adapters(adapters)
+  root = dict(params)
+  for path, adapter in adapters.items():
+    parts = path.split("/")
+    if parts[0] == "params" and "params" not in root:
+      parts = parts[1:]
+    node, chain = root, []
+    for part in parts[:-1]:
+      child = node.get(part) if isinstance(node, Mapping) else None
+      if not isinstance(child, Mapping):
+        raise ValueError(f"The adapter at {path!r} has no weight in `params`: there is no module {part!r} along its path.")
+      child = dict(child)
+      node[part] = child
+      chain.append(child)
+      node = child
+    name = parts[-1]
+    if name not in node:
+      raise ValueError(
+          f"The adapter at {path!r} has no weight in `params`: the module has {sorted(node)}, not {name!r}.")
+    if tuple(np.shape(node[name])) != adapter.shape:
+      raise ValueError(
+          f"The adapter at {path!r} was made for shape {adapter.shape}, but `params` has shape "
+          f"{tuple(np.shape(node[name]))} there.")
+    node[name + SUFFIX] = _runtime.LayerAdapter.from_adapter(path, adapter)
+  return root
+
+
+def _module_adapters(module: nn.Module) -> dict[str, _runtime.LayerAdapter]:
+  if module.scope is None:
+    return {}
+  try:
+    own = module.scope.variables().get("params", {})
+  except Exception:  # A scope that cannot be read (e.g. during init) holds no adapter.
+    return {}
+  return {k[: -len(SUFFIX)]: v for k, v in own.items()
+          if isinstance(k, str) and k.endswith(SUFFIX) and isinstance(v, _runtime.LayerAdapter)}
+
+
+def _contracted_axes(module: nn.Module, ndim: int) -> int | None:
+  """Trailing input axes a plain ``Dense``/``DenseGeneral`` contracts, or None if not a plain contraction."""
+  kind = type(module)
+  if kind is nn.Dense:
+    return 1
+  if kind is nn.DenseGeneral and not module.batch_dims:
+    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    axis = sorted(a % ndim for a in axis)
+    if axis == list(range(ndim - len(axis), ndim)):
+      return len(axis)
+  return None
+
+
+def _factored_ok(module: nn.Module, adapter: _runtime.LayerAdapter, kernel: Array) -> bool:
+  if not _runtime.uses_factored_product(adapter) or adapter.shell.layout != "in_out":
+    return False
+  if adapter.shell.stack_axes and tuple(kernel.shape) != adapter.shell.slice_shape:
+    return False
+  if type(module) not in (nn.Dense, nn.DenseGeneral):
+    return False
+  return (module.dot_general is None and module.dot_general_cls is None and module.precision is None)
+
+
+def _input(args, kwargs):
+  if len(args) == 1 and not kwargs:
+    return args[0]
+  if not args and set(kwargs) == {"inputs"}:
+    return kwargs["inputs"]
+  return None
+
+
+def _factored_call(module: nn.Module, adapter: _runtime.LayerAdapter, x: Array) -> Array:
+  kernel = module.scope.variables()["params"]["kernel"]
+  bias = module.scope.variables()["params"].get("bias") if module.use_bias else None
+  x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+  y = adapter.apply(x, kernel).astype(x.dtype)
+  if bias is not None:
+    y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
+  return y
+
+
+def _check_layer_in_axes(module: nn.Module, name: str, adapter: _runtime.LayerAdapter) -> None:
+  """For layers whose contraction is known, the adapter must read the kernel with the same input axes."""
+  if name != "kernel" or adapter.shell.layout != "in_out":
+    return
+  kind = type(module)
+  if kind is nn.Dense:
+    expected = 1
+  elif kind is nn.DenseGeneral and not module.batch_dims:
+    expected = len(module.axis) if isinstance(module.axis, (tuple, list)) else 1
+  elif kind in (nn.Conv, nn.ConvTranspose):
+    expected = len(adapter.shell.slice_shape) - 1
+  else:
+    return  # Unknown contraction: the merged path is exact whatever the reading.
+  if expected != adapter.shell.in_axes:
+    raise ValueError(
+        f"The adapter at {adapter.path!r} has in_axes={adapter.shell.in_axes} but the layer "
+        f"{'/'.join(module.path)!r} ({kind.__name__}) contracts {expected} input axes of its kernel "
+        f"{adapter.shell.slice_shape}; build it with in_axes={expected}.")
+
+
+def _merged_call(module: nn.Module, method_name: str, found, args, kwargs):
+  variables = {col: dict(vals) for col, vals in module.scope.variables().items()}
+  params = variables.get("params", {})
+  weights = {}
+  for name, adapter in found.items():
+    weights[name] = (adapter.for_weight(params[name]), params.pop(name))
+  for key in [k for k in params if isinstance(k, str) and k.endswith(SUFFIX)]:
+    params.pop(key)
+  clone = module.clone(parent=None)
+  method = getattr(type(clone), method_name)
+  # Arrays among the call's arguments travel as operands; everything else (flags, None, strings) is static.
+  flat, treedef = jax.tree.flatten((args, kwargs))
+  is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in flat]
+  operands = ([leaf for leaf, a in zip(flat, is_array) if a], variables)
+
+  def call(merged, operands):
+    arrays, other = operands
+    it = iter(arrays)
+    call_args, call_kwargs = jax.tree.unflatten(treedef, [next(it) if a else leaf for leaf, a in zip(flat, is_array)])
+    new_vars = {col: dict(vals) for col, vals in other.items()}
+    new_vars.setdefault("params", {}).update(merged)
+    return clone.apply(new_vars, *call_args, method=method, **call_kwargs)
+
+  return _runtime.merged_call(weights, call, operands)
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  frames = _frames()
+  if not frames:
+    return next_fun(*args, **kwargs)
+  frame = frames[-1]
+  module = context.module
+  if context.method_name in ("setup",) or id(module) in frame.running:
+    return next_fun(*args, **kwargs)
+  found = _module_adapters(module)
+  owner = "/".join(module.path)
+  frame.seen.setdefault(owner, type(module).__name__)
+  if not found:
+    return next_fun(*args, **kwargs)
+  frame.consumed.update(a.path for a in found.values())
+  frame.running.add(id(module))
+  try:
+    for name, adapter in found.items():
+      _check_layer_in_axes(module, name, adapter)
+    x = _input(args, kwargs)
+    if set(found) == {"kernel"} and x is not None and context.method_name == "__call__":
+      adapter = found["kernel"]
+      kernel = module.scope.variables()["params"]["kernel"]
+      adapter.for_weight(kernel)
+      if _contracted_axes(module, jnp.ndim(x)) == adapter.shell.in_axes and _factored_ok(module, adapter, kernel):
+        return _factored_call(module, adapter, x)
+    return _merged_call(module, context.method_name, found, args, kwargs)
+  finally:
+    frame.running.discard(id(module))
+
+
+@contextlib.contextmanager
+def adapted(adapters: Mapping[str, Adapter]) -> Iterator[None]:
+  """Context in which Linen modules apply the adapters found next to their weights.
+
+  Low-level: the variables passed to ``model.apply`` inside the context must hold the adapters
+  placed by :func:`inject`; :func:`apply_adapters` does both and checks that every adapter was used.
+  """
+  _check_adapters(adapters)
+  frames = _frames()
+  frame = _Frame(adapters)
+  frames.append(frame)
+  try:
+    with nn.intercept_methods(_interceptor):
+      yield frame
+  finally:
+    frames.pop()
+
+
+def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter], *args: Any,
+                   variables: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+  """``model.apply`` on the unmerged ``params`` with every adapter applied inside its own layer.
+
+  Equal in value and gradient (with respect to the adapters and the inputs) to
+  ``model.apply({"params": merge(params, adapters)}, *args, **kwargs)``, at the training memory of
+  the factored methods: no merged copy of the model is ever alive (see
+  :mod:`spectral_peft.peft._runtime`). Works for every kernel-using Linen layer, under ``jit``,
+  ``grad``, ``vmap`` and inside ``nn.scan`` / ``nn.vmap`` / ``nn.remat``.
+
+  Args:
+    model: a Linen module.
+    params: the base ``params`` collection (unmerged).
+    adapters: ``{path: Adapter}`` from :func:`sp.peft.init_adapters` on ``params`` (paths with or
+      without a leading ``params/``). Kernels stacked by ``nn.scan`` need ``stack_axes=1``.
+    *args: passed to ``model.apply``.
+    variables: other collections (``batch_stats``, ``cache``...), passed with ``params``.
+    **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``, ``mutable=``...).
+
+  Returns:
+    What ``model.apply`` returns.
+
+  Raises:
+    TypeError: ``adapters`` is not a ``{path: Adapter}`` dict.
+    ValueError: an adapter's path has no weight of its shape in ``params``; an adapter was not used
+      during the call (the message names it and the layer); an adapter's ``in_axes`` disagrees with
+      the contraction of a layer whose contraction is known.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, spectral_peft as sp
+    >>> model = nn.Conv(8, (3, 3))
+    >>> x = jnp.ones((2, 5, 5, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> adapters = sp.peft.init_adapters(jax.random.key(1), params, sp.peft.LoRA(2), "kernel", in_axes=3)
+    >>> sp.peft.apply_adapters(model, params, adapters, x).shape
+    (2, 5, 5, 8)
+  """
+  injected = inject(params, adapters)
+  all_variables = {**dict(variables or {}), "params": injected}
+  with adapted(adapters) as frame:
+    out = model.apply(all_variables, *args, **kwargs)
+  unused = sorted(frame.paths - frame.consumed)
+  if unused:
+    raise _runtime.unused_adapters_error(unused, frame.seen)
+  return out
