@@ -5,6 +5,15 @@ from spectral_peft.nnx._lrnn import LRNNLayer
 from spectral_peft.nnx._lowrank import LowRankDense
 from spectral_peft.nnx._lowrank import SineLowRankDense
 from spectral_peft.nnx._siren import Frequencies
+from spectral_peft.peft._runtime_nnx import AdapterConstant
+from spectral_peft.peft._runtime_nnx import AdapterParam
+from spectral_peft.peft._runtime_nnx import adapt
+from spectral_peft.peft._runtime_nnx import adapters_of
+from spectral_peft.peft._runtime_nnx import attach
+from spectral_peft.peft._runtime_nnx import base_params
+from spectral_peft.peft._runtime_nnx import detach_adapters
+from spectral_peft.peft._runtime_nnx import load_into
+from spectral_peft.peft._runtime_nnx import merge_adapters
 from spectral_peft.nnx._siren import PeriodicSiren
 from spectral_peft.nnx._spectral import AdapterIndices
 from spectral_peft.nnx._spectral import FourierFTDense
@@ -13,7 +22,9 @@ from spectral_peft.nnx._spectral import SHiRADense
 from spectral_peft.nnx._spectral import WaveFTDense
 
 __all__ = (
+    "AdapterConstant",
     "AdapterIndices",
+    "AdapterParam",
     "FourierFTDense",
     "Frequencies",
     "LFMADense",
@@ -24,4 +35,11 @@ __all__ = (
     "SHiRADense",
     "SineLowRankDense",
     "WaveFTDense",
+    "adapt",
+    "adapters_of",
+    "attach",
+    "base_params",
+    "detach_adapters",
+    "load_into",
+    "merge_adapters",
 )

@@ -48,8 +48,10 @@ def _frames() -> list:
 class _Frame:
   """Bookkeeping of one adapted call: consumed adapter paths, modules seen, modules running."""
 
-  def __init__(self, paths):
-    self.paths = set(paths)
+  def __init__(self, adapters, by_path: bool):
+    self.adapters = adapters
+    self.by_path = by_path
+    self.paths = set(adapters)
     self.consumed: set[str] = set()
     self.seen: dict[str, str] = {}
     self.running: set[int] = set()
@@ -102,15 +104,22 @@ def inject(params: Any, adapters: Mapping[str, Adapter]) -> dict:
   return root
 
 
-def _module_adapters(module: nn.Module) -> dict[str, _runtime.LayerAdapter]:
+def _module_adapters(module: nn.Module, frame: _Frame) -> dict[str, _runtime.LayerAdapter]:
   if module.scope is None:
     return {}
   try:
     own = module.scope.variables().get("params", {})
   except Exception:  # A scope that cannot be read (e.g. during init) holds no adapter.
     return {}
-  return {k[: -len(SUFFIX)]: v for k, v in own.items()
-          if isinstance(k, str) and k.endswith(SUFFIX) and isinstance(v, _runtime.LayerAdapter)}
+  found = {k[: -len(SUFFIX)]: v for k, v in own.items()
+           if isinstance(k, str) and k.endswith(SUFFIX) and isinstance(v, _runtime.LayerAdapter)}
+  if frame.by_path and not found:
+    prefix = "/".join(module.path)
+    for name in own:
+      for path in (f"{prefix}/{name}", f"params/{prefix}/{name}"):
+        if path in frame.adapters:
+          found[name] = _runtime.LayerAdapter.from_adapter(path, frame.adapters[path])
+  return found
 
 
 def _contracted_axes(module: nn.Module, ndim: int) -> int | None:
@@ -208,7 +217,7 @@ def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   if context.method_name in ("setup",) or id(module) in frame.running:
     return next_fun(*args, **kwargs)
-  found = _module_adapters(module)
+  found = _module_adapters(module, frame)
   owner = "/".join(module.path)
   frame.seen.setdefault(owner, type(module).__name__)
   if not found:
@@ -232,20 +241,47 @@ def _interceptor(next_fun, args, kwargs, context):
 
 @contextlib.contextmanager
 def adapted(adapters: Mapping[str, Adapter]) -> Iterator[None]:
-  """Context in which Linen modules apply the adapters found next to their weights.
+  """Context in which Linen modules apply ``adapters`` to their own weights, found by path.
 
-  Low-level: the variables passed to ``model.apply`` inside the context must hold the adapters
-  placed by :func:`inject`; :func:`apply_adapters` does both and checks that every adapter was used.
+  Call ``model.apply`` with the *base* (unmerged) parameters inside the context; each module whose
+  weight path (its module path plus the weight name, with or without a leading ``params/``) has an
+  adapter runs through the adapter runtime (see :func:`apply_adapters`). On leaving the context
+  without an error, every adapter must have been applied, or ``ValueError`` names the ones that were
+  not. Lifted transforms that stack weights (``nn.scan``) need :func:`apply_adapters`, which carries
+  the adapters in the ``params`` collection so they are sliced with the weights.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, spectral_peft as sp
+    >>> model = nn.Dense(8)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    >>> adapters = sp.peft.init_adapters(jax.random.key(1), params, sp.peft.LoRA(2), "kernel")
+    >>> with sp.peft.factored(adapters):
+    ...   y = model.apply({"params": params}, jnp.ones((3, 4)))
+    >>> y.shape
+    (3, 8)
   """
+  with _frame(adapters, by_path=True) as frame:
+    yield
+  _raise_unused(frame)
+
+
+@contextlib.contextmanager
+def _frame(adapters: Mapping[str, Adapter], by_path: bool) -> Iterator[_Frame]:
   _check_adapters(adapters)
   frames = _frames()
-  frame = _Frame(adapters)
+  frame = _Frame(adapters, by_path)
   frames.append(frame)
   try:
     with nn.intercept_methods(_interceptor):
       yield frame
   finally:
     frames.pop()
+
+
+def _raise_unused(frame: _Frame) -> None:
+  unused = sorted(frame.paths - frame.consumed)
+  if unused:
+    raise _runtime.unused_adapters_error(unused, frame.seen)
 
 
 def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter], *args: Any,
@@ -287,9 +323,7 @@ def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
   """
   injected = inject(params, adapters)
   all_variables = {**dict(variables or {}), "params": injected}
-  with adapted(adapters) as frame:
+  with _frame(adapters, by_path=False) as frame:
     out = model.apply(all_variables, *args, **kwargs)
-  unused = sorted(frame.paths - frame.consumed)
-  if unused:
-    raise _runtime.unused_adapters_error(unused, frame.seen)
+  _raise_unused(frame)
   return out

@@ -1,0 +1,291 @@
+"""The adapter runtime for Flax NNX: adapters added in place to an existing module graph.
+
+:func:`adapt` adds one adapter per target weight to the module that owns it, as variables of
+their own types: :class:`AdapterParam` (trainable, so ``nnx.Optimizer(model, tx,
+wrt=AdapterParam)`` trains exactly the adapters) and :class:`AdapterConstant` (positions, masks,
+reference norms: never trained, but sliced with the weight by ``nnx.scan``/``nnx.vmap``). The
+owning module's ``__call__`` then routes through :mod:`spectral_peft.peft._runtime` (factored
+product for ``nnx.Linear`` with a low-rank method, the layer at its merged weight rebuilt per layer
+under the runtime's checkpointing otherwise), so every kernel-using layer is covered: ``Linear``,
+``LinearGeneral`` (the projections of ``MultiHeadAttention``), ``Einsum``, ``Conv``,
+``ConvTranspose``, custom layers. The owner keeps its identity and its paths (``.../kernel`` is
+still the base weight), so the functional view :func:`adapters_of` returns the same
+``{path: Adapter}`` dict as :func:`sp.peft.init_adapters` on the model's ``nnx.Param`` state, and
+saves, exports and merges like it. :func:`merge_adapters` folds them into plain weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spectral_peft.peft import _runtime
+from spectral_peft.peft._method import Adapter, AdapterMethod
+from spectral_peft.peft._tree import Adapters, init_adapters, leaf_paths
+
+Array = jax.Array
+
+
+class AdapterParam(nnx.Param):
+  """A trainable adapter array (an ``nnx.Param``, so ``wrt=nnx.Param`` full fine-tuning includes it)."""
+
+
+class AdapterConstant(nnx.Variable):
+  """An adapter constant (sparse positions, spectral masks, reference norms): never trained."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+  """Static description of the adapter on one weight of a module (hashable: part of the graph)."""
+
+  name: str
+  path: str
+  method: AdapterMethod
+  shape: tuple[int, ...]
+  dtype: str
+  in_axes: int
+  layout: str
+  stack_axes: int
+  params_def: Any
+  frozen_def: Any
+
+  def param_names(self) -> list[str]:
+    return [f"{self.name}_adapter_p{i}" for i in range(self.params_def.num_leaves)]
+
+  def constant_names(self) -> list[str]:
+    return [f"{self.name}_adapter_c{i}" for i in range(self.frozen_def.num_leaves)]
+
+  def shell(self) -> Adapter:
+    return Adapter({}, {}, self.method, self.shape, self.dtype, self.in_axes, self.layout, self.stack_axes)
+
+
+_ADAPTED_CLASSES: dict[type, type] = {}
+_SLOTS = "_spectral_peft_slots"
+
+
+def _adapted_class(base: type) -> type:
+  if base in _ADAPTED_CLASSES.values():
+    return base
+  if base not in _ADAPTED_CLASSES:
+    _ADAPTED_CLASSES[base] = type(base.__name__, (base,), {"__call__": _adapted_call, "__module__": base.__module__,
+                                                           "__qualname__": base.__qualname__})
+  return _ADAPTED_CLASSES[base]
+
+
+def _base_class(cls: type) -> type:
+  return cls.__mro__[1] if cls in _ADAPTED_CLASSES.values() else cls
+
+
+def _layer_adapter(module: nnx.Module, slot: _Slot) -> _runtime.LayerAdapter:
+  params = jax.tree.unflatten(slot.params_def, [getattr(module, n)[...] for n in slot.param_names()])
+  frozen = jax.tree.unflatten(slot.frozen_def, [getattr(module, n)[...] for n in slot.constant_names()])
+  return _runtime.LayerAdapter(params, frozen, slot.shell(), slot.path)
+
+
+def _factored_ok(module: nnx.Module, slot: _Slot, adapter: _runtime.LayerAdapter, kernel: Array, args, kwargs) -> bool:
+  if type(module).__mro__[1] is not nnx.Linear or slot.name != "kernel" or len(args) != 1 or kwargs:
+    return False
+  if slot.layout != "in_out" or not _runtime.uses_factored_product(adapter):
+    return False
+  if slot.stack_axes and tuple(kernel.shape) != adapter.shell.slice_shape:
+    return False
+  return (module.dot_general is jax.lax.dot_general and module.precision is None
+          and module.preferred_element_type is None)
+
+
+def _adapted_call(self, *args, **kwargs):
+  slots = getattr(self, _SLOTS)
+  base = _base_class(type(self))
+  found = {slot.name: (slot, _layer_adapter(self, slot)) for slot in slots}
+  if len(found) == 1 and "kernel" in found:
+    slot, adapter = found["kernel"]
+    kernel = self.kernel[...]
+    adapter.for_weight(kernel)
+    if _factored_ok(self, slot, adapter, kernel, args, kwargs):
+      bias = self.bias[...] if self.bias is not None else None
+      x, kernel, bias = self.promote_dtype((args[0], kernel, bias), dtype=self.dtype)
+      y = adapter.apply(x, kernel).astype(x.dtype)
+      if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+      return y
+  graphdef, state = nnx.split(self)
+  weights = {}
+  for name, (slot, adapter) in found.items():
+    w0 = getattr(self, name)[...]
+    weights[name] = (adapter.for_weight(w0), w0)
+  flat, treedef = jax.tree.flatten((args, kwargs))
+  is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in flat]
+  operands = ([leaf for leaf, a in zip(flat, is_array) if a], state)
+
+  def call(merged, operands):
+    arrays, module_state = operands
+    it = iter(arrays)
+    call_args, call_kwargs = jax.tree.unflatten(treedef, [next(it) if a else leaf for leaf, a in zip(flat, is_array)])
+    module = nnx.merge(graphdef, module_state)
+    for name, value in merged.items():
+      getattr(module, name)[...] = value
+    return base.__call__(module, *call_args, **call_kwargs)
+
+  return _runtime.merged_call(weights, call, operands)
+
+
+def _owner(model: nnx.Module, path: str) -> tuple[Any, str]:
+  node: Any = model
+  parts = path.split("/")
+  for part in parts[:-1]:
+    if hasattr(node, part):
+      node = getattr(node, part)
+    else:
+      try:
+        node = node[int(part)] if part.lstrip("-").isdigit() else node[part]
+      except (KeyError, IndexError, TypeError):
+        raise ValueError(f"Cannot find the module owning {path!r}: no attribute or item {part!r}.") from None
+  return node, parts[-1]
+
+
+def base_params(model: nnx.Module) -> nnx.State:
+  """The model's ``nnx.Param`` state without adapter arrays (the weights adapters attach to)."""
+  return nnx.state(model, nnx.All(nnx.Param, nnx.Not(AdapterParam)))
+
+
+def attach(model: nnx.Module, adapters: Adapters) -> nnx.Module:
+  """Adds the given adapters (``{path: Adapter}`` for the model's ``nnx.Param`` state) in place.
+
+  Args:
+    model: an ``nnx.Module`` graph (e.g. a pretrained model).
+    adapters: from :func:`sp.peft.init_adapters` on ``nnx.state(model, nnx.Param)``,
+      :func:`sp.peft.load_adapters` or :func:`adapters_of` of a model with the same structure.
+
+  Returns:
+    ``model`` (modified in place): each weight's owning module gains :class:`AdapterParam` /
+    :class:`AdapterConstant` variables and applies the adapter in its call.
+
+  Raises:
+    ValueError: a path does not name a weight of the model, the weight has another shape, or the
+      weight already has an adapter (merge or detach it first).
+  """
+  available = leaf_paths(base_params(model))
+  for path, adapter in adapters.items():
+    if path not in available:
+      raise ValueError(f"The adapter at {path!r} has no weight in the model's nnx.Param state; some paths: "
+                       f"{list(available)[:8]}.")
+    if tuple(np.shape(available[path])) != adapter.shape:
+      raise ValueError(f"The adapter at {path!r} was made for shape {adapter.shape}, the model's weight there has "
+                       f"shape {tuple(np.shape(available[path]))}.")
+    owner, name = _owner(model, path)
+    slots = getattr(owner, _SLOTS, ())
+    if any(slot.name == name for slot in slots):
+      raise ValueError(f"The weight {path!r} already has an adapter; merge_adapters or detach it first.")
+    p_leaves, p_def = jax.tree.flatten(adapter.params)
+    c_leaves, c_def = jax.tree.flatten(adapter.frozen)
+    slot = _Slot(name, path, adapter.method, adapter.shape, adapter.dtype, adapter.in_axes, adapter.layout,
+                 adapter.stack_axes, p_def, c_def)
+    for var_name, leaf in zip(slot.param_names(), p_leaves):
+      setattr(owner, var_name, AdapterParam(jnp.asarray(leaf)))
+    for var_name, leaf in zip(slot.constant_names(), c_leaves):
+      setattr(owner, var_name, AdapterConstant(jnp.asarray(leaf)))
+    setattr(owner, _SLOTS, slots + (slot,))
+    owner.__class__ = _adapted_class(type(owner))
+  return model
+
+
+def adapt(model: nnx.Module, method: Any, targets: Any, *, key: Array, in_axes: Any = None,
+          layout: Any = "in_out", stack_axes: Any = 0) -> nnx.Module:
+  """Adds adapters of ``method`` to the target weights of an existing NNX model, in place.
+
+  The NNX counterpart of :func:`sp.peft.init_adapters` + :func:`sp.peft.apply_adapters`:
+  the same targets, keys and initial values, so ``adapters_of(model)`` equals
+  ``init_adapters(key, nnx.state(model, nnx.Param), method, targets, ...)``.
+
+  Args:
+    model: an ``nnx.Module``.
+    method, targets, in_axes, layout, stack_axes: as in :func:`sp.peft.init_adapters` (paths are
+      those of ``nnx.state(model, nnx.Param)``, e.g. ``"layers/0/attn/query/kernel"``; weights stacked
+      by ``nnx.vmap``/``nnx.scan`` need ``stack_axes=1``).
+    key: a ``jax.random`` key.
+
+  Returns:
+    ``model``, with :class:`AdapterParam` / :class:`AdapterConstant` variables next to each target.
+    Train with ``nnx.Optimizer(model, tx, wrt=sp.nnx.AdapterParam)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> from flax import nnx
+    >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    >>> _ = sp.nnx.adapt(model, sp.peft.LoRA(2), "kernel", key=jax.random.key(1))
+    >>> sorted(sp.nnx.adapters_of(model))
+    ['kernel']
+  """
+  adapters = init_adapters(key, base_params(model), method, targets, in_axes=in_axes, layout=layout,
+                           stack_axes=stack_axes)
+  return attach(model, adapters)
+
+
+def _adapted_owners(model: nnx.Module):
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and getattr(node, _SLOTS, ()):
+      yield node
+
+
+def adapters_of(model: nnx.Module) -> Adapters:
+  """The model's adapters as the functional ``{path: Adapter}`` dict (for save, export, merge)."""
+  out: Adapters = {}
+  for owner in _adapted_owners(model):
+    for slot in getattr(owner, _SLOTS):
+      params = jax.tree.unflatten(slot.params_def, [getattr(owner, n)[...] for n in slot.param_names()])
+      frozen = jax.tree.unflatten(slot.frozen_def, [np.asarray(getattr(owner, n)[...]) for n in slot.constant_names()])
+      out[slot.path] = Adapter(params, frozen, slot.method, slot.shape, slot.dtype, slot.in_axes, slot.layout,
+                               slot.stack_axes)
+  return out
+
+
+def _detach(owner: nnx.Module) -> None:
+  for slot in getattr(owner, _SLOTS):
+    for var_name in slot.param_names() + slot.constant_names():
+      delattr(owner, var_name)
+  delattr(owner, _SLOTS)
+  owner.__class__ = _base_class(type(owner))
+
+
+def merge_adapters(model: nnx.Module, *, check_finite: bool = True) -> nnx.Module:
+  """Folds every adapter into its weight (``W0 + Delta W``) and removes it, in place.
+
+  Args:
+    model: a model with adapters (from :func:`adapt` / :func:`attach`).
+    check_finite: refuse (``ValueError`` naming the path) a merged weight with NaN or infinity.
+
+  Returns:
+    ``model`` with plain weights and its original layer classes: no inference overhead.
+  """
+  for owner in list(_adapted_owners(model)):
+    merged = {}
+    for slot in getattr(owner, _SLOTS):
+      adapter = _layer_adapter(owner, slot)
+      weight = getattr(owner, slot.name)
+      value = adapter.merge(weight[...])
+      if check_finite and not bool(jnp.all(jnp.isfinite(value))):
+        raise ValueError(f"Merging the adapter at {slot.path!r} gives non-finite weights; nothing was merged there.")
+      merged[slot.name] = value
+    for name, value in merged.items():
+      getattr(owner, name)[...] = value
+    _detach(owner)
+  return model
+
+
+def detach_adapters(model: nnx.Module) -> Adapters:
+  """Removes every adapter (weights unchanged) and returns them as ``{path: Adapter}``."""
+  adapters = adapters_of(model)
+  for owner in list(_adapted_owners(model)):
+    _detach(owner)
+  return adapters
+
+
+def load_into(model: nnx.Module, adapters: Adapters) -> nnx.Module:
+  """Replaces the model's adapters by ``adapters`` (same paths): e.g. after :func:`sp.peft.load_adapters`."""
+  detach_adapters(model)
+  return attach(model, adapters)
