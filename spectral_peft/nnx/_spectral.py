@@ -109,7 +109,7 @@ class LFMADense(_AdaptedDense):
   """
 
   def __init__(self, in_features: int, out_features: int, *, top_k_ratio: float, alpha: float = 120.0,
-               delta_init: str = "random", value_init: str = "spectrum", path: str = "auto",
+               delta_init: str = "random", value_init: str = "zeros", path: str = "auto",
                use_bias: bool = True, dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
                kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
                bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):
