@@ -516,7 +516,8 @@ def init_lfma_adapters(
     ``{path: Adapter}``.
 
   Raises:
-    ValueError: a target without a ``delta_inits`` entry, or an entry of the wrong shape.
+    ValueError: a target without a ``delta_inits`` entry, or an entry of the wrong shape or with
+      NaN/inf entries.
 
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
@@ -543,6 +544,7 @@ def init_lfma_adapters(
     given = jnp.asarray(delta_inits[path])
     if tuple(given.shape) != adapter.shape:
       raise ValueError(f"`delta_inits[{path!r}]` must have the weight's shape {adapter.shape}, got {tuple(given.shape)}.")
+    _validation.check_finite(f"delta_inits[{path!r}]", given)  # NaN would rank first in the top-k mask.
     p, f = spec.init_from_delta(jnp.reshape(given, adapter.matrix_shape).astype(w0.dtype), w0)
     adapters[path] = Adapter(p, f, spec, adapter.shape, adapter.dtype, adapter.in_axes)
   return adapters
