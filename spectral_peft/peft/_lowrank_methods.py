@@ -176,17 +176,25 @@ class _MagnitudeDirection:
     return {"w0_norm": _column_norm(w0)}
 
   def _norm_factor(self, params, norm):
+    """``magnitude / ||V||_c`` in at least float32.
+
+    The norm is rounded to the magnitude's dtype first (a no-op in float32), so that at init, where
+    the magnitude is that rounded norm, the factor is exactly 1 and the merge exactly ``w0`` in
+    bfloat16 and float16 too.
+    """
     if self.stop_norm_gradient:
       norm = jax.lax.stop_gradient(norm)
+    magnitude = params["magnitude"]
+    norm = norm.astype(magnitude.dtype).astype(jnp.promote_types(magnitude.dtype, jnp.float32))
     tiny = jnp.finfo(norm.dtype).tiny
-    return params["magnitude"] / jnp.maximum(norm, tiny)
+    return _up(magnitude) / jnp.maximum(norm, tiny)
 
   def delta(self, params, w0, frozen=None):
     del frozen
     update = self.update(params)
     w0 = _up(w0)
     direction = w0 + update
-    factor = self._norm_factor({"magnitude": _up(params["magnitude"])}, _column_norm(direction))
+    factor = self._norm_factor(params, _column_norm(direction))
     # (factor - 1) * w0 + factor * update is exactly zero at init (factor == 1, update == 0).
     return (factor - 1.0) * w0 + factor * update
 
@@ -196,8 +204,7 @@ class _MagnitudeDirection:
 
   def apply(self, params, x, w0, frozen=None):
     del frozen
-    magnitude = {"magnitude": _up(params["magnitude"])}
-    factor = self._norm_factor(magnitude, self._direction_norm(params, w0)).astype(jnp.result_type(x, w0))
+    factor = self._norm_factor(params, self._direction_norm(params, w0)).astype(jnp.result_type(x, w0))
     y = jnp.matmul(x, w0) + self.update_matmul(params, x).astype(jnp.result_type(x, w0))
     return y * factor
 
