@@ -326,3 +326,16 @@ def test_frozen_constants_are_saved_by_name(tmp_path):
   loaded = sp.peft.load_adapters(tmp_path / "s", params)
   np.testing.assert_array_equal(loaded["w"].frozen["indices"], ad["w"].frozen["indices"])
   np.testing.assert_array_equal(loaded["w"].params["values"], ad["w"].params["values"])
+
+
+def test_format_1_checkpoints_are_named_and_may_be_overwritten(tmp_path):
+  legacy = tmp_path / "old"
+  (legacy / "metadata").mkdir(parents=True)
+  (legacy / "arrays").mkdir()
+  (legacy / "metadata" / "metadata").write_text(json.dumps({"format_version": 1, "adapters": []}))
+  (legacy / "_CHECKPOINT_METADATA").write_text("{}")
+  with pytest.raises(ValueError, match="older spectral_peft \\(format version 1\\)"):
+    sp.peft.load_adapters(legacy)
+  sp.peft.save_adapters(legacy, adapters(4.0), overwrite=True)
+  assert checkpoint_worker.tag_of(sp.peft.load_adapters(legacy, PARAMS)) == 4.0
+  assert sorted(e for e in os.listdir(legacy) if not e.startswith("version-")) == [".lock", "spectral_peft_adapters.json"]

@@ -172,10 +172,28 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
+_LEGACY_ENTRIES = ("arrays", "metadata", "_CHECKPOINT_METADATA", "commit_success.txt")
+
+
+def _is_legacy(path: str) -> bool:
+  """Whether ``path`` is a format-1 checkpoint (one orbax checkpoint, no pointer file)."""
+  try:
+    with open(os.path.join(path, "metadata", "metadata"), encoding="utf-8") as f:
+      content = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(content, dict) and content.get("format_version") == 1 and "adapters" in content
+
+
 def _read_pointer(path: str) -> dict[str, Any]:
   """The pointer file of the checkpoint directory ``path``; ``ValueError`` when it is not ours."""
   pointer = os.path.join(path, POINTER)
   if not os.path.isfile(pointer):
+    if _is_legacy(path):
+      raise ValueError(
+          f"Checkpoint {path!r} was written by an older spectral_peft (format version 1); load it with that "
+          f"version and save it again (save_adapters(..., overwrite=True) may replace it)."
+      )
     raise ValueError(f"`path` {path!r} is not an adapter checkpoint: it has no {POINTER!r} file.")
   try:
     with open(pointer, encoding="utf-8") as f:
@@ -254,6 +272,8 @@ def _check_target(path: str, overwrite: bool) -> str:
     return "new"
   if not overwrite:
     raise FileExistsError(f"`path` {path!r} already exists; pass overwrite=True to replace it.")
+  if _is_legacy(path) and not os.path.exists(os.path.join(path, POINTER)):
+    return "overwrite"  # Format 1: replaced in place once the pointer of the new version is written.
   try:
     _read_pointer(path)
   except ValueError as err:
@@ -361,8 +381,8 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
         stack.enter_context(_locked(os.path.join(staging, LOCK)))
         return {"mode": mode, "root": staging, "version": version}
       stack.enter_context(_locked(os.path.join(path, LOCK)))
-      _read_pointer(path)  # Still ours now that we hold its lock.
-      _remove_unreferenced(path, keep=_read_pointer(path)["current"])
+      if os.path.exists(os.path.join(path, POINTER)) or not _is_legacy(path):
+        _remove_unreferenced(path, keep=_read_pointer(path)["current"])  # Still ours under the lock.
       return {"mode": mode, "root": path, "version": version}
 
     plan = _run_on_primary(prepare)
@@ -378,9 +398,16 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
       raise
 
     def commit() -> bool:
+      legacy = plan["mode"] == "overwrite" and not os.path.exists(os.path.join(path, POINTER)) and _is_legacy(path)
       _write_pointer(plan["root"], plan["version"])
       if plan["mode"] == "overwrite":
         _remove_unreferenced(path, keep=plan["version"])
+        for entry in _LEGACY_ENTRIES if legacy else ():
+          full = os.path.join(path, entry)
+          if os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+          elif os.path.exists(full):
+            os.remove(full)
         return True
       try:
         os.rename(plan["root"], path)  # Atomic; fails if another save already created `path`.
