@@ -6,7 +6,8 @@ Modes:
   then saves adapters marked with ``T`` (every trainable value offset by ``T``) with
   ``overwrite=False``; prints ``won <i>`` or ``lost <i> <error type>``.
 * ``loop --path P``: saves once, prints ``ready``, then overwrites ``P`` forever with adapters
-  marked ``1, 2, 3, ...`` (printing ``saved <k>`` after each); the test kills it with SIGKILL.
+  marked ``1, 2, 3, ...`` (printing ``saved <k>`` after each), each followed by a fresh save to a
+  new name in ``P-fresh/``; the test kills it with SIGKILL.
 * ``multihost --process-id I --num-processes 2 --port N --path P``: two ``jax.distributed``
   processes save adapters sharded over both processes, overwrite them, and load them back.
 """
@@ -62,9 +63,12 @@ def loop(args):
   sp.peft.save_adapters(args.path, marked_adapters(0.0), overwrite=True)
   print("ready", flush=True)
   k = 1
+  fresh = args.path + "-fresh"
   while True:
     sp.peft.save_adapters(args.path, marked_adapters(float(k)), overwrite=True)
     print(f"saved {k}", flush=True)
+    # A fresh save (no overwrite) of a new name: a kill here leaves a hidden staging directory.
+    sp.peft.save_adapters(os.path.join(fresh, f"ck-{os.getpid()}-{k}"), marked_adapters(float(k)))
     k += 1
 
 

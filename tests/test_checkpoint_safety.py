@@ -149,7 +149,7 @@ def test_concurrent_saves_without_overwrite_have_exactly_one_winner(tmp_path):
 
 
 def test_killing_an_overwriting_save_always_leaves_a_complete_checkpoint(tmp_path):
-  path = tmp_path / "ckpt"
+  path, fresh = tmp_path / "ckpt", tmp_path / "ckpt-fresh"
   rng = random.Random(0)
   highest = 0
   for _ in range(4):
@@ -167,11 +167,17 @@ def test_killing_an_overwriting_save_always_leaves_a_complete_checkpoint(tmp_pat
     # The path holds the last completed save or the one that was being committed when killed.
     tag = checkpoint_worker.tag_of(sp.peft.load_adapters(path, PARAMS))
     assert tag in (last, last + 1), (tag, last)
+    # Every fresh checkpoint that appeared is complete (it appears only once written).
+    for name in os.listdir(fresh) if os.path.isdir(fresh) else []:
+      if not name.startswith("."):
+        assert checkpoint_worker.tag_of(sp.peft.load_adapters(fresh / name, PARAMS)) == float(name.split("-")[-1])
   assert highest > 0  # The kills did interrupt a running loop of saves.
   sp.peft.save_adapters(path, adapters(100.0), overwrite=True)
+  sp.peft.save_adapters(fresh / "final", adapters(100.0))
   assert checkpoint_worker.tag_of(sp.peft.load_adapters(path, PARAMS)) == 100.0
   assert len(versions(path)) == 1
-  assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "ckpt-fresh"]
+  assert not [e for e in os.listdir(fresh) if e.startswith(".")]  # No staging leftovers accumulate.
 
 
 def test_two_process_save_and_load(tmp_path):

@@ -241,15 +241,19 @@ def _staging_prefix(path: str) -> str:
 
 
 def _remove_stale_staging(path: str) -> None:
-  """Removes hidden siblings of ``path`` left by interrupted saves (their lock is free)."""
-  parent, prefix = os.path.dirname(path), _staging_prefix(path)
+  """Removes hidden ``.<name>.saving-*`` siblings of ``path`` left by interrupted saves (lock free).
+
+  Any checkpoint name in the same parent counts, so repeated interrupted saves to different names
+  do not accumulate either; a staging directory whose lock is held belongs to a running save.
+  """
+  parent = os.path.dirname(path)
   try:
     entries = os.listdir(parent)
   except OSError:
     return
   for entry in entries:
     full = os.path.join(parent, entry)
-    if not entry.startswith(prefix) or not os.path.isdir(full) or os.path.islink(full):
+    if not (entry.startswith(".") and ".saving-" in entry) or not os.path.isdir(full) or os.path.islink(full):
       continue
     lock = os.path.join(full, LOCK)
     if not os.path.exists(lock):
