@@ -10,6 +10,7 @@ Modes:
   new name in ``P-fresh/``; the test kills it with SIGKILL.
 * ``multihost --process-id I --num-processes 2 --port N --path P``: two ``jax.distributed``
   processes save adapters sharded over both processes, overwrite them, and load them back.
+* ``alone ...`` (same flags): only process 0 calls ``save_adapters``; it must raise, not hang.
 """
 
 from __future__ import annotations
@@ -102,9 +103,29 @@ def multihost(args):
   jax.distributed.shutdown()
 
 
+def alone(args):
+  """Only process 0 saves: it must raise (not hang) once the barrier times out."""
+  from spectral_peft.peft import _checkpoint
+
+  jax.config.update("jax_num_cpu_devices", 2)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
+                             process_id=args.process_id, initialization_timeout=120)
+  if jax.process_index() == 0:
+    _checkpoint.BARRIER_TIMEOUT_S = 5
+    try:
+      sp.peft.save_adapters(args.path, marked_adapters(1.0))
+      print("process 0 saved alone", flush=True)
+    except RuntimeError as err:
+      print(f"process 0 RuntimeError: {err}", flush=True)
+  else:
+    time.sleep(15)
+  os._exit(0)  # The coordination service is in a failed barrier: skip the orderly shutdown.
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=("race", "loop", "multihost"))
+  parser.add_argument("mode", choices=("race", "loop", "multihost", "alone"))
   parser.add_argument("--tag", type=float, default=0.0)
   parser.add_argument("--paths", default="")
   parser.add_argument("--go-dir", default="")
@@ -113,7 +134,7 @@ def main(argv=None):
   parser.add_argument("--num-processes", type=int, default=2)
   parser.add_argument("--port", type=int, default=0)
   args = parser.parse_args(argv)
-  {"race": race, "loop": loop, "multihost": multihost}[args.mode](args)
+  {"race": race, "loop": loop, "multihost": multihost, "alone": alone}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -345,3 +345,22 @@ def test_format_1_checkpoints_are_named_and_may_be_overwritten(tmp_path):
   sp.peft.save_adapters(legacy, adapters(4.0), overwrite=True)
   assert checkpoint_worker.tag_of(sp.peft.load_adapters(legacy, PARAMS)) == 4.0
   assert sorted(e for e in os.listdir(legacy) if not e.startswith("version-")) == [".lock", "spectral_peft_adapters.json"]
+
+
+def test_a_save_on_one_process_only_raises_instead_of_hanging(tmp_path):
+  if not loopback_available():
+    pytest.skip("no TCP loopback interface (127.0.0.1) to run jax.distributed's coordinator on")
+  port, path = free_port(), tmp_path / "ckpt"
+  procs = [subprocess.Popen([sys.executable, WORKER, "alone", "--process-id", str(i), "--port", str(port),
+                             "--path", str(path)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  # Process 0 gets a clear error after the (shortened) barrier timeout; the coordination service then
+  # reports the failed barrier to process 1 too (JAX aborts it), so the job stops instead of hanging.
+  assert "process 0 RuntimeError: save_adapters is collective under jax.distributed" in logs[0], logs[0][-3000:]
+  assert not os.path.exists(path) and os.listdir(tmp_path) == []

@@ -289,6 +289,29 @@ def _check_target(path: str, overwrite: bool) -> str:
 
 
 # -- multi-host coordination ---------------------------------------------------------------------
+#: Seconds a process waits for the others to enter a collective save before it raises.
+BARRIER_TIMEOUT_S = 300
+_save_calls = 0
+
+
+def _enter_collective(what: str) -> None:
+  """A barrier with a timeout: a save called on only some processes raises instead of hanging."""
+  global _save_calls
+  _save_calls += 1
+  if jax.process_count() == 1:
+    return
+  ocp = _orbax()
+  try:
+    ocp.multihost.sync_global_processes(f"spectral_peft_{what}_{_save_calls}", timeout=BARRIER_TIMEOUT_S,
+                                        processes=set(range(jax.process_count())))
+  except Exception as err:
+    raise RuntimeError(
+        f"{what} is collective under jax.distributed: every process must call it (the same number of times); "
+        f"process {jax.process_index()} waited {BARRIER_TIMEOUT_S} s for the other {jax.process_count() - 1} "
+        f"process(es) ({_first_line(err)})."
+    ) from None
+
+
 _ERRORS = {"FileExistsError": FileExistsError, "ValueError": ValueError, "TypeError": TypeError, "OSError": OSError}
 
 
@@ -337,8 +360,9 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
   checkpoint (see the module docstring). Only a directory written by ``save_adapters`` is ever
   replaced. Leftovers of interrupted saves are removed by the next save to the same ``path``.
 
-  Multi-host (``jax.distributed``): a collective; call it on every process with the same arguments
-  (calling it on one process only waits for the others forever, as orbax does).
+  Multi-host (``jax.distributed``): a collective; call it on every process with the same arguments.
+  Called on some processes only, it raises ``RuntimeError`` after ``BARRIER_TIMEOUT_S`` seconds
+  (300) instead of hanging.
 
   Args:
     path: target directory; must not exist (an empty directory is fine) unless ``overwrite``.
@@ -353,6 +377,7 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
       is not an adapter checkpoint.
     TypeError: ``adapters`` is not an adapters dict, holds tracers (inside ``jit``), or a method spec
       that is not JSON-serialisable.
+    RuntimeError: (multi-host) not every process called it.
 
   Example:
     >>> import jax, jax.numpy as jnp, tempfile, os, spectral_peft as sp
@@ -371,6 +396,7 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
   metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapters": entries}
   version = VERSION_PREFIX + uuid.uuid4().hex  # Process 0's choice is broadcast below.
   ocp, checkpointer = _checkpointer()
+  _enter_collective("save_adapters")
   primary = jax.process_index() == 0
 
   with contextlib.ExitStack() as stack:
