@@ -52,6 +52,20 @@ def test_values_that_overflow_the_dtype_are_refused():
     sp.peft.init_adapters(KEY, dense(), sp.peft.LFMA(0.1, alpha=1e39), "kernel")
 
 
+def test_core_sine_functions_refuse_an_omega_that_overflows():
+  a, b = jnp.ones((4, 2)), jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match=r"`omega` of sine_lowrank is 1e\+39, which overflows to inf in float32"):
+    sp.sine_lowrank(a, b, omega=1e39)
+  with pytest.raises(ValueError, match=r"`omega` of sine_lowrank_matmul .* overflows"):
+    sp.sine_lowrank_matmul(jnp.ones((1, 4)), a, b, omega=1e39)
+  assert jnp.all(jnp.isfinite(sp.sine_lowrank(a, b, omega=1e30)))  # Large but finite in float32: accepted.
+
+
+def test_nnx_layers_name_a_bad_param_dtype():
+  with pytest.raises(TypeError, match=r"`param_dtype` must be a real floating dtype .* got 'notadtype'"):
+    sp.nnx.WaveFTDense(8, 4, n_params=3, param_dtype="notadtype", rngs=nnx.Rngs(0))
+
+
 def test_dora_on_float16_columns_of_norm_above_256():
   kernel = jnp.full((16, 4), 100.0, jnp.float16)  # column norm 400: its square overflows float16.
   params = {"w": kernel}

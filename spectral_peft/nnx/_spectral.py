@@ -30,6 +30,7 @@ class _AdaptedDense(nnx.Module):
   """Shared body: base kernel and bias, one adapter spec, its values and indices."""
 
   def _build(self, in_features, out_features, method, *, use_bias, dtype, param_dtype, kernel_init, bias_init, rngs):
+    _validation.check_float_dtype("param_dtype", param_dtype, allow_none=False)
     in_features = _validation.check_positive_int("in_features", in_features)
     out_features = _validation.check_positive_int("out_features", out_features)
     method.check_shape((in_features, out_features))
