@@ -121,7 +121,7 @@ def test_leftovers_of_interrupted_saves_are_removed_but_running_saves_are_not(tm
 
 # -- concurrency, kills, multi-host ----------------------------------------------------------------
 def test_concurrent_saves_without_overwrite_have_exactly_one_winner(tmp_path):
-  trials = 4
+  trials = 8
   paths = [str(tmp_path / f"ckpt{i}") for i in range(trials)]
   go = tmp_path / "go"
   go.mkdir()

@@ -268,6 +268,31 @@ def _remove_stale_staging(path: str) -> None:
       pass
 
 
+def _new_staging(path: str, stack: contextlib.ExitStack) -> str:
+  """A new hidden sibling of ``path`` whose lock this process holds (until ``stack`` closes).
+
+  Another save's cleanup may remove a staging directory in the instant between its creation and
+  its lock; the lock is therefore checked to still be the file at its path, else we start over.
+  """
+  for _ in range(100):
+    staging = tempfile.mkdtemp(prefix=_staging_prefix(path), dir=os.path.dirname(path))
+    lock = os.path.join(staging, LOCK)
+    try:
+      fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+      continue
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+      same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      stack.callback(os.close, fd)  # Closing the descriptor releases the lock.
+      return staging
+    os.close(fd)
+  raise OSError(f"Could not create a staging directory next to `path` {path!r}.")
+
+
 def _check_target(path: str, overwrite: bool) -> str:
   """``"new"`` (nothing or an empty directory at ``path``) or ``"overwrite"`` (our checkpoint)."""
   if os.path.lexists(path) and not os.path.isdir(path):
@@ -407,9 +432,7 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
       os.makedirs(parent, exist_ok=True)
       _remove_stale_staging(path)
       if mode == "new":
-        staging = tempfile.mkdtemp(prefix=_staging_prefix(path), dir=parent)
-        stack.enter_context(_locked(os.path.join(staging, LOCK)))
-        return {"mode": mode, "root": staging, "version": version}
+        return {"mode": mode, "root": _new_staging(path, stack), "version": version}
       stack.enter_context(_locked(os.path.join(path, LOCK)))
       if os.path.exists(os.path.join(path, POINTER)) or not _is_legacy(path):
         _remove_unreferenced(path, keep=_read_pointer(path)["current"])  # Still ours under the lock.
