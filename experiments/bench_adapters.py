@@ -81,7 +81,7 @@ def methods(config: Config, budget_rank: int = 8) -> dict[str, sp.peft.AdapterMe
            "SineLoRA r8": sp.peft.SineLoRA(8, omega=config.omega),
            "SineDoRA r8": sp.peft.SineDoRA(8, omega=config.omega)}
   optional = {"SHiRA": lambda: sp.peft.SHiRA(p), "WaveFT": lambda: sp.peft.WaveFT(p),
-              "FourierFT": lambda: sp.peft.FourierFT(p), "LFMA": lambda: sp.peft.LFMA(p / 2 / config.embed**2)}
+              "FourierFT": lambda: sp.peft.FourierFT(p), "LFMA": lambda: sp.peft.LFMA(p / 2 / config.embed**2, value_init="spectrum")}
   for name, make in optional.items():
     if hasattr(sp.peft, name):
       specs[f"{name} p={p}"] = make()

@@ -65,13 +65,19 @@ def numerical_rank(w: Array, rtol: Optional[float] = None) -> Array:
 
   Returns:
     Integer scalar.
+
+  Raises:
+    ValueError: ``w`` is concrete and holds NaN or inf (its rank is undefined). Under ``jit`` the
+      values cannot be checked and such a matrix gives ``-1``.
   """
+  _validation.check_finite("w", w)
   s = singular_spectrum(w)
   if rtol is None:
     rtol = max(w.shape) * float(jnp.finfo(s.dtype).eps)
   elif not rtol >= 0:
     raise ValueError(f"`rtol` must be a non-negative float, got {rtol}.")
-  return jnp.sum(s > rtol * s[0]).astype(jnp.int32)
+  rank = jnp.sum(s > rtol * s[0]).astype(jnp.int32)
+  return jnp.where(jnp.all(jnp.isfinite(s)), rank, -1)
 
 
 class SineRankBound(NamedTuple):

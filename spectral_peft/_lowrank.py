@@ -90,7 +90,8 @@ def sine_lowrank(a: Array, b: Array, *, omega: float, gain: Optional[float] = No
     ``(m, n)`` matrix in the promoted dtype of ``a`` and ``b``.
 
   Raises:
-    ValueError: if ``omega`` or ``gain`` is not positive, or the factors do not fit.
+    ValueError: if ``omega`` or ``gain`` is not positive or overflows the dtype (``1e39`` is inf in
+      float32), the factors do not fit, or an axis has size 0.
 
   Example:
     >>> import jax, spectral_peft as sp
@@ -102,6 +103,7 @@ def sine_lowrank(a: Array, b: Array, *, omega: float, gain: Optional[float] = No
   m, _, _ = _validation.check_lowrank_factors(a, b)
   omega = _validation.check_positive_float("omega", omega)
   gain = _resolve_gain(gain, m)
+  _validation.check_fits_dtype("sine_lowrank", {"omega": omega, "gain": gain}, jnp.result_type(a, b))
   return jnp.sin(omega * jnp.matmul(a, b)) / gain
 
 
@@ -166,6 +168,7 @@ def sine_lowrank_matmul(
   _check_input(x, m)
   omega = _validation.check_positive_float("omega", omega)
   gain = _resolve_gain(gain, m)
+  _validation.check_fits_dtype("sine_lowrank_matmul", {"omega": omega, "gain": gain}, jnp.result_type(x, a, b))
   if block_size is None:
     block_size = default_block_size(m, n)
   block_size = min(_validation.check_positive_int("block_size", block_size), n)

@@ -66,18 +66,30 @@ def _check_values(values: Any, *, real: bool) -> Array:
 
 
 def flat_indices(indices: Any, grid: tuple[int, int], p: int) -> Array:
-  """``(p,)`` int32 flat row-major indices from ``(p,)`` flat indices or ``(p, 2)`` pairs."""
+  """``(p,)`` int32 flat row-major indices from ``(p,)`` flat indices or ``(p, 2)`` pairs.
+
+  Concrete positions outside the grid raise ``ValueError``. Traced ones (under ``jit``) cannot be
+  checked: each position outside the grid (a negative one, a flat index ``>= M * N``, a row or
+  column out of range) is mapped to ``M * N``, one past the end, so the syntheses and products
+  drop it (it contributes nothing) instead of wrapping around or landing on another entry.
+  """
+  _validation.check_positions("indices", indices, grid)
   indices = jnp.asarray(indices)
   if not jnp.issubdtype(indices.dtype, jnp.integer):
     raise TypeError(f"`indices` must be an integer array, got {indices.dtype}.")
+  big_m, big_n = grid
   if indices.ndim == 2 and indices.shape[1] == 2:
-    indices = indices[:, 0] * grid[1] + indices[:, 1]
+    rows, cols = indices[:, 0], indices[:, 1]
+    inside = (rows >= 0) & (rows < big_m) & (cols >= 0) & (cols < big_n)
+    indices = rows * big_n + cols
+  else:
+    inside = (indices >= 0) & (indices < big_m * big_n)
   if indices.shape != (p,):
     raise ValueError(
         f"`indices` must be (p,) flat positions or (p, 2) (row, col) pairs with p = len(values) = {p}, "
         f"got shape {indices.shape}."
     )
-  return indices.astype(jnp.int32)
+  return jnp.where(inside, indices, big_m * big_n).astype(jnp.int32)
 
 
 # -- scatter and syntheses ---------------------------------------------------------------------
@@ -93,7 +105,8 @@ def scatter_coefficients(values: Array, indices: Array, shape: Sequence[int]) ->
     ``(M, N)`` array of the dtype of ``values``.
 
   Raises:
-    ValueError: bad ``shape`` or ``indices`` shape; TypeError: non-integer ``indices``.
+    ValueError: bad ``shape`` or ``indices`` shape, or concrete ``indices`` outside the grid (under
+      ``jit`` such positions are dropped: they add nothing); TypeError: non-integer ``indices``.
 
   Example:
     >>> import jax.numpy as jnp, spectral_peft as sp
@@ -104,7 +117,7 @@ def scatter_coefficients(values: Array, indices: Array, shape: Sequence[int]) ->
   values = jnp.asarray(values)
   _validation.check_ndim("values", values, 1)
   flat = flat_indices(indices, grid, values.shape[0])
-  return _zeros_after(values, grid[0] * grid[1]).at[flat].add(values).reshape(grid)
+  return _zeros_after(values, grid[0] * grid[1]).at[flat].add(values, mode="drop").reshape(grid)
 
 
 def _zeros_after(values: Array, size: int) -> Array:
@@ -139,7 +152,9 @@ def waveft_delta(values: Array, indices: Array, shape: Sequence[int], *, wavelet
     ``(m, n)`` array of the dtype of ``values``.
 
   Raises:
-    TypeError: complex ``values``; ValueError: unknown wavelet, level too deep, bad shapes.
+    TypeError: complex ``values``; ValueError: unknown wavelet, level too deep, bad shapes,
+    concrete ``indices`` outside the grid (under ``jit`` they are dropped, as in
+    :func:`scatter_coefficients`).
 
   Example:
     >>> import jax.numpy as jnp, spectral_peft as sp
@@ -169,6 +184,10 @@ def fourier_delta(values: Array, indices: Array, shape: Sequence[int]) -> Array:
 
   Returns:
     ``(m, n)`` real array (float32 for float32/complex64 values, float64 for 64-bit ones).
+
+  Raises:
+    ValueError: bad shapes, or concrete ``indices`` outside the ``(m, n)`` grid (a negative or
+    too large frequency; under ``jit`` such positions are dropped, as in :func:`scatter_coefficients`).
 
   Example:
     >>> import jax.numpy as jnp, spectral_peft as sp
@@ -226,7 +245,9 @@ def topk_spectral_mask(delta_init: Array, ratio: float) -> Array:
     broken towards the lower position up to rounding of the FFT).
 
   Raises:
-    ValueError: ``ratio`` outside ``(0, 1]`` or too small to keep one entry, ``delta_init`` not 2-D.
+    ValueError: ``ratio`` outside ``(0, 1]`` or too small to keep one entry, ``delta_init`` not 2-D,
+      or concrete ``delta_init`` with NaN or inf entries (they would rank first; under ``jit`` the
+      values cannot be checked).
 
   Example:
     >>> import jax.numpy as jnp, spectral_peft as sp
@@ -236,7 +257,9 @@ def topk_spectral_mask(delta_init: Array, ratio: float) -> Array:
   delta_init = jnp.asarray(delta_init)
   _validation.check_ndim("delta_init", delta_init, 2)
   _validation.check_floating("delta_init", delta_init)
+  _validation.check_finite("delta_init", delta_init)
   k = topk_count(delta_init.shape, ratio)
+  delta_init = delta_init.astype(jnp.promote_types(delta_init.dtype, jnp.float32))  # fft2 needs 32 bits.
   magnitude = jnp.abs(jnp.fft.fft2(delta_init)).reshape(-1)
   _, idx = jax.lax.top_k(magnitude, k)
   return idx.astype(jnp.int32)
@@ -325,7 +348,8 @@ def sparse_matmul(x: Array, values: Array, indices: Array, shape: Sequence[int],
   dtype = jnp.result_type(x, values)
   if chosen == "dense":
     return jnp.matmul(x.astype(dtype), scatter_coefficients(values.astype(dtype), flat, (m, n)))
-  gathered = jnp.take(x.astype(dtype), flat // n, axis=-1) * values.astype(dtype)
+  # Dropped positions (flat == m * n under jit) gather row m: filled with 0, they add nothing.
+  gathered = jnp.take(x.astype(dtype), flat // n, axis=-1, mode="fill", fill_value=0) * values.astype(dtype)
   return jnp.zeros(x.shape[:-1] + (n,), dtype).at[..., flat % n].add(gathered)
 
 
@@ -398,6 +422,6 @@ def fourier_matmul(x: Array, values: Array, indices: Array, shape: Sequence[int]
     return jnp.matmul(x.astype(real_dtype), fourier_delta(values, flat, (m, n)).astype(real_dtype))
   complex_dtype = jnp.result_type(real_dtype, jnp.complex64)
   spectrum_x = jnp.fft.ifft(x.astype(complex_dtype), axis=-1)
-  gathered = jnp.take(spectrum_x, flat // n, axis=-1) * values.astype(complex_dtype)
+  gathered = jnp.take(spectrum_x, flat // n, axis=-1, mode="fill", fill_value=0) * values.astype(complex_dtype)
   t = jnp.zeros(x.shape[:-1] + (n,), complex_dtype).at[..., flat % n].add(gathered)
   return jnp.real(jnp.fft.ifft(t, axis=-1)).astype(real_dtype)

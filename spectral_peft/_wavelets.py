@@ -224,6 +224,7 @@ def dwt2(matrix: Array, wavelet: str = "haar", level: int = 1) -> Array:
   if matrix.ndim < 2:
     raise ValueError(f"`matrix` must have at least 2 axes (..., m, n), got shape {matrix.shape}.")
   _validation.check_floating("matrix", matrix)
+  _validation.check_nonempty("matrix", matrix)
   m, n = matrix.shape[-2:]
   big_m, big_n = wavelet_coefficient_shape((m, n), wavelet=wavelet, level=level)
   pad = [(0, 0)] * (matrix.ndim - 2) + [(0, big_m - m), (0, big_n - n)]
@@ -267,6 +268,7 @@ def idwt2(coeffs: Array, wavelet: str = "haar", level: int = 1, *, shape: Option
   if coeffs.ndim < 2:
     raise ValueError(f"`coeffs` must have at least 2 axes (..., M, N), got shape {coeffs.shape}.")
   _validation.check_floating("coeffs", coeffs)
+  _validation.check_nonempty("coeffs", coeffs)
   big = tuple(coeffs.shape[-2:])
   out_shape = big if shape is None else _check_shape("shape", tuple(shape))
   expected = wavelet_coefficient_shape(out_shape, wavelet=wavelet, level=level)
@@ -331,7 +333,7 @@ def sparse_idwt2_matmul(
   flat_rows = row_offsets[levels] + rows
   flat_cols = col_offsets[levels] + cols
   stacked = jnp.concatenate(analysed, axis=-1) if level > 1 else analysed[0]
-  gathered = jnp.take(stacked, flat_rows, axis=-1) * values.astype(dtype)
+  gathered = jnp.take(stacked, flat_rows, axis=-1, mode="fill", fill_value=0) * values.astype(dtype)
   w = jnp.zeros(x.shape[:-1] + (sum(col_sizes),), dtype).at[..., flat_cols].add(gathered)
   out = None
   for lev in reversed(range(level)):

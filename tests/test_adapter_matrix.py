@@ -142,3 +142,88 @@ def test_same_key_same_adapter(case, base_params):
   # A different key changes the adapter: its random init, or (zero-init sparse methods) its positions.
   arrays = lambda adapter: jax.tree.leaves((adapter.params, adapter.frozen))
   assert any(np.any(np.asarray(o) != np.asarray(a)) for o, a in zip(arrays(other["mlp_in/kernel"]), arrays(a0)))
+
+
+# -- low-precision bases: every method inits, trains, merges, unmerges and saves on bf16 and fp16 -----
+LOW_PRECISION = pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+
+
+def cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def cast_adapters(adapters, dtype):
+  """The adapters with floating trainable arrays cast to ``dtype``, recorded for a ``dtype`` weight."""
+  return {p: sp.peft.Adapter(cast(a.params, dtype), a.frozen, a.method, a.shape, jnp.dtype(dtype).name, a.in_axes)
+          for p, a in adapters.items()}
+
+
+@by_name
+@LOW_PRECISION
+def test_low_precision_identity_at_init(case, dtype, block, base_params, inputs):
+  params = cast(base_params, dtype)
+  adapters = make_adapters(case, params)
+  assert all(a.dtype == jnp.dtype(dtype).name for a in adapters.values())
+  merged = sp.peft.merge(params, adapters)
+  assert jax.tree.map(lambda x: x.dtype, merged) == jax.tree.map(lambda x: x.dtype, params)
+  chex.assert_trees_all_equal(merged, params)
+
+
+@by_name
+@LOW_PRECISION
+def test_low_precision_merge_matches_float32_and_unmerges(case, dtype, base_params):
+  params = cast(base_params, dtype)
+  adapters = trained(case, params)
+  merged = sp.peft.merge(params, adapters)  # safe: raises on any NaN/inf.
+  # The same adapters and base in float32, merged there and rounded once: the low-precision merge
+  # (computed in float32 and cast back) may differ from it by the final rounding only.
+  reference = cast(sp.peft.merge(cast(params, jnp.float32), cast_adapters(adapters, jnp.float32)), dtype)
+  eps = float(jnp.finfo(dtype).eps)
+  for path in adapters:
+    got = np.asarray(sp.peft.leaf_paths(merged)[path], np.float32)
+    want = np.asarray(sp.peft.leaf_paths(reference)[path], np.float32)
+    np.testing.assert_allclose(got, want, rtol=2 * eps, atol=2 * eps * np.abs(want).max(), err_msg=path)
+  restored = sp.peft.unmerge(merged, adapters)
+  for path in adapters:
+    base = np.asarray(sp.peft.leaf_paths(params)[path], np.float32)
+    np.testing.assert_allclose(np.asarray(sp.peft.leaf_paths(restored)[path], np.float32), base,
+                               atol=8 * eps * np.abs(base).max(), err_msg=path)
+
+
+@by_name
+@LOW_PRECISION
+def test_low_precision_training_reduces_the_loss(case, dtype, block, base_params, inputs):
+  params = cast(base_params, dtype)
+  x = inputs.astype(dtype)
+  target = block.apply({"params": base_params}, inputs) + 0.5
+  adapters = make_adapters(case, params)
+  trainable, rest = sp.peft.partition(adapters)
+
+  def loss(trainable):
+    merged = sp.peft.merge(params, sp.peft.combine(trainable, rest))
+    return jnp.mean(jnp.square(block.apply({"params": merged}, x).astype(jnp.float32) - target))
+
+  # Adam's default eps=1e-8 is 0 in float16 (updates become inf where a gradient is 0); 1e-4 is not.
+  tx = optax.adam(2e-3, eps=1e-4)
+  opt_state = tx.init(trainable)
+  step = jax.jit(lambda t, s: (lambda v, g: (v, g, *tx.update(g, s, t)))(*jax.value_and_grad(loss)(t)))
+  losses = []
+  for _ in range(8):
+    value, grads, updates, opt_state = step(trainable, opt_state)
+    chex.assert_tree_all_finite(grads)
+    trainable = optax.apply_updates(trainable, updates)
+    losses.append(float(value))
+  assert all(np.isfinite(losses)) and losses[-1] < 0.99 * losses[0], losses
+  assert jax.tree.map(lambda x: x.dtype, trainable) == jax.tree.map(lambda x: x.dtype, sp.peft.partition(adapters)[0])
+  chex.assert_tree_all_finite(sp.peft.merge(params, sp.peft.combine(trainable, rest), safe=False))
+
+
+@by_name
+@LOW_PRECISION
+def test_low_precision_save_load_round_trip(case, dtype, base_params, tmp_path):
+  params = cast(base_params, dtype)
+  adapters = trained(case, params)
+  sp.peft.save_adapters(tmp_path / "ckpt", adapters)
+  loaded = sp.peft.load_adapters(tmp_path / "ckpt", params)
+  chex.assert_trees_all_equal(loaded, adapters)
+  assert all(loaded[p].dtype == jnp.dtype(dtype).name for p in adapters)

@@ -71,7 +71,7 @@ def test_fourierft_delta_matches_numpy():
 
 def test_lfma_weight_init_follows_the_paper():
   w0 = jax.random.normal(jax.random.key(0), (16, 12))
-  method = sp.peft.LFMA(top_k_ratio=0.05, alpha=12.0, delta_init="weight")
+  method = sp.peft.LFMA(top_k_ratio=0.05, alpha=12.0, delta_init="weight", value_init="spectrum")
   adapters = sp.peft.init_adapters(jax.random.key(1), {"w": w0}, method, "w")
   a = adapters["w"]
   mask = np.asarray(a.frozen["indices"])
@@ -84,7 +84,7 @@ def test_lfma_weight_init_follows_the_paper():
 
 
 def test_lfma_random_init_mask_and_values_share_one_draw(base_params):
-  adapters = sp.peft.init_adapters(jax.random.key(2), base_params, sp.peft.LFMA(0.1, 1.0), r"mlp_in/kernel$")
+  adapters = sp.peft.init_adapters(jax.random.key(2), base_params, sp.peft.LFMA(0.1, 1.0, value_init="spectrum"), r"mlp_in/kernel$")
   values = np.abs(np.asarray(sp.peft.LFMA.coefficients(adapters["mlp_in/kernel"].params)))
   # The mask is in top-k order of |fft2(Delta W_init)| and the values are that spectrum on it.
   assert values.shape == (int(16 * 32 * 0.1),)
@@ -167,13 +167,13 @@ NNX_LAYERS = {
     "waveft": lambda: sp.nnx.WaveFTDense(16, 8, n_params=12, wavelet="db2", value_init="normal", rngs=nnx.Rngs(0)),
     "shira": lambda: sp.nnx.SHiRADense(16, 8, n_params=9, value_init="normal", rngs=nnx.Rngs(0)),
     "fourierft": lambda: sp.nnx.FourierFTDense(16, 8, n_frequency=9, value_init="normal", rngs=nnx.Rngs(0)),
-    "lfma": lambda: sp.nnx.LFMADense(16, 8, top_k_ratio=0.1, alpha=2.0, rngs=nnx.Rngs(0)),
+    "lfma": lambda: sp.nnx.LFMADense(16, 8, top_k_ratio=0.1, alpha=2.0, value_init="spectrum", rngs=nnx.Rngs(0)),
 }
 LINEN_LAYERS = {
     "waveft": sp.linen.WaveFTDense(features=8, n_params=12, wavelet="db2", value_init="normal"),
     "shira": sp.linen.SHiRADense(features=8, n_params=9, value_init="normal"),
     "fourierft": sp.linen.FourierFTDense(features=8, n_frequency=9, value_init="normal"),
-    "lfma": sp.linen.LFMADense(features=8, top_k_ratio=0.1, alpha=2.0),
+    "lfma": sp.linen.LFMADense(features=8, top_k_ratio=0.1, alpha=2.0, value_init="spectrum"),
 }
 
 

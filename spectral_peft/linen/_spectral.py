@@ -130,7 +130,7 @@ class LFMADense(_AdaptedDense):
   top_k_ratio: float
   alpha: float = 120.0
   delta_init: str = "random"
-  value_init: str = "spectrum"
+  value_init: str = "zeros"
   path: str = "auto"
   use_bias: bool = True
   dtype: Optional[Any] = None

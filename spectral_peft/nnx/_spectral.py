@@ -30,6 +30,7 @@ class _AdaptedDense(nnx.Module):
   """Shared body: base kernel and bias, one adapter spec, its values and indices."""
 
   def _build(self, in_features, out_features, method, *, use_bias, dtype, param_dtype, kernel_init, bias_init, rngs):
+    _validation.check_float_dtype("param_dtype", param_dtype, allow_none=False)
     in_features = _validation.check_positive_int("in_features", in_features)
     out_features = _validation.check_positive_int("out_features", out_features)
     method.check_shape((in_features, out_features))
@@ -109,7 +110,7 @@ class LFMADense(_AdaptedDense):
   """
 
   def __init__(self, in_features: int, out_features: int, *, top_k_ratio: float, alpha: float = 120.0,
-               delta_init: str = "random", value_init: str = "spectrum", path: str = "auto",
+               delta_init: str = "random", value_init: str = "zeros", path: str = "auto",
                use_bias: bool = True, dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
                kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
                bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):

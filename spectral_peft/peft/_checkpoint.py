@@ -1,98 +1,505 @@
-"""Saving and loading adapters alone with orbax-checkpoint.
+"""Saving and loading adapters alone with orbax-checkpoint, without ever losing data.
 
-A checkpoint is a directory with two orbax items: ``arrays`` (every adapter's leaves) and
-``metadata`` (JSON: format version, and per adapter its path, weight shape and dtype, ``in_axes``
-and method spec). The parameter structure of each adapter is rebuilt from its method with
-``jax.eval_shape``, so nothing about it is pickled.
+Layout. A checkpoint is a directory that holds a small pointer file, ``spectral_peft_adapters.json``
+(``{"format": "spectral_peft.adapters", "format_version": 2, "current": "version-<hex>"}``), a
+lock file and the version it points to: an orbax checkpoint with two items, ``arrays`` and
+``metadata``. ``arrays`` is the *named* adapter tree, one branch per adapter path split at ``'/'``,
+then ``params`` and ``frozen`` with the method's own names, e.g.
+``encoder/layer_0/query/kernel/params/a``. ``metadata`` is JSON: per adapter its path, weight shape
+and dtype, ``in_axes`` and method spec. The parameter structure of each adapter is rebuilt from
+its method with ``jax.eval_shape`` and checked against the arrays, so nothing is pickled and a
+checkpoint whose metadata disagrees with its arrays is refused.
+
+Why saving is safe (POSIX semantics):
+
+* A new checkpoint is written completely in a hidden sibling ``.<name>.saving-<hex>`` and appears at
+  ``path`` with one ``rename(2)`` of the directory, which fails when ``path`` is a non-empty
+  directory: of two concurrent ``overwrite=False`` saves exactly one wins, the other raises
+  ``FileExistsError``.
+* Overwriting writes the new version *inside* the existing checkpoint, then switches the pointer
+  file with one atomic ``os.replace`` of a file; the old version is removed afterwards. At every
+  instant ``path`` holds the old or the new complete checkpoint, whatever kills the process.
+* Only a directory that holds our pointer file is ever overwritten; nothing else in it is deleted
+  but our own unreferenced versions.
+* Writers hold an exclusive ``flock`` on the checkpoint's (or the hidden sibling's) lock file; the
+  kernel releases it when a process dies, so leftovers of interrupted saves (hidden siblings whose
+  lock is free, unreferenced versions) are recognised and removed by the next save.
+
+Multi-host: :func:`save_adapters` is collective under ``jax.distributed`` (every process calls it
+with the same arguments, as with orbax). Process 0 alone touches the file system (siblings, locks,
+pointer) and broadcasts its decisions; orbax writes each process's shards and finalises the
+version directory. :func:`load_adapters` may be called on any subset of processes; each reads the
+full arrays as host NumPy arrays.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
 import os
 import shutil
+import tempfile
 import uuid
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from spectral_peft.peft._method import Adapter, matrix_shape, method_from_config
-from spectral_peft.peft._tree import Adapters, PyTree, _check_adapters, leaf_paths
+from spectral_peft.peft._tree import Adapters, PyTree, _check_adapters, leaf_paths, path_to_str
 
-FORMAT_VERSION = 1
+FORMAT = "spectral_peft.adapters"
+FORMAT_VERSION = 2
+POINTER = "spectral_peft_adapters.json"
+LOCK = ".lock"
+VERSION_PREFIX = "version-"
+
+
+def _orbax():
+  import orbax.checkpoint as ocp  # Imported lazily: orbax is slow to import.
+
+  return ocp
 
 
 def _checkpointer():
-  import orbax.checkpoint as ocp  # Imported lazily: orbax is slow to import.
-
+  ocp = _orbax()
   return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def _structure(adapter_meta: dict[str, Any]):
-  """Abstract ``(params, frozen)`` of one adapter, from its metadata alone."""
-  method = method_from_config(adapter_meta["method"])
-  stack = int(adapter_meta.get("stack_axes", 0))
-  shape = tuple(adapter_meta["shape"])
-  shell = Adapter({}, {}, method, shape[stack:], adapter_meta["dtype"], adapter_meta["in_axes"],
-                  adapter_meta.get("layout", "in_out"))
-  w0 = jax.ShapeDtypeStruct(shell.matrix_shape, jnp.dtype(adapter_meta["dtype"]))
-  key = jax.random.key(0)
-  params, frozen = jax.eval_shape(lambda k, w: (method.init(k, w), method.init_frozen(k, w)), key, w0)
-  stacked = lambda x: jax.ShapeDtypeStruct(shape[:stack] + tuple(x.shape), x.dtype)
-  return method, jax.tree.map(stacked, params), jax.tree.map(stacked, frozen)
+# -- the named array tree ------------------------------------------------------------------------
+def _named_leaves(adapter_path: str, params: PyTree, frozen: PyTree) -> dict[tuple[str, ...], Any]:
+  """``{key tuple: leaf}`` of one adapter: its path split at ``'/'``, then params/frozen and leaf names."""
+  out = {}
+  for part, tree in (("params", params), ("frozen", frozen)):
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      names = tuple(path_to_str([k]) for k in key_path)
+      out[tuple(adapter_path.split("/")) + (part,) + names] = leaf
+  return out
 
 
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for keys, leaf in flat.items():
+    node = tree
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = leaf
+  return tree
+
+
+def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
+  for k in keys:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def _host_array(name: str, x: Any) -> Any:
+  if isinstance(x, jax.core.Tracer):
+    raise TypeError(
+        f"save_adapters writes files, so it cannot run inside jit, grad or vmap: the array {name!r} is a "
+        f"tracer ({type(x).__name__}). Return the adapters from the traced function and save them outside it."
+    )
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x  # Multi-host global array: orbax writes each process's shards.
+  return np.asarray(x)
+
+
+def _flatten_for_save(adapters: Adapters) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  flat: dict[tuple[str, ...], Any] = {}
+  entries = []
+  orbax_names: dict[str, str] = {}
+  for name, adapter in sorted(adapters.items()):
+    for keys, leaf in _named_leaves(name, adapter.params, adapter.frozen).items():
+      label = "/".join(keys)
+      dotted = ".".join(keys)  # orbax names its arrays by '.'-joined keys: they must stay distinct.
+      if dotted in orbax_names:
+        raise ValueError(
+            f"Cannot save: the arrays {orbax_names[dotted]!r} and {label!r} get the same storage name "
+            f"{dotted!r} (keys that contain '.'); rename the parameters."
+        )
+      orbax_names[dotted] = label
+      flat[keys] = _host_array(label, leaf)
+    try:
+      method_config = adapter.method.to_config()
+      json.dumps(method_config)
+    except (TypeError, ValueError) as err:
+      raise TypeError(f"Cannot save the adapter at {name!r}: its method spec {adapter.method!r} is not JSON "
+                      f"serialisable ({err}).") from None
+    entries.append({
+        "path": name,
+        "shape": [int(d) for d in adapter.shape],
+        "in_axes": int(adapter.in_axes),
+        "dtype": str(adapter.dtype),
+        "layout": adapter.layout,
+        "stack_axes": int(adapter.stack_axes),
+        "method": method_config,
+    })
+  return _nest(flat), entries
+
+
+# -- file system helpers -------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(lock_path: str, *, blocking: bool = True) -> Iterator[bool]:
+  """Holds an exclusive ``flock`` on ``lock_path`` (created if needed); yields whether it got it."""
+  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(fd, fcntl.LOCK_UN)
+  finally:
+    os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+_LEGACY_ENTRIES = ("arrays", "metadata", "_CHECKPOINT_METADATA", "commit_success.txt")
+
+
+def _is_legacy(path: str) -> bool:
+  """Whether ``path`` is a format-1 checkpoint (one orbax checkpoint, no pointer file)."""
+  try:
+    with open(os.path.join(path, "metadata", "metadata"), encoding="utf-8") as f:
+      content = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(content, dict) and content.get("format_version") == 1 and "adapters" in content
+
+
+def _read_pointer(path: str) -> dict[str, Any]:
+  """The pointer file of the checkpoint directory ``path``; ``ValueError`` when it is not ours."""
+  pointer = os.path.join(path, POINTER)
+  if not os.path.isfile(pointer):
+    if _is_legacy(path):
+      raise ValueError(
+          f"Checkpoint {path!r} was written by an older spectral_peft (format version 1); load it with that "
+          f"version and save it again (save_adapters(..., overwrite=True) may replace it)."
+      )
+    raise ValueError(f"`path` {path!r} is not an adapter checkpoint: it has no {POINTER!r} file.")
+  try:
+    with open(pointer, encoding="utf-8") as f:
+      content = json.load(f)
+  except (OSError, ValueError) as err:
+    raise ValueError(f"`path` {path!r} is not a readable adapter checkpoint: {POINTER!r} is not valid JSON ({err}).") from None
+  if not isinstance(content, dict) or content.get("format") != FORMAT:
+    raise ValueError(f"`path` {path!r} is not an adapter checkpoint: {POINTER!r} does not name the format {FORMAT!r}.")
+  if content.get("format_version") != FORMAT_VERSION:
+    raise ValueError(
+        f"Checkpoint {path!r} has format version {content.get('format_version')!r}; this version of "
+        f"spectral_peft reads version {FORMAT_VERSION}."
+    )
+  current = content.get("current")
+  if not isinstance(current, str) or not current.startswith(VERSION_PREFIX) or os.sep in current:
+    raise ValueError(f"Checkpoint {path!r} is corrupted: {POINTER!r} names no valid version ({current!r}).")
+  return content
+
+
+def _write_pointer(directory: str, version: str) -> None:
+  """Atomically makes ``version`` the current version of ``directory`` (write, fsync, rename)."""
+  content = {"format": FORMAT, "format_version": FORMAT_VERSION, "current": version}
+  tmp = os.path.join(directory, f".{POINTER}.{uuid.uuid4().hex}.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(content, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(directory, POINTER))
+  _fsync_dir(directory)
+
+
+def _remove_unreferenced(directory: str, keep: Optional[str]) -> None:
+  """Removes our versions other than ``keep`` and stale pointer temporaries (caller holds the lock)."""
+  for entry in os.listdir(directory):
+    full = os.path.join(directory, entry)
+    if entry.startswith(VERSION_PREFIX) and entry != keep:
+      shutil.rmtree(full, ignore_errors=True)
+    elif entry.startswith(f".{POINTER}.") and entry.endswith(".tmp"):
+      with contextlib.suppress(OSError):
+        os.remove(full)
+
+
+def _staging_prefix(path: str) -> str:
+  return f".{os.path.basename(path)}.saving-"
+
+
+def _remove_stale_staging(path: str) -> None:
+  """Removes hidden ``.<name>.saving-*`` siblings of ``path`` left by interrupted saves (lock free).
+
+  Any checkpoint name in the same parent counts, so repeated interrupted saves to different names
+  do not accumulate either; a staging directory whose lock is held belongs to a running save.
+  """
+  parent = os.path.dirname(path)
+  try:
+    entries = os.listdir(parent)
+  except OSError:
+    return
+  for entry in entries:
+    full = os.path.join(parent, entry)
+    if not (entry.startswith(".") and ".saving-" in entry) or not os.path.isdir(full) or os.path.islink(full):
+      continue
+    lock = os.path.join(full, LOCK)
+    if not os.path.exists(lock):
+      with contextlib.suppress(OSError):
+        os.rmdir(full)  # Only an empty directory: a save killed before it took its lock.
+      continue
+    try:
+      with _locked(lock, blocking=False) as got:
+        if got:
+          shutil.rmtree(full, ignore_errors=True)
+    except OSError:
+      pass
+
+
+def _new_staging(path: str, stack: contextlib.ExitStack) -> str:
+  """A new hidden sibling of ``path`` whose lock this process holds (until ``stack`` closes).
+
+  Another save's cleanup may remove a staging directory in the instant between its creation and
+  its lock; the lock is therefore checked to still be the file at its path, else we start over.
+  """
+  for _ in range(100):
+    staging = tempfile.mkdtemp(prefix=_staging_prefix(path), dir=os.path.dirname(path))
+    lock = os.path.join(staging, LOCK)
+    try:
+      fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+      continue
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+      same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      stack.callback(os.close, fd)  # Closing the descriptor releases the lock.
+      return staging
+    os.close(fd)
+  raise OSError(f"Could not create a staging directory next to `path` {path!r}.")
+
+
+def _check_target(path: str, overwrite: bool) -> str:
+  """``"new"`` (nothing or an empty directory at ``path``) or ``"overwrite"`` (our checkpoint)."""
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise FileExistsError(f"`path` {path!r} exists and is not a directory; adapters are saved as a directory.")
+  if not os.path.exists(path) or not os.listdir(path):
+    return "new"
+  if not overwrite:
+    raise FileExistsError(f"`path` {path!r} already exists; pass overwrite=True to replace it.")
+  if _is_legacy(path) and not os.path.exists(os.path.join(path, POINTER)):
+    return "overwrite"  # Format 1: replaced in place once the pointer of the new version is written.
+  try:
+    _read_pointer(path)
+  except ValueError as err:
+    raise ValueError(
+        f"Refusing to overwrite `path` {path!r}: overwrite=True only replaces an adapter checkpoint written by "
+        f"save_adapters, and this directory is not one ({err}). Choose another path or remove it yourself."
+    ) from None
+  return "overwrite"
+
+
+# -- multi-host coordination ---------------------------------------------------------------------
+#: Seconds a process waits for the others to enter a collective save before it raises.
+BARRIER_TIMEOUT_S = 300
+_save_calls = 0
+
+
+def _enter_collective(what: str) -> None:
+  """A barrier with a timeout: a save called on only some processes raises instead of hanging."""
+  global _save_calls
+  _save_calls += 1
+  if jax.process_count() == 1:
+    return
+  ocp = _orbax()
+  try:
+    ocp.multihost.sync_global_processes(f"spectral_peft_{what}_{_save_calls}", timeout=BARRIER_TIMEOUT_S,
+                                        processes=set(range(jax.process_count())))
+  except Exception as err:
+    raise RuntimeError(
+        f"{what} is collective under jax.distributed: every process must call it (the same number of times); "
+        f"process {jax.process_index()} waited {BARRIER_TIMEOUT_S} s for the other {jax.process_count() - 1} "
+        f"process(es) ({_first_line(err)})."
+    ) from None
+
+
+_ERRORS = {"FileExistsError": FileExistsError, "ValueError": ValueError, "TypeError": TypeError, "OSError": OSError}
+
+
+def _run_on_primary(fn) -> Any:
+  """``fn()`` on process 0; its JSON result (or its exception) is broadcast to every process."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+
+  payload = ""
+  if jax.process_index() == 0:
+    try:
+      payload = json.dumps({"ok": fn()})
+    except Exception as err:  # Re-raised on every process below.
+      payload = json.dumps({"error": type(err).__name__, "message": str(err)})
+  data = np.zeros(4096, np.uint8)
+  encoded = payload.encode("utf-8")[:4096]
+  data[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+  data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+  message = json.loads(bytes(data[data != 0]).decode("utf-8"))
+  if "error" in message:
+    raise _ERRORS.get(message["error"], RuntimeError)(message["message"])
+  return message["ok"]
+
+
+def _normalize_path(path: Any) -> str:
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"`path` must be a str or os.PathLike directory name, got {type(path).__name__}.")
+  raw = os.fspath(path)
+  if isinstance(raw, bytes):
+    raw = os.fsdecode(raw)
+  if raw.strip() in ("", ".", "./", ".."):
+    raise ValueError(f"`path` must name a checkpoint directory of its own, got {raw!r} (the working directory or its parent).")
+  full = os.path.abspath(raw)
+  if full in (os.path.abspath(os.sep), os.path.abspath(os.getcwd()), os.path.expanduser("~")):
+    raise ValueError(f"`path` must name a checkpoint directory of its own, got {raw!r} ({full}).")
+  return full
+
+
+# -- public API ----------------------------------------------------------------------------------
 def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: bool = False) -> None:
   """Saves ``adapters`` (only the adapters, not the base parameters) to the directory ``path``.
 
-  The checkpoint is written to a temporary sibling directory and moved into place only once it is
-  complete, so an interrupted save never leaves a half-written checkpoint at ``path``, and with
-  ``overwrite=True`` the previous checkpoint is removed only after the new one is in place.
+  The checkpoint appears at ``path`` only once complete; with ``overwrite=True`` the new version is
+  switched in by one atomic rename, so at every instant ``path`` holds the old or the new complete
+  checkpoint (see the module docstring). Only a directory written by ``save_adapters`` is ever
+  replaced. Leftovers of interrupted saves are removed by the next save to the same ``path``.
+
+  Multi-host (``jax.distributed``): a collective; call it on every process with the same arguments.
+  Called on some processes only, it raises ``RuntimeError`` after ``BARRIER_TIMEOUT_S`` seconds
+  (300) instead of hanging.
 
   Args:
-    path: target directory (must not exist unless ``overwrite``).
-    adapters: ``{path: Adapter}`` from :func:`init_adapters` or training.
-    overwrite: replace an existing checkpoint at ``path``.
+    path: target directory; must not exist (an empty directory is fine) unless ``overwrite``.
+    adapters: ``{path: Adapter}`` from :func:`init_adapters` or training (an empty dict saves an
+      empty checkpoint). Arrays must be concrete: call it outside ``jit``.
+    overwrite: replace an existing adapter checkpoint at ``path``.
 
   Raises:
-    FileExistsError: if ``path`` exists and ``overwrite`` is False.
+    FileExistsError: ``path`` exists and ``overwrite`` is False, or another save won the race to
+      create it, or it is a file.
+    ValueError: ``path`` is ``""``/``"."``/the working directory, or ``overwrite=True`` but ``path``
+      is not an adapter checkpoint.
+    TypeError: ``adapters`` is not an adapters dict, holds tracers (inside ``jit``), or a method spec
+      that is not JSON-serialisable.
+    RuntimeError: (multi-host) not every process called it.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tempfile, os, spectral_peft as sp
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+    >>> adapters = sp.peft.init_adapters(jax.random.key(0), params, sp.peft.LoRA(2), "kernel")
+    >>> path = os.path.join(tempfile.mkdtemp(), "adapters")
+    >>> sp.peft.save_adapters(path, adapters)
+    >>> sorted(sp.peft.load_adapters(path, params))
+    ['dense/kernel']
   """
   _check_adapters(adapters)
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"`path` {path!r} already exists; pass overwrite=True to replace it.")
-  entries, arrays = [], {}
-  for i, (name, adapter) in enumerate(sorted(adapters.items())):
-    leaves = jax.tree.leaves((adapter.params, adapter.frozen))
-    arrays[f"adapter_{i:04d}"] = {f"leaf_{j:04d}": np.asarray(x) for j, x in enumerate(leaves)}
-    entries.append({
-        "path": name,
-        "shape": list(adapter.shape),
-        "in_axes": adapter.in_axes,
-        "dtype": adapter.dtype,
-        "layout": adapter.layout,
-        "stack_axes": adapter.stack_axes,
-        "method": adapter.method.to_config(),
-    })
-  metadata = {"format_version": FORMAT_VERSION, "adapters": entries}
-
+  if not isinstance(overwrite, bool):
+    raise TypeError(f"`overwrite` must be a bool, got {overwrite!r}.")
+  path = _normalize_path(path)
+  arrays, entries = _flatten_for_save(adapters)
+  metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapters": entries}
+  version = VERSION_PREFIX + uuid.uuid4().hex  # Process 0's choice is broadcast below.
   ocp, checkpointer = _checkpointer()
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-  checkpointer.save(tmp, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(metadata)))
-  if os.path.exists(path):
-    old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex}")
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(tmp, path)
+  _enter_collective("save_adapters")
+  primary = jax.process_index() == 0
+
+  with contextlib.ExitStack() as stack:
+
+    def prepare() -> dict[str, str]:
+      mode = _check_target(path, overwrite)
+      parent = os.path.dirname(path)
+      os.makedirs(parent, exist_ok=True)
+      _remove_stale_staging(path)
+      if mode == "new":
+        return {"mode": mode, "root": _new_staging(path, stack), "version": version}
+      stack.enter_context(_locked(os.path.join(path, LOCK)))
+      if os.path.exists(os.path.join(path, POINTER)) or not _is_legacy(path):
+        _remove_unreferenced(path, keep=_read_pointer(path)["current"])  # Still ours under the lock.
+      return {"mode": mode, "root": path, "version": version}
+
+    plan = _run_on_primary(prepare)
+    target = os.path.join(plan["root"], plan["version"])
+    items = {"metadata": ocp.args.JsonSave(metadata)}
+    if arrays:
+      items["arrays"] = ocp.args.PyTreeSave(arrays)
+    try:
+      checkpointer.save(target, args=ocp.args.Composite(**items))
+    except Exception:
+      if primary and plan["mode"] == "new":
+        shutil.rmtree(plan["root"], ignore_errors=True)
+      raise
+
+    def commit() -> bool:
+      legacy = plan["mode"] == "overwrite" and not os.path.exists(os.path.join(path, POINTER)) and _is_legacy(path)
+      _write_pointer(plan["root"], plan["version"])
+      if plan["mode"] == "overwrite":
+        _remove_unreferenced(path, keep=plan["version"])
+        for entry in _LEGACY_ENTRIES if legacy else ():
+          full = os.path.join(path, entry)
+          if os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+          elif os.path.exists(full):
+            os.remove(full)
+        return True
+      try:
+        os.rename(plan["root"], path)  # Atomic; fails if another save already created `path`.
+        _fsync_dir(os.path.dirname(path))
+        return True
+      except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+          shutil.rmtree(plan["root"], ignore_errors=True)
+          raise
+      # Another save created `path` while we wrote: we lost the race.
+      if not overwrite:
+        shutil.rmtree(plan["root"], ignore_errors=True)
+        raise FileExistsError(
+            f"`path` {path!r} was created by another save while this one was writing; pass overwrite=True to "
+            "replace it."
+        )
+      try:
+        _check_target(path, overwrite=True)
+        with _locked(os.path.join(path, LOCK)):
+          _read_pointer(path)
+          os.rename(os.path.join(plan["root"], plan["version"]), os.path.join(path, plan["version"]))
+          _write_pointer(path, plan["version"])
+          _remove_unreferenced(path, keep=plan["version"])
+      finally:
+        shutil.rmtree(plan["root"], ignore_errors=True)
+      return True
+
+    _run_on_primary(commit)
 
 
 def load_adapters(path: str | os.PathLike, params: Optional[PyTree] = None) -> Adapters:
   """Loads adapters saved by :func:`save_adapters`.
+
+  Everything is checked before anything is returned: the pointer file, the metadata (methods,
+  shapes), and every array's name, shape and dtype against the structure the method builds for the
+  recorded weight shape. A damaged checkpoint gives one ``ValueError`` naming ``path`` and what is
+  wrong.
 
   Args:
     path: checkpoint directory.
@@ -100,24 +507,31 @@ def load_adapters(path: str | os.PathLike, params: Optional[PyTree] = None) -> A
       must exist in ``params`` with the shape it was trained for, or nothing is loaded.
 
   Returns:
-    ``{path: Adapter}``, equal (bit for bit) to what was saved.
+    ``{path: Adapter}`` with host NumPy arrays, equal (bit for bit) to what was saved.
 
   Raises:
     FileNotFoundError: if ``path`` does not exist.
-    ValueError: if the checkpoint does not fit ``params``, or is not an adapter checkpoint.
+    ValueError: if ``path`` is not an adapter checkpoint, is corrupted, truncated or inconsistent
+      (e.g. metadata saying rank 2 over arrays of rank 4), or does not fit ``params``.
   """
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"`path` must be a str or os.PathLike directory name, got {type(path).__name__}.")
   path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"`path` {path!r} does not exist.")
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"`path` {path!r} is not a checkpoint directory.")
+    raise ValueError(f"`path` {path!r} is a file, not an adapter checkpoint directory.")
+  version_dir = os.path.join(path, _read_pointer(path)["current"])
+  if not os.path.isdir(version_dir):
+    raise ValueError(f"Checkpoint {path!r} is corrupted: its current version {os.path.basename(version_dir)!r} is missing.")
+
   ocp, checkpointer = _checkpointer()
   try:
-    metadata = checkpointer.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-  except Exception as err:  # orbax raises several types for a foreign directory.
-    raise ValueError(f"`path` {path!r} is not an adapter checkpoint: {err}") from err
-  if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"`path` {path!r} is not an adapter checkpoint of format version {FORMAT_VERSION}.")
+    metadata = checkpointer.restore(version_dir, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+  except Exception as err:  # orbax raises many types for missing or damaged files.
+    raise ValueError(f"Checkpoint {path!r} is corrupted: its metadata cannot be read ({_first_line(err)}).") from None
+  entries = _check_metadata(path, metadata)
 
-  entries = metadata["adapters"]
   if params is not None:
     available = leaf_paths(params)
     problems = []
@@ -130,20 +544,39 @@ def load_adapters(path: str | os.PathLike, params: Optional[PyTree] = None) -> A
     if problems:
       raise ValueError(f"Checkpoint {path!r} does not fit `params`: " + "; ".join(problems) + ".")
 
-  structures = [_structure(entry) for entry in entries]
-  abstract = {}
-  for i, (_, p, f) in enumerate(structures):
-    leaves = jax.tree.leaves((p, f))
-    abstract[f"adapter_{i:04d}"] = {f"leaf_{j:04d}": x for j, x in enumerate(leaves)}
-  restored = checkpointer.restore(
-      path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract))
-  )["arrays"]
+  structures = [_structure(path, entry) for entry in entries]
+  expected: dict[tuple[str, ...], Any] = {}
+  for entry, (_, p, f) in zip(entries, structures):
+    expected.update(_named_leaves(entry["path"], p, f))
+  restored: dict[str, Any] = {}
+  if expected:
+    restore_args = _nest({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in expected})
+    try:
+      restored = checkpointer.restore(
+          version_dir,
+          args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(_nest(expected), restore_args=restore_args)),
+      )["arrays"]
+    except Exception as err:
+      raise ValueError(f"Checkpoint {path!r} is corrupted or incomplete: its arrays cannot be read ({_first_line(err)}).") from None
 
   adapters: Adapters = {}
-  for i, (entry, (method, p, f)) in enumerate(zip(entries, structures)):
-    group = restored[f"adapter_{i:04d}"]
-    leaves = [group[f"leaf_{j:04d}"] for j in range(len(group))]
-    params_tree, frozen_tree = jax.tree.unflatten(jax.tree.structure((p, f)), leaves)
+  for entry, (method, p, f) in zip(entries, structures):
+    leaves = {}
+    for keys, want in _named_leaves(entry["path"], p, f).items():
+      got = _lookup(restored, keys)
+      label = "/".join(keys)
+      if got is None or not hasattr(got, "shape"):
+        raise ValueError(f"Checkpoint {path!r} is corrupted: the array {label!r} is missing.")
+      if tuple(got.shape) != tuple(want.shape) or jnp.dtype(got.dtype) != jnp.dtype(want.dtype):
+        raise ValueError(
+            f"Checkpoint {path!r} is inconsistent: the metadata of {entry['path']!r} ({method!r} on shape "
+            f"{tuple(entry['shape'])}) needs {label!r} of shape {tuple(want.shape)} and dtype {jnp.dtype(want.dtype)}, "
+            f"but the stored array has shape {tuple(got.shape)} and dtype {got.dtype}."
+        )
+      leaves[keys] = got
+    params_tree = jax.tree.unflatten(jax.tree.structure(p), [leaves[k] for k in _named_leaves(entry["path"], p, {})])
+    frozen_keys = [k for k in _named_leaves(entry["path"], {}, f)]
+    frozen_tree = jax.tree.unflatten(jax.tree.structure(f), [leaves[k] for k in frozen_keys])
     adapters[entry["path"]] = Adapter(
         params=params_tree,
         frozen=frozen_tree,
@@ -155,3 +588,53 @@ def load_adapters(path: str | os.PathLike, params: Optional[PyTree] = None) -> A
         stack_axes=int(entry.get("stack_axes", 0)),
     )
   return adapters
+
+
+def _first_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _check_metadata(path: str, metadata: Any) -> list[dict[str, Any]]:
+  if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"Checkpoint {path!r} is corrupted: its metadata does not describe a {FORMAT!r} checkpoint.")
+  entries = metadata.get("adapters")
+  if not isinstance(entries, list):
+    raise ValueError(f"Checkpoint {path!r} is corrupted: its metadata has no list of adapters.")
+  seen = set()
+  for i, entry in enumerate(entries):
+    ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("shape"), list)
+          and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry["shape"])
+          and isinstance(entry.get("in_axes"), int)
+          and 1 <= entry["in_axes"] < max(len(entry["shape"]) - int(entry.get("stack_axes", 0)), 2)
+          and isinstance(entry.get("dtype"), str) and isinstance(entry.get("method"), dict))
+    if not ok:
+      raise ValueError(f"Checkpoint {path!r} is corrupted: metadata entry {i} is not a valid adapter description: {entry!r}.")
+    if entry["path"] in seen:
+      raise ValueError(f"Checkpoint {path!r} is corrupted: the adapter path {entry['path']!r} appears twice.")
+    seen.add(entry["path"])
+  return entries
+
+
+def _structure(path: str, entry: dict[str, Any]):
+  """``(method, abstract params, abstract frozen)`` of one adapter, from its metadata alone."""
+  try:
+    method = method_from_config(entry["method"])
+    dtype = jnp.dtype(entry["dtype"])
+    stack = int(entry.get("stack_axes", 0))
+    shape = tuple(entry["shape"])
+    shell = Adapter({}, {}, method, shape[stack:], entry["dtype"], entry["in_axes"], entry.get("layout", "in_out"))
+    mshape = shell.matrix_shape
+    method.check_shape(mshape)
+    w0 = jax.ShapeDtypeStruct(mshape, dtype)
+    key = jax.random.key(0)
+    params = jax.eval_shape(method.init, key, w0)
+    frozen = jax.eval_shape(method.init_frozen, key, w0)
+    stacked = lambda x: jax.ShapeDtypeStruct(shape[:stack] + tuple(x.shape), x.dtype)
+    params, frozen = jax.tree.map(stacked, params), jax.tree.map(stacked, frozen)
+  except Exception as err:
+    raise ValueError(
+        f"Checkpoint {path!r} is corrupted: the metadata of adapter {entry['path']!r} does not describe a valid "
+        f"adapter ({_first_line(err)})."
+    ) from None
+  return method, params, frozen

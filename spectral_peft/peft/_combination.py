@@ -7,6 +7,7 @@ from typing import Sequence
 
 import jax
 
+from spectral_peft import _validation
 from spectral_peft.peft._method import Adapter, AdapterMethod
 from spectral_peft.peft._tree import Adapters, _check_adapters
 
@@ -23,7 +24,7 @@ class WeightedSum(AdapterMethod):
 
   Args:
     methods: the terms' specs.
-    weights: one real weight per term.
+    weights: one finite real weight per term (NaN or inf raises).
     unmerge_iterations: fixed-point iterations used by :meth:`unmerge` when some term's update
       depends on ``w0`` (DoRA); it converges while the updates are small next to ``w0``. Unused
       (the inverse is exact) otherwise.
@@ -39,8 +40,10 @@ class WeightedSum(AdapterMethod):
           f"`weights` must have one entry per method, got {len(self.weights)} weights for "
           f"{len(self.methods)} methods."
       )
+    _validation.normalize_fields(self)
     object.__setattr__(self, "methods", tuple(self.methods))
-    object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+    object.__setattr__(self, "weights", tuple(_validation.check_finite_number(f"weights[{i}]", w)
+                                              for i, w in enumerate(self.weights)))
 
   @property
   def delta_depends_on_w0(self) -> bool:  # type: ignore[override]

@@ -36,9 +36,15 @@ def _check_rank_fits(rank: int, shape: tuple[int, int], name: str) -> None:
     )
 
 
-def _check_dtype(dtype: Any) -> None:
-  if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-    raise ValueError(f"`param_dtype` must be a floating dtype or None, got {dtype!r}.")
+def _up(x: Array) -> Array:
+  """``x`` in at least float32: updates are computed there and cast to the weight's dtype at the end."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _safe_sqrt(sq: Array) -> Array:
+  """``sqrt(max(sq, 0))`` whose gradient is 0 (not inf or NaN) where ``sq <= 0``."""
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +59,17 @@ class _LowRankBase(AdapterMethod):
   runtime_factored = True  # x W0 + s (x a) b: no (m, n) array in the adapter runtime.
 
   def __post_init__(self) -> None:
+    _validation.normalize_fields(self)  # NumPy scalars become Python numbers: the spec stays saveable.
     _validation.check_positive_int("rank", self.rank)
     if self.alpha is not None:
       _validation.check_positive_float("alpha", self.alpha)
-    _check_dtype(self.param_dtype)
-    if self.param_dtype is not None:  # Store a name, so the spec stays hashable and JSON-friendly.
-      object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+    # Store a name, so the spec stays hashable and JSON-friendly.
+    object.__setattr__(self, "param_dtype", _validation.check_float_dtype("param_dtype", self.param_dtype))
+
+  def _check_fits(self, w0: Array) -> None:
+    """Every scalar of the spec must be finite in the dtype the update is computed in."""
+    fields = {f: getattr(self, f, None) for f in ("alpha", "omega", "gain")}
+    _validation.check_fits_dtype(type(self).__name__, fields, self._dtype(w0))
 
   @property
   def scale(self) -> float:
@@ -74,6 +85,7 @@ class _LowRankBase(AdapterMethod):
   def init(self, key: Array, w0: Array) -> dict[str, Array]:
     """``{"a": (m, r) ~ U(+-1/sqrt(m)), "b": (r, n) zeros}``."""
     m, n = w0.shape
+    self._check_fits(w0)
     dtype = self._dtype(w0)
     bound = 1.0 / jnp.sqrt(m)
     a = jax.random.uniform(key, (m, self.rank), dtype, -bound, bound)
@@ -92,7 +104,7 @@ class _PlainUpdate:
   """``Delta = scale * a @ b``."""
 
   def update(self, params):
-    return self.scale * _lowrank.lowrank(params["a"], params["b"])
+    return self.scale * _lowrank.lowrank(_up(params["a"]), _up(params["b"]))
 
   def update_matmul(self, params, x):
     return self.scale * jnp.matmul(jnp.matmul(x, params["a"].astype(x.dtype)), params["b"].astype(x.dtype))
@@ -109,13 +121,13 @@ class _SineUpdate:
       _validation.check_positive_int("block_size", self.block_size)
 
   def update(self, params):
-    return self.scale * _lowrank.sine_lowrank(params["a"], params["b"], omega=self.omega, gain=self.gain)
+    return self.scale * _lowrank.sine_lowrank(_up(params["a"]), _up(params["b"]), omega=self.omega, gain=self.gain)
 
   def update_matmul(self, params, x):
-    a, b = params["a"].astype(x.dtype), params["b"].astype(x.dtype)
-    return self.scale * _lowrank.sine_lowrank_matmul(
-        x, a, b, omega=self.omega, gain=self.gain, block_size=self.block_size
-    )
+    # The sine of omega * a @ b needs float32 at least: bfloat16 keeps 8 bits of its argument.
+    a, b = _up(params["a"].astype(x.dtype)), _up(params["b"].astype(x.dtype))
+    y = _lowrank.sine_lowrank_matmul(_up(x), a, b, omega=self.omega, gain=self.gain, block_size=self.block_size)
+    return (self.scale * y).astype(x.dtype)
 
 
 class _AdditiveLowRank:
@@ -131,8 +143,12 @@ class _AdditiveLowRank:
 
 
 def _column_norm(w: Array) -> Array:
-  """Norm of every output column of an ``(in, out)`` matrix: ``(out,)``."""
-  return jnp.sqrt(jnp.sum(jnp.square(w), axis=0))
+  """Norm of every output column of an ``(in, out)`` matrix: ``(out,)``, in at least float32.
+
+  The sum of squares is taken in float32 (a float16 column of norm above 256 overflows its own
+  dtype), and the gradient of a zero column is 0 rather than NaN.
+  """
+  return _safe_sqrt(jnp.sum(jnp.square(_up(w)), axis=0))
 
 
 class _MagnitudeDirection:
@@ -146,7 +162,15 @@ class _MagnitudeDirection:
 
   def init(self, key, w0):
     params = super().init(key, w0)
-    params["magnitude"] = _column_norm(w0).astype(self._dtype(w0))
+    norm = _column_norm(w0)
+    magnitude = norm.astype(self._dtype(w0))
+    if _validation.is_concrete(norm) and not bool(jnp.all(jnp.isfinite(magnitude))):
+      raise ValueError(
+          f"{type(self).__name__}: the column norms of the weight (up to {float(jnp.max(norm)):.6g}) do not fit the "
+          f"magnitude's dtype {jnp.dtype(magnitude.dtype).name} (largest finite value "
+          f"{float(jnp.finfo(magnitude.dtype).max):.6g}); pass param_dtype='float32'."
+      )
+    params["magnitude"] = magnitude
     return params
 
   def init_frozen(self, key, w0):
@@ -154,14 +178,23 @@ class _MagnitudeDirection:
     return {"w0_norm": _column_norm(w0)}
 
   def _norm_factor(self, params, norm):
+    """``magnitude / ||V||_c`` in at least float32.
+
+    The norm is rounded to the magnitude's dtype first (a no-op in float32), so that at init, where
+    the magnitude is that rounded norm, the factor is exactly 1 and the merge exactly ``w0`` in
+    bfloat16 and float16 too.
+    """
     if self.stop_norm_gradient:
       norm = jax.lax.stop_gradient(norm)
+    magnitude = params["magnitude"]
+    norm = norm.astype(magnitude.dtype).astype(jnp.promote_types(magnitude.dtype, jnp.float32))
     tiny = jnp.finfo(norm.dtype).tiny
-    return params["magnitude"] / jnp.maximum(norm, tiny)
+    return _up(magnitude) / jnp.maximum(norm, tiny)
 
   def delta(self, params, w0, frozen=None):
     del frozen
     update = self.update(params)
+    w0 = _up(w0)
     direction = w0 + update
     factor = self._norm_factor(params, _column_norm(direction))
     # (factor - 1) * w0 + factor * update is exactly zero at init (factor == 1, update == 0).
@@ -169,7 +202,7 @@ class _MagnitudeDirection:
 
   def _direction_norm(self, params, w0):
     """``||w0 + update||_c``: ``(n,)``."""
-    return _column_norm(w0 + self.update(params).astype(w0.dtype))
+    return _column_norm(_up(w0) + self.update(params))
 
   def apply(self, params, x, w0, frozen=None):
     del frozen
@@ -185,6 +218,7 @@ class _MagnitudeDirection:
     whose root of the sign of ``magnitude_j`` is unique while ``||D_j|| < ||w0_j||`` (any
     fine-tuning update). Then ``w0 = t w - D``.
     """
+    w = _up(w)
     update = self.update(params).astype(w.dtype)
     w0_norm = frozen["w0_norm"].astype(w.dtype)
     magnitude = params["magnitude"].astype(w.dtype)
@@ -266,11 +300,12 @@ class DoRA(_MagnitudeDirection, _PlainUpdate, _LowRankBase):
 
   def _direction_norm(self, params, w0):
     """``||w0 + s a b||_c`` from ``a^T w0`` and ``a^T a``, without forming the ``(m, n)`` sum."""
+    w0 = _up(w0)
     a, b = params["a"].astype(w0.dtype), params["b"].astype(w0.dtype)
     s = self.scale
     cross = jnp.sum(jnp.matmul(a.T, w0) * b, axis=0)
     update_sq = jnp.sum(b * jnp.matmul(jnp.matmul(a.T, a), b), axis=0)
-    return jnp.sqrt(jnp.maximum(jnp.sum(w0 * w0, axis=0) + 2.0 * s * cross + s * s * update_sq, 0.0))
+    return _safe_sqrt(jnp.sum(w0 * w0, axis=0) + 2.0 * s * cross + s * s * update_sq)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,11 +57,12 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _check_param_dtype(dtype: Any) -> Optional[str]:
-  if dtype is None:
-    return None
-  if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-    raise ValueError(f"`param_dtype` must be a real floating dtype or None, got {dtype!r}.")
-  return jnp.dtype(dtype).name
+  return _validation.check_float_dtype("param_dtype", dtype)
+
+
+def _up(x: Array) -> Array:
+  """``x`` in at least float32 (syntheses run there; the update is cast to the weight's dtype after)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _is_abstract(x: Any) -> bool:
@@ -81,6 +82,7 @@ class _SparseRealBase(AdapterMethod):
   param_dtype: Optional[str] = None
 
   def __post_init__(self) -> None:
+    _validation.normalize_fields(self)
     _validation.check_positive_int("n_params", self.n_params)
     _validation.check_positive_float("scale", self.scale)
     _check_choice("value_init", self.value_init, _REAL_INITS)
@@ -105,6 +107,7 @@ class _SparseRealBase(AdapterMethod):
 
   def init(self, key: Array, w0: Array) -> dict[str, Array]:
     """``{"values": (p,)}``: zeros (identity at init) or ``init_std * N(0, 1)`` (``value_init="normal"``)."""
+    _validation.check_fits_dtype(type(self).__name__, {"scale": self.scale}, self._dtype(w0))
     dtype = self._dtype(w0)
     if self.value_init == "zeros":
       return {"values": jnp.zeros((self.n_params,), dtype)}
@@ -122,7 +125,7 @@ class _SparseRealBase(AdapterMethod):
     raise NotImplementedError
 
   def delta(self, params, w0, frozen=None):
-    return self.scale * self.synthesis(params["values"], frozen["indices"], tuple(w0.shape))
+    return self.scale * self.synthesis(_up(params["values"]), frozen["indices"], tuple(w0.shape))
 
   @property
   def runtime_factored(self) -> bool:  # type: ignore[override]
@@ -244,6 +247,7 @@ class FourierFT(AdapterMethod):
   param_dtype: Optional[str] = None
 
   def __post_init__(self) -> None:
+    _validation.normalize_fields(self)
     _validation.check_positive_int("n_frequency", self.n_frequency)
     _validation.check_positive_float("scale", self.scale)
     _check_choice("value_init", self.value_init, _REAL_INITS)
@@ -262,6 +266,7 @@ class FourierFT(AdapterMethod):
   def init(self, key, w0):
     """``{"values": (p,)}`` real: zeros or ``init_std * N(0, 1)``."""
     dtype = jnp.dtype(self.param_dtype) if self.param_dtype is not None else w0.dtype
+    _validation.check_fits_dtype("FourierFT", {"scale": self.scale}, dtype)
     if self.value_init == "zeros":
       return {"values": jnp.zeros((self.n_frequency,), dtype)}
     return {"values": self.init_std * jax.random.normal(key, (self.n_frequency,), dtype)}
@@ -273,7 +278,7 @@ class FourierFT(AdapterMethod):
 
   def delta(self, params, w0, frozen=None):
     values = _spectral._check_values(params["values"], real=True)
-    return self.scale * _spectral.fourier_delta(values, frozen["indices"], tuple(w0.shape))
+    return self.scale * _spectral.fourier_delta(_up(values), frozen["indices"], tuple(w0.shape))
 
   @property
   def runtime_factored(self) -> bool:  # type: ignore[override]
@@ -296,9 +301,11 @@ class LFMA(AdapterMethod):
   it. The complex coefficients are stored as real pairs, ``params["values"]: (k, 2)`` = (real,
   imaginary) (:meth:`coefficients` gives the complex view): optimisers such as ``optax.adam`` step
   real parameters correctly, whereas JAX's gradient of a real loss wrt a complex parameter is the
-  conjugate of the descent direction. ``value_init="spectrum"`` starts ``F`` at ``fft2(Delta W_init)`` on the mask, as Algorithm 1
-  of the paper (then the adapter is *not* the identity at init: ``Delta W`` is ``alpha`` times the
-  top-k approximation of ``Delta W_init``); ``value_init="zeros"`` starts at the identity.
+  conjugate of the descent direction. ``value_init="zeros"`` (the default) starts at the identity,
+  like every other adapter; ``value_init="spectrum"`` starts ``F`` at ``fft2(Delta W_init)`` on the
+  mask, as Algorithm 1 of the paper, and then the adapter is **not** the identity at init: ``Delta W``
+  is ``alpha`` times the top-k approximation of ``Delta W_init`` (with the default ``alpha=120`` and
+  ``delta_init="random"`` the outputs move by a lot). The mask is the paper's either way.
 
   ``Delta W_init`` (``delta_init``):
 
@@ -317,7 +324,8 @@ class LFMA(AdapterMethod):
     top_k_ratio: fraction of frequencies kept, in ``(0, 1]``, with ``floor(m n ratio) >= 1``.
     alpha: scale of the update.
     delta_init: ``"random"``, ``"weight"``, ``"given"`` or ``"gradient"``.
-    value_init: ``"spectrum"`` or ``"zeros"``.
+    value_init: ``"zeros"`` (default: identity at init) or ``"spectrum"`` (Algorithm 1; not the
+      identity at init).
     path: ``"auto"``, ``"dense"`` or ``"factored"`` product in :meth:`apply`.
 
   Example:
@@ -332,10 +340,11 @@ class LFMA(AdapterMethod):
   alpha: float = 120.0
   _: dataclasses.KW_ONLY
   delta_init: str = "random"
-  value_init: str = "spectrum"
+  value_init: str = "zeros"
   path: str = "auto"
 
   def __post_init__(self) -> None:
+    _validation.normalize_fields(self)
     if isinstance(self.top_k_ratio, bool) or not isinstance(self.top_k_ratio, (int, float)):
       raise TypeError(f"`top_k_ratio` must be a real number in (0, 1], got {self.top_k_ratio!r}.")
     if not 0.0 < float(self.top_k_ratio) <= 1.0:
@@ -375,7 +384,9 @@ class LFMA(AdapterMethod):
     if tuple(delta_init.shape) != tuple(w0.shape):
       raise ValueError(f"`delta_init` must have the matrix shape {tuple(w0.shape)} of the weight, got {tuple(delta_init.shape)}.")
     self.check_shape(tuple(w0.shape))
-    complex_dtype = jnp.result_type(w0.dtype, jnp.complex64)
+    _validation.check_fits_dtype("LFMA", {"alpha": self.alpha}, _real_dtype(w0))
+    delta_init = _up(delta_init)
+    complex_dtype = jnp.result_type(delta_init.dtype, jnp.complex64)
     indices = _spectral.topk_spectral_mask(delta_init, self.top_k_ratio)
     if self.value_init == "zeros":
       values = jnp.zeros(indices.shape, complex_dtype)
@@ -393,6 +404,7 @@ class LFMA(AdapterMethod):
     values = params["values"]
     if values.ndim < 1 or values.shape[-1] != 2 or jnp.iscomplexobj(values):
       raise ValueError(f"LFMA `values` must be real pairs of shape (k, 2), got {values.dtype} {tuple(values.shape)}.")
+    values = _up(values)  # lax.complex takes float32/float64 parts only.
     return jax.lax.complex(values[..., 0], values[..., 1])
 
   def init_both(self, params_key, frozen_key, w0):
@@ -519,7 +531,8 @@ def init_lfma_adapters(
     ``{path: Adapter}``.
 
   Raises:
-    ValueError: a target without a ``delta_inits`` entry, or an entry of the wrong shape.
+    ValueError: a target without a ``delta_inits`` entry, or an entry of the wrong shape or with
+      NaN/inf entries.
 
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
@@ -546,6 +559,7 @@ def init_lfma_adapters(
     given = jnp.asarray(delta_inits[path])
     if tuple(given.shape) != adapter.shape:
       raise ValueError(f"`delta_inits[{path!r}]` must have the weight's shape {adapter.shape}, got {tuple(given.shape)}.")
+    _validation.check_finite(f"delta_inits[{path!r}]", given)  # NaN would rank first in the top-k mask.
     p, f = spec.init_from_delta(jnp.reshape(given, adapter.matrix_shape).astype(w0.dtype), w0)
     adapters[path] = Adapter(p, f, spec, adapter.shape, adapter.dtype, adapter.in_axes)
   return adapters

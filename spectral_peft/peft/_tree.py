@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectral_peft import _validation
 from spectral_peft.peft._method import Adapter, AdapterMethod, matrix_shape
 
 Array = jax.Array
@@ -54,9 +55,49 @@ def path_to_str(path: Sequence[Any]) -> str:
 
 
 def leaf_paths(params: PyTree) -> dict[str, Any]:
-  """``{path: leaf}`` for every array leaf of ``params``, in tree order."""
+  """``{path: leaf}`` for every array leaf of ``params``, in tree order.
+
+  Raises:
+    ValueError: two leaves have the same path (a key containing ``'/'``, such as ``{"a/b": x}``
+      next to ``{"a": {"b": y}}``): an adapter for that path would silently apply to both.
+  """
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  return {path_to_str(p): leaf for p, leaf in flat}
+  out: dict[str, Any] = {}
+  for p, leaf in flat:
+    name = path_to_str(p)
+    if name in out:
+      raise ValueError(
+          f"Two parameters have the same path {name!r} (a key contains '/', e.g. {{'a/b': ...}} next to "
+          f"{{'a': {{'b': ...}}}}): adapters address weights by '/'-joined paths, so rename the key "
+          f"({jax.tree_util.keystr(p)})."
+      )
+    out[name] = leaf
+  return out
+
+
+def _compile(name: str, pattern: Any) -> "re.Pattern[str]":
+  """``re.compile(pattern)``, or a ``ValueError`` naming the argument ``name``."""
+  try:
+    return re.compile(pattern)
+  except re.error as err:
+    raise ValueError(f"`{name}` must be a valid regular expression, got {getattr(pattern, 'pattern', pattern)!r} ({err}).") from None
+  except TypeError:
+    raise TypeError(f"`{name}` must be a regular expression string, got {pattern!r} of type {type(pattern).__name__}.") from None
+
+
+def _as_bool(name: str, value: Any, path: str) -> bool:
+  """A predicate's answer as a ``bool``: a Python/NumPy bool or a concrete 0-d boolean array."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  shape = getattr(value, "shape", None)
+  dtype = getattr(value, "dtype", None)
+  if shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.bool_) and _validation.is_concrete(value):
+    return bool(value)
+  raise TypeError(
+      f"`{name}` predicate must return a bool for each (path, leaf); for {path!r} it returned "
+      f"{type(value).__name__}{'' if shape is None else f' of shape {tuple(shape)}'}"
+      f"{'' if dtype is None else f' and dtype {dtype}'} (reduce it, e.g. with bool(jnp.any(...)))."
+  )
 
 
 def _available_paths(paths: Mapping[str, Any], limit: int = 12) -> str:
@@ -77,15 +118,18 @@ def select_paths(params: PyTree, targets: Target) -> list[str]:
     The matching paths, in tree order.
 
   Raises:
-    ValueError: if nothing matches (the message lists some available paths).
+    ValueError: if nothing matches (the message lists some available paths), or ``targets`` is not
+      a valid regular expression.
+    TypeError: ``targets`` is neither a string nor a predicate, or the predicate returns something
+      other than a bool.
   """
   paths = leaf_paths(params)
   if isinstance(targets, (str, re.Pattern)):
-    pattern = re.compile(targets)
+    pattern = _compile("targets", targets)
     chosen = [p for p in paths if pattern.search(p)]
     described = f"pattern {pattern.pattern!r}"
-  elif callable(targets):
-    chosen = [p for p, leaf in paths.items() if targets(p, leaf)]
+  elif callable(targets) and not isinstance(targets, type):
+    chosen = [p for p, leaf in paths.items() if _as_bool("targets", targets(p, leaf), p)]
     described = "predicate"
   else:
     raise TypeError(
@@ -97,16 +141,23 @@ def select_paths(params: PyTree, targets: Target) -> list[str]:
 
 
 def _resolve_method(method: MethodChoice, path: str, shape: tuple[int, ...]) -> AdapterMethod:
+  if isinstance(method, type):
+    raise TypeError(
+        f"`method` must be an adapter spec instance such as {method.__name__}(...) (e.g. sp.peft.LoRA(rank=8)), "
+        f"got the class {method.__name__} itself."
+    )
   if isinstance(method, AdapterMethod):
     chosen = method
   elif isinstance(method, Mapping):
-    chosen = next((m for pattern, m in method.items() if re.search(pattern, path)), None)
+    chosen = next((m for pattern, m in method.items() if _compile("method", pattern).search(path)), None)
     if chosen is None:
       raise ValueError(f"`method` mapping has no pattern matching target {path!r}; patterns: {list(method)}.")
   elif callable(method):
     chosen = method(path, shape)
   else:
     chosen = method
+  if isinstance(chosen, type) and issubclass(chosen, AdapterMethod):
+    raise TypeError(f"`method` gave the class {chosen.__name__} for {path!r}; pass an instance such as {chosen.__name__}(...).")
   if not isinstance(chosen, AdapterMethod):
     raise TypeError(
         f"`method` must be an adapter spec such as sp.peft.LoRA(rank=8), a {{regex: spec}} mapping or "
@@ -122,7 +173,7 @@ def _resolve_in_axes(in_axes: InAxes, path: str, shape: tuple[int, ...]) -> int:
   elif isinstance(in_axes, int):
     value = in_axes
   elif isinstance(in_axes, Mapping):
-    value = next((v for pattern, v in in_axes.items() if re.search(pattern, path)), None)
+    value = next((v for pattern, v in in_axes.items() if _compile("in_axes", pattern).search(path)), None)
   elif callable(in_axes):
     value = in_axes(path, shape)
   else:
@@ -193,6 +244,13 @@ def init_adapters(
   for path in select_paths(params, targets):
     w0 = paths[path]
     shape = tuple(int(d) for d in np.shape(w0))
+    dtype = getattr(w0, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"Target {path!r} has dtype {dtype}: adapters need a real floating weight (an update merged into an "
+          "integer or quantised kernel would be rounded away). Choose `targets` that select float kernels, or "
+          "dequantise them first."
+      )
     stack = _resolve_per_path(stack_axes, path, "stack_axes", 0)
     if isinstance(stack, bool) or not isinstance(stack, (int, np.integer)) or not 0 <= stack <= max(len(shape) - 2, 0):
       raise ValueError(f"`stack_axes` for target {path!r} of shape {shape} must be an int in [0, {len(shape) - 2}], "
@@ -251,8 +309,38 @@ def _check_adapters(adapters: Any) -> None:
     raise TypeError("`adapters` must be the {path: Adapter} dict returned by sp.peft.init_adapters.")
 
 
-def _map_targets(params: PyTree, adapters: Adapters, fn: Callable[[Adapter, Array], Array], what: str) -> PyTree:
+def _check_safe(safe: Any) -> None:
+  if safe is not None and not isinstance(safe, bool):
+    raise TypeError(f"`safe` must be None, True or False, got {safe!r}.")
+
+
+def _check_finite_result(name: str, what: str, out: Array, leaf: Array, safe: Optional[bool]) -> None:
+  """``safe`` merge: refuses a non-finite result at ``name`` (see :func:`merge`)."""
+  if safe is False:
+    return
+  if not _validation.is_concrete(out):
+    if safe:
+      raise ValueError(
+          f"Cannot {what} with safe=True inside jit/grad/vmap: the finiteness check needs concrete arrays. Call it "
+          "outside the transformation (as for an inference-time merge), or pass safe=None to check only there."
+      )
+    return
+  if bool(jnp.all(jnp.isfinite(out))):
+    return
+  bad = int(jnp.size(out) - jnp.count_nonzero(jnp.isfinite(out)))
+  base_ok = bool(jnp.all(jnp.isfinite(leaf)))
+  cause = ("the adapter's arrays hold NaN/inf or its update overflows the weight's dtype "
+           f"{jnp.dtype(out.dtype).name}" if base_ok else "the weight in `params` is already non-finite")
+  raise ValueError(
+      f"Refusing to {what}: the result at {name!r} has {bad} non-finite entries of {jnp.size(out)} ({cause}). "
+      "Pass safe=False to get the non-finite weights anyway."
+  )
+
+
+def _map_targets(params: PyTree, adapters: Adapters, fn: Callable[[Adapter, Array], Array], what: str,
+                 safe: Optional[bool] = False) -> PyTree:
   _check_adapters(adapters)
+  _check_safe(safe)
   seen: set[str] = set()
 
   def visit(path, leaf):
@@ -260,48 +348,87 @@ def _map_targets(params: PyTree, adapters: Adapters, fn: Callable[[Adapter, Arra
     adapter = adapters.get(name)
     if adapter is None:
       return leaf
+    if name in seen:
+      raise ValueError(
+          f"Cannot {what}: two parameters have the path {name!r} (a key contains '/'); the adapter for it would "
+          "change both. Rename the key."
+      )
     if tuple(np.shape(leaf)) != adapter.shape:
       raise ValueError(
           f"Cannot {what}: adapter for {name!r} was made for shape {adapter.shape}, but `params` has "
           f"shape {tuple(np.shape(leaf))} there."
       )
     seen.add(name)
-    return fn(adapter, leaf)
+    out = fn(adapter, leaf)
+    _check_finite_result(name, what, out, leaf, safe)
+    return out
 
   out = jax.tree_util.tree_map_with_path(visit, params)
+  _check_missing(params, adapters, seen, what)
+  return out
+
+
+def _check_missing(params: PyTree, adapters: Adapters, seen: Any, what: str) -> None:
   missing = [p for p in adapters if p not in seen]
   if missing:
     raise ValueError(
         f"Cannot {what}: `params` has no leaf at adapter path(s) {missing[:5]}. Available paths: "
         f"{_available_paths(leaf_paths(params))}."
     )
-  return out
 
 
-def merge(params: PyTree, adapters: Adapters) -> PyTree:
+def merge(params: PyTree, adapters: Adapters, *, safe: Optional[bool] = None) -> PyTree:
   """``params`` with every target ``w0`` replaced by ``w0 + Delta W``.
 
   Returns the same structure and dtypes; differentiable with respect to both arguments, so a
   training loss can call ``model.apply(merge(params, adapters), x)`` and take gradients with
   respect to ``adapters``.
+
+  Layout: the merge trusts each adapter's ``in_axes`` (the weight's shape alone cannot tell, e.g.,
+  an attention output kernel ``(heads, head_dim, embed)`` flattened with ``in_axes=1`` from one
+  with ``in_axes=2``). :func:`sp.peft.factored`, which sees the layers, checks it.
+
+  Args:
+    params: the base parameters.
+    adapters: ``{path: Adapter}``.
+    safe: PEFT's ``safe_merge``. ``None`` (default): outside ``jit``/``grad``/``vmap`` (e.g. merging
+      once for inference) every merged weight is checked to be finite, and a NaN/inf (from NaN
+      adapter arrays, or an update that overflows the weight's dtype) raises naming the path; under
+      a transformation nothing is checked (it costs nothing there). ``True``: always check (an error
+      under a transformation). ``False``: never check.
+
+  Raises:
+    ValueError: an adapter path is missing from ``params`` or has another shape, or (``safe``) a
+      merged weight is not finite.
   """
-  return _map_targets(params, adapters, lambda adapter, w0: adapter.merge(w0), "merge")
+  return _map_targets(params, adapters, lambda adapter, w0: adapter.merge(w0), "merge", safe)
 
 
-def unmerge(merged: PyTree, adapters: Adapters) -> PyTree:
-  """Inverse of :func:`merge`: recovers the base parameters from merged ones."""
-  return _map_targets(merged, adapters, lambda adapter, w: adapter.unmerge(w), "unmerge")
+def unmerge(merged: PyTree, adapters: Adapters, *, safe: Optional[bool] = None) -> PyTree:
+  """Inverse of :func:`merge`: recovers the base parameters from merged ones (``safe`` as in :func:`merge`)."""
+  return _map_targets(merged, adapters, lambda adapter, w: adapter.unmerge(w), "unmerge", safe)
 
 
-def switch_adapters(merged: PyTree, current: Adapters, new: Adapters) -> PyTree:
-  """Turns parameters merged with ``current`` into parameters merged with ``new``."""
-  return merge(unmerge(merged, current), new)
+def switch_adapters(merged: PyTree, current: Adapters, new: Adapters, *, safe: Optional[bool] = None) -> PyTree:
+  """Turns parameters merged with ``current`` into parameters merged with ``new`` (``safe`` as in :func:`merge`)."""
+  return merge(unmerge(merged, current, safe=safe), new, safe=safe)
 
 
 def delta_tree(params: PyTree, adapters: Adapters) -> Adapters:
-  """``{path: Delta W}`` (in each weight's own shape) for every adapter."""
-  paths = leaf_paths(params)
+  """``{path: Delta W}`` (in each weight's own shape) for every adapter.
+
+  Raises:
+    ValueError: an adapter path is missing from ``params`` or has another shape there.
+  """
   _check_adapters(adapters)
+  paths = leaf_paths(params)
+  _check_missing(params, adapters, paths, "compute delta_tree")
+  for p, a in adapters.items():
+    if tuple(np.shape(paths[p])) != a.shape:
+      raise ValueError(
+          f"Cannot compute delta_tree: adapter for {p!r} was made for shape {a.shape}, but `params` has shape "
+          f"{tuple(np.shape(paths[p]))} there."
+      )
   return {p: a.delta(paths[p]) for p, a in adapters.items()}
 
 
