@@ -328,3 +328,90 @@ def receptive_field_1d(wavelet: str, level: int) -> int:
   k_len = filter_length(wavelet)
   level = _validation.check_positive_int("level", level)
   return (k_len - 1) * (2**level - 1) + 1
+
+
+# -- zero boundary (PEFT's WaveFT convention), through jaxwt -------------------------------------
+def zero_boundary_coefficient_shape(shape: Sequence[int], *, wavelet: str = "haar") -> tuple[int, int]:
+  """``(M, N)`` grid of one-level zero-boundary synthesis for an ``(m, n)`` output.
+
+  The grid is the output grown by ``K - 2`` (``K`` the filter length) and rounded up to even, as
+  PEFT's WaveFT (``WAVELET_REDUCTIONS``): one-level zero-boundary synthesis of an ``(M/2, N/2)``
+  sub-band quadruple gives ``(M - K + 2, N - K + 2)`` samples, which are cropped to ``(m, n)``.
+
+  Args:
+    shape: ``(m, n)``.
+    wavelet: a discrete PyWavelets wavelet name.
+
+  Returns:
+    ``(M, N)`` with ``M = m + K - 2`` rounded up to even (likewise ``N``).
+
+  Raises:
+    ValueError: unknown wavelet or bad ``shape``.
+
+  Example:
+    >>> import spectral_peft._wavelets as w
+    >>> w.zero_boundary_coefficient_shape((5, 8), wavelet="db2")
+    (8, 10)
+  """
+  m, n = _check_shape("shape", tuple(shape))
+  grow = filter_length(wavelet) - 2
+  return m + grow + (m + grow) % 2, n + grow + (n + grow) % 2
+
+
+def idwt2_zero(coeffs: Array, wavelet: str = "haar", *, shape: Optional[Sequence[int]] = None) -> Array:
+  """One-level 2-D wavelet synthesis with zero boundaries (``jaxwt.waverec2``), cropped to ``shape``.
+
+  ``coeffs`` holds the four sub-bands in the ``pywt.coeffs_to_array`` layout (``cA`` top-left,
+  ``cH`` bottom-left, ``cV`` top-right, ``cD`` bottom-right, each ``(M/2, N/2)``), so::
+
+    idwt2_zero(C, w, shape=(m, n)) == pywt.waverec2((cA, (cH, cV, cD)), w, mode="zero")[:m, :n]
+
+  This is the synthesis of PEFT's WaveFT up to a relabelling of positions (PEFT stores the torch
+  ``(out, in)`` weight with ``cH`` top-right and ``cV`` bottom-left); :func:`sp.peft.import_peft`
+  does the relabelling.
+
+  References:
+    Wolter et al., "Wavelet-packet powered deepfake image detection" (jaxwt/ptwt), 2022;
+    PEFT's WaveFT (``peft.tuners.waveft``).
+
+  Args:
+    coeffs: ``(..., M, N)`` floating coefficients, ``M`` and ``N`` even.
+    wavelet: a discrete PyWavelets wavelet name.
+    shape: ``(m, n)`` crop of the ``(M - K + 2, N - K + 2)`` reconstruction (``None``: no crop).
+
+  Returns:
+    ``(..., m, n)``.
+
+  Raises:
+    ValueError: odd ``M`` or ``N``, fewer than 2 axes, ``shape`` larger than the reconstruction.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft._wavelets as w
+    >>> w.idwt2_zero(jnp.ones((8, 10)), "db2", shape=(5, 8)).shape
+    (5, 8)
+  """
+  import jaxwt  # Local import: jaxwt's start-up cost is paid only by zero-boundary users.
+
+  coeffs = jnp.asarray(coeffs)
+  if coeffs.ndim < 2:
+    raise ValueError(f"`coeffs` must have at least 2 axes (..., M, N), got shape {coeffs.shape}.")
+  _validation.check_floating("coeffs", coeffs)
+  check_wavelet(wavelet)
+  big_m, big_n = coeffs.shape[-2:]
+  if big_m % 2 or big_n % 2:
+    raise ValueError(f"`coeffs` must have even sides (..., M, N), got shape {coeffs.shape}.")
+  full = (big_m - filter_length(wavelet) + 2, big_n - filter_length(wavelet) + 2)
+  out_shape = full if shape is None else _check_shape("shape", tuple(shape))
+  if out_shape[0] > full[0] or out_shape[1] > full[1]:
+    raise ValueError(
+        f"`shape` {out_shape} is larger than the {full} zero-boundary reconstruction of coefficients "
+        f"{(big_m, big_n)} with {wavelet!r}; use zero_boundary_coefficient_shape(shape) for the grid."
+    )
+  batch = coeffs.shape[:-2]
+  flat = coeffs.reshape((-1, big_m, big_n))
+  hm, hn = big_m // 2, big_n // 2
+  approx, horizontal = flat[:, :hm, :hn], flat[:, hm:, :hn]
+  vertical, diagonal = flat[:, :hm, hn:], flat[:, hm:, hn:]
+  out = jaxwt.waverec2([approx, (horizontal, vertical, diagonal)], wavelet)
+  out = out[:, : out_shape[0], : out_shape[1]]
+  return out.reshape(batch + tuple(out_shape))
