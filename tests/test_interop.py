@@ -6,6 +6,7 @@ peft); these tests need neither.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -175,12 +176,10 @@ def test_import_modules_to_save(params):
 
 def test_import_with_name_map_rules_and_callable(params):
   linen = {"params": params}
-  rules = [(r"(.*)", r"params/\1/kernel")]
   by_rules = sp.peft.import_peft(os.path.join(FIXTURES, "fourierft"), linen, name_map=[(r"layers\.(\d)\.(\w+)", r"params/layers/\1/\2/kernel")])
   by_fn = sp.peft.import_peft(os.path.join(FIXTURES, "fourierft"), linen,
                               name_map=lambda m: "params/" + m.replace(".", "/") + "/kernel")
   assert sorted(by_rules) == sorted(by_fn) == sorted("params/" + p for p in _deltas(os.path.join(FIXTURES, "fourierft")))
-  del rules
   with pytest.raises(ValueError, match="maps to path 'layers/0/query/kernel', which `params` does not have"):
     sp.peft.import_peft(os.path.join(FIXTURES, "fourierft"), linen)
 
@@ -393,3 +392,45 @@ def test_modules_to_save_and_trainable_summary(params):
   np.testing.assert_array_equal(merged["head"]["bias"], params["head"]["bias"] + 1.0)
   with pytest.raises(ValueError, match="no leaf at module path"):
     sp.peft.merge_modules(params, {"nope/kernel": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("case", [c for c in PEFT_CASES if c != "waveft_noidwt"])
+def test_from_peft_config_gives_the_imported_specs(params, case):
+  directory = os.path.join(FIXTURES, case)
+  choose = sp.peft.from_peft_config(directory)
+  imported = sp.peft.import_peft(directory, params, return_modules=True)[0]
+  ours = sp.peft.init_adapters(jax.random.key(0), params, choose, json.load(open(os.path.join(directory, "adapter_config.json")))["target_modules"])
+  assert sorted(ours) == sorted(imported)
+  for path, adapter in imported.items():
+    spec = ours[path].method
+    if hasattr(spec, "value_init"):  # Initial values are not part of a checkpoint.
+      spec = dataclasses.replace(spec, value_init=adapter.method.value_init, init_std=adapter.method.init_std)
+    assert spec == adapter.method, path
+    if case != "shira":  # SHiRA's positions are stored in the checkpoint, not drawn from a seed.
+      chex.assert_trees_all_equal(ours[path].frozen, adapter.frozen)
+
+
+def test_from_peft_config_refusals():
+  with pytest.raises(ValueError, match="peft_type"):
+    sp.peft.from_peft_config({"peft_type": "IA3"})
+  with pytest.raises(ValueError, match="proportional_parameters"):
+    sp.peft.from_peft_config({"peft_type": "WAVEFT", "proportional_parameters": True})
+
+
+def test_export_extra_config(params, tmp_path):
+  adapters, _ = our_export_cases(params)["fourierft"]
+  config = sp.peft.export_peft(str(tmp_path), adapters, extra_config={"task_type": "CAUSAL_LM", "scaling": 100.0})
+  assert config["task_type"] == "CAUSAL_LM"
+  with pytest.raises(ValueError, match="contradicts the adapters"):
+    sp.peft.export_peft(str(tmp_path), adapters, extra_config={"scaling": 150.0})
+
+
+def test_bfloat16_adapters_export_and_import(params, tmp_path):
+  adapters, _ = our_export_cases(params)["lora"]
+  bf16 = {p: sp.peft.Adapter(jax.tree.map(lambda v: v.astype(jnp.bfloat16), a.params), a.frozen, a.method, a.shape,
+                             a.dtype, a.in_axes) for p, a in adapters.items()}
+  sp.peft.export_peft(str(tmp_path), bf16)
+  tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+  assert tensors["base_model.model.layers.0.query.lora_A.weight"].dtype == jnp.bfloat16
+  again = sp.peft.import_peft(str(tmp_path), params)
+  chex.assert_trees_all_equal(again["layers/1/value/kernel"].params, bf16["layers/1/value/kernel"].params)

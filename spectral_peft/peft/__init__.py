@@ -17,6 +17,7 @@ from spectral_peft.peft._combination import weighted_combination
 from spectral_peft.peft._intercept import apply_factored
 from spectral_peft.peft._interop import TrainableSummary
 from spectral_peft.peft._interop import export_peft
+from spectral_peft.peft._interop import from_peft_config
 from spectral_peft.peft._interop import import_peft
 from spectral_peft.peft._interop import merge_modules
 from spectral_peft.peft._interop import modules_to_save
@@ -78,6 +79,7 @@ __all__ = (
     "delta_tree",
     "export_peft",
     "factored",
+    "from_peft_config",
     "import_peft",
     "init_adapters",
     "init_lfma_adapters",

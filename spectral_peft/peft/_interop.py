@@ -41,6 +41,7 @@ References:
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -65,6 +66,10 @@ PEFT_PREFIX = "base_model.model."
 
 # torch's randperm switches to a 64-bit inside-out shuffle from this size on (ATen randperm_cpu).
 _RANDPERM_SMALL_LIMIT = (2**32 - 1) // 20
+
+# Config fields export_peft writes that extra_config may change (they do not change Delta W).
+_FREE_FIELDS = frozenset({"base_model_name_or_path", "task_type", "inference_mode", "revision", "lora_dropout",
+                          "init_lora_weights", "init_weights", "mask_type", "random_seed"})
 
 _ADAPTER_SUFFIXES = {
     "LORA": (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"),
@@ -113,7 +118,11 @@ def torch_randperm_prefix(n: int, k: int, seed: int) -> np.ndarray:
     >>> torch_randperm_prefix(10, 3, 777).shape
     (3,)
   """
-  n, k = int(n), int(k)
+  return _randperm_prefix_cached(int(n), int(k), int(seed)).copy()
+
+
+@functools.lru_cache(maxsize=64)  # Every PEFT layer shares one seed; layers of one shape share the draw.
+def _randperm_prefix_cached(n: int, k: int, seed: int) -> np.ndarray:
   if not 1 <= n < _RANDPERM_SMALL_LIMIT:
     raise ValueError(
         f"PEFT positions can be reproduced exactly for weights with fewer than {_RANDPERM_SMALL_LIMIT} "
@@ -222,6 +231,7 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 
 # -- import ------------------------------------------------------------------------------------
 def _read(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so BF16 tensors load (JAX imports it anyway).
   from safetensors.numpy import load_file
 
   if not isinstance(directory, (str, os.PathLike)):
@@ -507,6 +517,7 @@ def export_peft(
     name_map: NameMap = None,
     modules: Optional[Mapping[str, Any]] = None,
     base_model_name_or_path: Optional[str] = None,
+    extra_config: Optional[Mapping[str, Any]] = None,
     prefix: str = PEFT_PREFIX,
 ) -> dict[str, Any]:
   """Writes ``adapters`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
@@ -535,6 +546,9 @@ def export_peft(
       written as ``<module>.weight`` (a ``kernel`` transposed, ``embedding``/``scale`` as is) and
       ``<module>.bias``, and listed in the config's ``modules_to_save``.
     base_model_name_or_path: recorded in the config.
+    extra_config: more PEFT config fields, by PEFT's names (``{"task_type": "CAUSAL_LM",
+      "lora_dropout": 0.05}``); a field that fixes ``Delta W`` (``r``, ``lora_alpha``, ``scaling``...)
+      may only repeat the value the adapters give.
     prefix: key prefix PEFT expects.
 
   Returns:
@@ -547,6 +561,7 @@ def export_peft(
   Example:
     >>> sp.peft.export_peft("my_adapter", adapters)  # doctest: +SKIP
   """
+  import ml_dtypes  # noqa: F401  bfloat16 adapters are written as BF16.
   from safetensors.numpy import save_file
 
   from spectral_peft.peft._tree import _check_adapters
@@ -639,6 +654,13 @@ def export_peft(
       tensors[prefix + names[p] + f".{kind}_spectrum"] = _export_sparse_values(p, a, expected)
   saved = _export_modules(modules, name_map, prefix, tensors)
   config["modules_to_save"] = saved or None
+  for field, value in dict(extra_config or {}).items():
+    if field in config and field not in _FREE_FIELDS and json.loads(json.dumps(value)) != json.loads(json.dumps(config[field])):
+      raise ValueError(
+          f"`extra_config[{field!r}]` = {value!r} contradicts the adapters ({field} = {config[field]!r}); "
+          f"only fields that do not change Delta W can be set freely: {sorted(_FREE_FIELDS)} and fields not written."
+      )
+    config[field] = value
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_NAME), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
@@ -666,6 +688,76 @@ def _export_modules(modules, name_map, prefix, tensors) -> list[str]:
     if module not in saved:
       saved.append(module)
   return saved
+
+
+# -- PEFT configs as our specs ----------------------------------------------------------------------
+def from_peft_config(config: Union[str, Mapping[str, Any]], *, name_map: NameMap = None) -> Callable[[str, tuple[int, ...]], Any]:
+  """Our adapter spec per target from a PEFT config, written with PEFT's names.
+
+  Translates ``peft_type`` and PEFT's fields, with PEFT's defaults where a field is absent:
+  LoRA (``r`` 8, ``lora_alpha`` 8, ``use_rslora``, ``use_dora`` -> :class:`DoRA`, ``rank_pattern``,
+  ``alpha_pattern``), SHiRA (``r``: ``n_params = r * (in + out)``), FourierFT (``n_frequency`` 1000,
+  ``n_frequency_pattern``, ``scaling`` 150, ``random_loc_seed`` 777, ``init_weights`` False ->
+  ``value_init="normal"``) and WaveFT (``n_frequency`` 2592, ``scaling`` 25, ``wavelet_family``
+  ``"db1"``, ``random_loc_seed`` 777, zero boundary; ``init_weights=False`` -> ``value_init="normal"``
+  with ``init_std=0.01``). Positions then equal PEFT's; random initial values are drawn from our
+  keys, not torch's.
+
+  Args:
+    config: a PEFT config dict (``json.load`` of ``adapter_config.json``, or
+      ``peft_config.to_dict()``), or the path of a directory holding ``adapter_config.json``.
+    name_map: our path -> PEFT module name, to resolve PEFT's ``*_pattern`` keys (as in :func:`export_peft`).
+
+  Returns:
+    ``(path, shape) -> spec``, to pass as ``method`` to :func:`sp.peft.init_adapters` (with
+    ``targets=config["target_modules"]`` when it is a list of names).
+
+  Raises:
+    ValueError: an unsupported ``peft_type`` or option (``proportional_parameters``, ``use_idwt=False``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> method = sp.peft.from_peft_config({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "use_rslora": True})
+    >>> method("mlp/fc1/kernel", (8, 8))
+    LoRA(rank=4, alpha=16.0, param_dtype=None, use_rslora=True)
+  """
+  if isinstance(config, (str, os.PathLike)):
+    with open(os.path.join(config, CONFIG_NAME)) as f:
+      config = json.load(f)
+  if not isinstance(config, Mapping):
+    raise TypeError(f"`config` must be a PEFT config dict or a directory path, got {type(config).__name__}.")
+  config = dict(config)
+  peft_type = config.get("peft_type")
+  if peft_type not in _ADAPTER_SUFFIXES:
+    raise ValueError(f"`config['peft_type']` must be one of {sorted(_ADAPTER_SUFFIXES)}, got {peft_type!r}.")
+  if peft_type == "WAVEFT" and config.get("proportional_parameters"):
+    raise ValueError("WaveFT `proportional_parameters=True` needs every layer at once: use sp.peft.proportional_allocation.")
+  if peft_type == "WAVEFT" and not config.get("use_idwt", True):
+    raise ValueError("WaveFT `use_idwt=False` has no seeded counterpart here: use sp.peft.SHiRA (positions from our keys).")
+
+  def choose(path: str, shape: tuple[int, ...]):
+    module = _apply_name_map(path, name_map, _default_module, "path")
+    if peft_type == "LORA":
+      cls = DoRA if config.get("use_dora") else LoRA
+      return cls(rank=int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8))),
+                 alpha=float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))),
+                 use_rslora=bool(config.get("use_rslora", False)))
+    if peft_type == "SHIRA":
+      if len(shape) != 2:
+        raise ValueError(f"PEFT's SHiRA adapts Linear layers: {path!r} has shape {shape}, not a 2-D kernel.")
+      return SHiRA(n_params=int(config.get("r", 32)) * (shape[0] + shape[1]))
+    random_init = not config.get("init_weights", peft_type == "WAVEFT")
+    if peft_type == "FOURIERFT":
+      n = int(_pattern_value(config.get("n_frequency_pattern"), module, config.get("n_frequency", 1000)))
+      return FourierFT(n_frequency=n, scale=float(config.get("scaling", 150.0)),
+                       random_loc_seed=int(config.get("random_loc_seed", 777)),
+                       value_init="normal" if random_init else "zeros")
+    n = int(_pattern_value(config.get("n_frequency_pattern"), module, config.get("n_frequency", 2592)))
+    return WaveFT(n, scale=float(config.get("scaling", 25.0)), wavelet=str(config.get("wavelet_family", "db1")),
+                  level=1, boundary="zero", random_loc_seed=int(config.get("random_loc_seed", 777)),
+                  value_init="normal" if random_init else "zeros", init_std=0.01 if random_init else 1.0)
+
+  return choose
 
 
 # -- modules_to_save and the trainable summary -------------------------------------------------
