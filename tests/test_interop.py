@@ -306,6 +306,9 @@ def test_export_refusals(params, tmp_path):
            **sp.peft.init_adapters(key, params, sp.peft.FourierFT(5, random_loc_seed=2), ["value"])}
   with pytest.raises(ValueError, match="one `random_loc_seed`"):
     sp.peft.export_peft(str(tmp_path), seeds)
+  bior = sp.peft.init_adapters(key, params, sp.peft.WaveFT(5, wavelet="bior2.2", boundary="zero", random_loc_seed=1), targets)
+  with pytest.raises(ValueError, match="PEFT's WaveFT does not implement"):
+    sp.peft.export_peft(str(tmp_path), bior)
   lfma = sp.peft.init_adapters(key, params, sp.peft.LFMA(0.1, value_init="zeros"), ["query"])
   with pytest.raises(ValueError, match="LFMA has no PEFT counterpart"):
     sp.peft.export_peft(str(tmp_path), lfma)
@@ -333,6 +336,33 @@ def test_waveft_zero_boundary_equals_pywt_zero_mode(wavelet, shape, jit):
   np.testing.assert_allclose(got, 2.0 * ref[: shape[0], : shape[1]], rtol=1e-5, atol=1e-6)
   x = jax.random.normal(jax.random.key(3), (4, shape[0]))
   np.testing.assert_allclose(method.apply({"values": values}, x, w0, frozen), x @ got, rtol=1e-5, atol=1e-5)
+
+
+def test_waveft_zero_boundary_gradient_is_the_adjoint_synthesis():
+  shape, wavelet = (7, 6), "db2"
+  method = sp.peft.WaveFT(10, wavelet=wavelet, boundary="zero")
+  w0 = jnp.zeros(shape)
+  frozen = method.init_frozen(jax.random.key(6), w0)
+  cotangent = jax.random.normal(jax.random.key(7), shape)
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(method.delta({"values": v}, w0, frozen) * cotangent)))(jnp.zeros(10))
+  big_m, big_n = method.grid(shape)
+  hm, hn = big_m // 2, big_n // 2
+  expected = []
+  for index in np.asarray(frozen["indices"]):  # Column i of the synthesis matrix, from PyWavelets.
+    unit = np.zeros(big_m * big_n)
+    unit[index] = 1.0
+    unit = unit.reshape(big_m, big_n)
+    column = pywt.waverec2((unit[:hm, :hn], (unit[hm:, :hn], unit[:hm, hn:], unit[hm:, hn:])), wavelet, mode="zero")
+    expected.append(method.scale * np.sum(column[: shape[0], : shape[1]] * np.asarray(cotangent)))
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_seeded_zero_boundary_waveft_saves_and_loads(params, tmp_path):
+  adapters, _ = our_export_cases(params)["waveft_db2"]
+  sp.peft.save_adapters(str(tmp_path / "ckpt"), adapters)
+  loaded = sp.peft.load_adapters(str(tmp_path / "ckpt"), params)
+  assert loaded["layers/0/query/kernel"].method == adapters["layers/0/query/kernel"].method
+  chex.assert_trees_all_close(sp.peft.delta_tree(params, loaded), sp.peft.delta_tree(params, adapters))
 
 
 def test_waveft_haar_zero_boundary_equals_periodic():

@@ -67,6 +67,10 @@ PEFT_PREFIX = "base_model.model."
 # torch's randperm switches to a 64-bit inside-out shuffle from this size on (ATen randperm_cpu).
 _RANDPERM_SMALL_LIMIT = (2**32 - 1) // 20
 
+# The wavelets PEFT's WaveFT implements (peft/tuners/waveft/wavelet.py in PEFT 0.21).
+_PEFT_WAVELETS = frozenset(["haar"] + [f"db{i}" for i in range(1, 11)] + [f"sym{i}" for i in range(2, 11)]
+                           + [f"coif{i}" for i in range(1, 6)])
+
 # Config fields export_peft writes that extra_config may change (they do not change Delta W).
 _FREE_FIELDS = frozenset({"base_model_name_or_path", "task_type", "inference_mode", "revision", "lora_dropout",
                           "init_lora_weights", "init_weights", "mask_type", "random_seed"})
@@ -632,6 +636,11 @@ def export_peft(
         raise ValueError(
             f"Adapter {p!r} has no `random_loc_seed`: PEFT redraws {kind} positions from one seed when it loads, so "
             f"only adapters built with e.g. sp.peft.{type(a.method).__name__}(..., random_loc_seed=777) export."
+        )
+      if family == "WAVEFT" and a.method.wavelet not in _PEFT_WAVELETS:
+        raise ValueError(
+            f"Adapter {p!r} uses wavelet {a.method.wavelet!r}, which PEFT's WaveFT does not implement; PEFT has "
+            "haar/db1-db10, sym2-sym10 and coif1-coif5."
         )
       if family == "WAVEFT" and not a.method.peft_compatible:
         raise ValueError(

@@ -246,6 +246,7 @@ class SineLoRA(_AdditiveLowRank, _SineUpdate, _LowRankBase):
     gain: fixed divisor; ``None`` is ``sqrt(m) = sqrt(in_features)`` (App. A.2).
     block_size: column block of the memory-lean product used by :meth:`apply`.
     param_dtype: dtype of ``a`` and ``b`` (``None``: the dtype of ``w0``).
+    use_rslora: scale by ``alpha / sqrt(rank)``, as in :class:`LoRA`.
   """
 
   omega: float = 200.0
@@ -302,6 +303,7 @@ class SineDoRA(_MagnitudeDirection, _SineUpdate, _LowRankBase):
     block_size: column block of the memory-lean product used by :meth:`apply`.
     stop_norm_gradient: as in :class:`DoRA`.
     param_dtype: dtype of the trainable arrays (``None``: the dtype of ``w0``).
+    use_rslora: scale by ``alpha / sqrt(rank)``, as in :class:`LoRA`.
   """
 
   omega: float = 200.0
