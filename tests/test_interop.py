@@ -91,6 +91,11 @@ def params():
     return nested({k: f[k] for k in f.files})
 
 
+@pytest.fixture(scope="module")
+def export_cases(params):
+  return our_export_cases(params)
+
+
 def _deltas(case_dir):
   with np.load(os.path.join(case_dir, "delta.npz")) as f:
     return {k: f[k] for k in f.files}
@@ -248,9 +253,9 @@ def test_export_of_imported_noidwt_writes_shira_with_the_same_delta(params, tmp_
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES)
-def test_our_export_loads_in_peft_with_our_delta(params, case, tmp_path):
+def test_our_export_loads_in_peft_with_our_delta(params, export_cases, case, tmp_path):
   """``export_<case>/delta.npz`` is PEFT's Delta W after loading the committed export of these adapters."""
-  adapters, modules = our_export_cases(params)[case]
+  adapters, modules = export_cases[case]
   committed = os.path.join(FIXTURES, f"export_{case}")
   sp.peft.export_peft(str(tmp_path), adapters, modules=modules)
   ours_files = load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -272,8 +277,8 @@ def test_our_export_loads_in_peft_with_our_delta(params, case, tmp_path):
     chex.assert_trees_all_close(again_modules, modules)
 
 
-def test_shira_export_pads_to_peft_budget(params, tmp_path):
-  adapters, _ = our_export_cases(params)["shira"]
+def test_shira_export_pads_to_peft_budget(params, export_cases, tmp_path):
+  adapters, _ = export_cases["shira"]
   config = sp.peft.export_peft(str(tmp_path), adapters)
   tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
   assert config["r"] == 1
@@ -357,8 +362,8 @@ def test_waveft_zero_boundary_gradient_is_the_adjoint_synthesis():
   np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_seeded_zero_boundary_waveft_saves_and_loads(params, tmp_path):
-  adapters, _ = our_export_cases(params)["waveft_db2"]
+def test_seeded_zero_boundary_waveft_saves_and_loads(params, export_cases, tmp_path):
+  adapters, _ = export_cases["waveft_db2"]
   sp.peft.save_adapters(str(tmp_path / "ckpt"), adapters)
   loaded = sp.peft.load_adapters(str(tmp_path / "ckpt"), params)
   assert loaded["layers/0/query/kernel"].method == adapters["layers/0/query/kernel"].method
@@ -447,16 +452,16 @@ def test_from_peft_config_refusals():
     sp.peft.from_peft_config({"peft_type": "WAVEFT", "proportional_parameters": True})
 
 
-def test_export_extra_config(params, tmp_path):
-  adapters, _ = our_export_cases(params)["fourierft"]
+def test_export_extra_config(params, export_cases, tmp_path):
+  adapters, _ = export_cases["fourierft"]
   config = sp.peft.export_peft(str(tmp_path), adapters, extra_config={"task_type": "CAUSAL_LM", "scaling": 100.0})
   assert config["task_type"] == "CAUSAL_LM"
   with pytest.raises(ValueError, match="contradicts the adapters"):
     sp.peft.export_peft(str(tmp_path), adapters, extra_config={"scaling": 150.0})
 
 
-def test_bfloat16_adapters_export_and_import(params, tmp_path):
-  adapters, _ = our_export_cases(params)["lora"]
+def test_bfloat16_adapters_export_and_import(params, export_cases, tmp_path):
+  adapters, _ = export_cases["lora"]
   bf16 = {p: sp.peft.Adapter(jax.tree.map(lambda v: v.astype(jnp.bfloat16), a.params), a.frozen, a.method, a.shape,
                              a.dtype, a.in_axes) for p, a in adapters.items()}
   sp.peft.export_peft(str(tmp_path), bf16)

@@ -290,11 +290,11 @@ def _target(params_paths, module, name_map, in_axes):
   return path, leaf, shape, axes, matrix_shape(shape, axes)
 
 
-def _check_tensor(module: str, what: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
+def _check_tensor(module: str, what: str, array: np.ndarray, expected: tuple[int, ...], mshape: tuple[int, int]) -> None:
   if tuple(array.shape) != tuple(expected):
     raise ValueError(
-        f"PEFT tensor {what} of module {module!r} has shape {tuple(array.shape)}, but the target kernel "
-        f"needs {tuple(expected)} (torch layout (out, in) of a kernel (in, out) = {expected[::-1] if len(expected) == 2 else expected})."
+        f"PEFT tensor {what} of module {module!r} has shape {tuple(array.shape)}, but the target kernel of matrix "
+        f"shape (in, out) = {tuple(mshape)} needs {tuple(expected)} (torch's (out, in) layout)."
     )
 
 
@@ -303,7 +303,7 @@ def _sorted(flat: np.ndarray, values: np.ndarray) -> tuple[jax.Array, jax.Array]
   return jnp.asarray(flat[order], jnp.int32), jnp.asarray(values[order])
 
 
-def _import_layer(peft_type, config, module, tensors, path, leaf, shape, axes, mshape):
+def _import_layer(peft_type, config, module, tensors, leaf, shape, axes, mshape):
   m, n = mshape
   dtype = jnp.dtype(leaf.dtype).name
   if peft_type == "LORA":
@@ -314,8 +314,8 @@ def _import_layer(peft_type, config, module, tensors, path, leaf, shape, axes, m
     if lora_a.ndim != 2:
       raise ValueError(f"PEFT LoRA module {module!r}: lora_A must be a Linear (r, in) matrix, got shape {lora_a.shape}.")
     r = lora_a.shape[0]
-    _check_tensor(module, "lora_A.weight", lora_a, (r, m))
-    _check_tensor(module, "lora_B.weight", lora_b, (n, r))
+    _check_tensor(module, "lora_A.weight", lora_a, (r, m), mshape)
+    _check_tensor(module, "lora_B.weight", lora_b, (n, r), mshape)
     alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
     use_dora = bool(config.get("use_dora", False))
     if use_dora != (".lora_magnitude_vector" in tensors):
@@ -325,7 +325,7 @@ def _import_layer(peft_type, config, module, tensors, path, leaf, shape, axes, m
     params = {"a": jnp.asarray(lora_a.T), "b": jnp.asarray(lora_b.T)}
     if use_dora:
       magnitude = tensors[".lora_magnitude_vector"]
-      _check_tensor(module, "lora_magnitude_vector", magnitude, (n,))
+      _check_tensor(module, "lora_magnitude_vector", magnitude, (n,), mshape)
       params["magnitude"] = jnp.asarray(magnitude)
     frozen = spec.init_frozen(jax.random.key(0), jnp.reshape(jnp.asarray(leaf), mshape))
     return Adapter(params, frozen, spec, shape, dtype, axes)
@@ -429,7 +429,7 @@ def import_peft(
   adapters: Adapters = {}
   for module in sorted(grouped):
     target, leaf, shape, axes, mshape = _target(paths, module, name_map, in_axes)
-    adapters[target] = _import_layer(peft_type, config, module, grouped[module], target, leaf, shape, axes, mshape)
+    adapters[target] = _import_layer(peft_type, config, module, grouped[module], leaf, shape, axes, mshape)
   modules = _import_modules(extra, paths, name_map)
   if return_modules:
     return adapters, modules
