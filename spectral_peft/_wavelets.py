@@ -415,3 +415,64 @@ def idwt2_zero(coeffs: Array, wavelet: str = "haar", *, shape: Optional[Sequence
   out = jaxwt.waverec2([approx, (horizontal, vertical, diagonal)], wavelet)
   out = out[:, : out_shape[0], : out_shape[1]]
   return out.reshape(batch + tuple(out_shape))
+
+
+# With K taps, one level of zero-boundary synthesis of [lo, hi] (each of length h) is the full
+# transposed convolution  full[t] = sum_k lo[k] rec_lo[t - 2k] + hi[k] rec_hi[t - 2k]  (length
+# 2h + K - 2) with K - 2 samples cropped at each end (jaxwt/ptwt), i.e. pywt.idwt(..., mode="zero").
+def _zero_synthesis_last(c: Array, wavelet: str, out_len: int) -> Array:
+  """``[lo, hi]`` (length ``M``) -> the first ``out_len`` samples of the zero-boundary synthesis."""
+  _, _, rec_lo, rec_hi = _filters(wavelet)
+  k_len = len(rec_lo)
+  half = c.shape[-1] // 2
+  up_lo, up_hi = _upsample(c[..., :half]), _upsample(c[..., half:])
+  full_len = 2 * half + k_len - 2
+  pad = [(0, 0)] * (c.ndim - 1)
+  full = None
+  for j in range(k_len):
+    term = jnp.pad(rec_lo[j] * up_lo + rec_hi[j] * up_hi, pad + [(j, k_len - 1 - j)])[..., :full_len]
+    full = term if full is None else full + term
+  return full[..., k_len - 2 : k_len - 2 + out_len]
+
+
+def _zero_synthesis_adjoint_last(y: Array, wavelet: str, coeff_len: int) -> Array:
+  """Transpose of :func:`_zero_synthesis_last`: ``(..., out_len)`` -> ``(..., M)`` (``[lo, hi]``)."""
+  _, _, rec_lo, rec_hi = _filters(wavelet)
+  k_len = len(rec_lo)
+  half = coeff_len // 2
+  padded_len = 2 * half + 2 * k_len
+  full = jnp.pad(y, [(0, 0)] * (y.ndim - 1) + [(k_len - 2, padded_len - (k_len - 2) - y.shape[-1])])
+  lo = hi = None
+  for j in range(k_len):
+    ys = full[..., j : j + 2 * half : 2]
+    lo = rec_lo[j] * ys if lo is None else lo + rec_lo[j] * ys
+    hi = rec_hi[j] * ys if hi is None else hi + rec_hi[j] * ys
+  return jnp.concatenate([lo, hi], axis=-1)
+
+
+def sparse_idwt2_zero_matmul(
+    x: Array, values: Array, rows: Array, cols: Array, shape: tuple[int, int], *, wavelet: str
+) -> Array:
+  """``x @ idwt2_zero(C, shape=shape)`` for sparse ``C`` without forming an ``(m, n)`` matrix.
+
+  ``idwt2_zero(C)[:m, :n] = S_m C S_n^T`` with ``S`` the cropped 1-D zero-boundary synthesis of
+  ``[lo, hi]`` columns, so ``x @ Delta W = ((x S_m) C) S_n^T``: the adjoint 1-D synthesis of ``x``
+  (``O(K M)`` per row), a gather/scatter over the ``p`` coefficients, and the 1-D synthesis along
+  ``n``.
+
+  Args:
+    x: ``(..., m)``.
+    values: ``(p,)``; rows, cols: ``(p,)`` int positions in the ``(M, N)`` grid of
+      :func:`zero_boundary_coefficient_shape`.
+    shape: ``(m, n)``; wavelet: a discrete PyWavelets name (checked by the caller).
+
+  Returns:
+    ``(..., n)``.
+  """
+  m, n = shape
+  big_m, big_n = zero_boundary_coefficient_shape(shape, wavelet=wavelet)
+  dtype = jnp.result_type(x, values)
+  u = _zero_synthesis_adjoint_last(x.astype(dtype), wavelet, big_m)
+  gathered = jnp.take(u, rows, axis=-1) * values.astype(dtype)
+  z = jnp.zeros(x.shape[:-1] + (big_n,), dtype).at[..., cols].add(gathered)
+  return _zero_synthesis_last(z, wavelet, n)

@@ -340,7 +340,26 @@ def test_waveft_zero_boundary_equals_pywt_zero_mode(wavelet, shape, jit):
   ref = pywt.waverec2((coeffs[:hm, :hn], (coeffs[hm:, :hn], coeffs[:hm, hn:], coeffs[hm:, hn:])), wavelet, mode="zero")
   np.testing.assert_allclose(got, 2.0 * ref[: shape[0], : shape[1]], rtol=1e-5, atol=1e-6)
   x = jax.random.normal(jax.random.key(3), (4, shape[0]))
-  np.testing.assert_allclose(method.apply({"values": values}, x, w0, frozen), x @ got, rtol=1e-5, atol=1e-5)
+  for path in ("dense", "factored") if jit else ("auto",):
+    apply = dataclasses.replace(method, path=path).apply
+    apply = jax.jit(apply) if jit else apply
+    np.testing.assert_allclose(apply({"values": values}, x, w0, frozen), x @ got, rtol=1e-5, atol=1e-5)
+
+
+def test_waveft_zero_boundary_factored_gradients_equal_dense():
+  shape = (11, 6)
+  dense = sp.peft.WaveFT(12, wavelet="sym4", boundary="zero", path="dense")
+  factored = dataclasses.replace(dense, path="factored")
+  w0 = jax.random.normal(jax.random.key(8), shape)
+  frozen = dense.init_frozen(jax.random.key(9), w0)
+  values = jax.random.normal(jax.random.key(10), (12,))
+  x = jax.random.normal(jax.random.key(11), (5, shape[0]))
+
+  def loss(spec):
+    return lambda v, x: jnp.sum(jnp.sin(spec.apply({"values": v}, x, w0, frozen)))
+
+  chex.assert_trees_all_close(jax.jit(jax.grad(loss(factored), argnums=(0, 1)))(values, x),
+                              jax.jit(jax.grad(loss(dense), argnums=(0, 1)))(values, x), rtol=1e-5, atol=1e-5)
 
 
 def test_waveft_zero_boundary_gradient_is_the_adjoint_synthesis():

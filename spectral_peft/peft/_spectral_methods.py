@@ -168,8 +168,9 @@ class WaveFT(_SparseRealBase):
       zero-boundary synthesis computed with ``jaxwt.waverec2`` (:func:`spectral_peft._wavelets.idwt2_zero`,
       equal to ``pywt.waverec2(..., mode="zero")``) on the grid ``(m + K - 2, n + K - 2)`` rounded up
       to even (``K`` the filter length), cropped to ``(m, n)``; ``level`` must be 1. :meth:`apply`
-      then uses the dense product (``x @ Delta W``). For ``"haar"`` both boundaries give the same
-      function.
+      has a factored product for it too (1-D zero-boundary cascades along each axis,
+      :func:`spectral_peft._wavelets.sparse_idwt2_zero_matmul`). For ``"haar"`` both boundaries give
+      the same function.
     random_loc_seed: ``None`` (positions from the adapter's key) or PEFT's ``random_loc_seed``:
       positions are then PEFT's (``torch.randperm`` of the ``m * n`` weight entries with that seed,
       reproduced exactly in numpy), the same seed for every layer, so the adapter can be exported
@@ -240,8 +241,17 @@ class WaveFT(_SparseRealBase):
     return _spectral.waveft_delta(values, indices, shape, wavelet=self.wavelet, level=self.level)
 
   def synthesis_matmul(self, x, values, indices, shape):
-    if self.boundary == "zero":  # No factored zero-boundary product yet: x @ Delta W.
-      return jnp.matmul(x, self.synthesis(values, indices, shape).astype(x.dtype))
+    if self.boundary == "zero":
+      grid = self.grid(shape)
+      flat = _spectral.flat_indices(indices, grid, values.shape[0])
+      k_len = _wavelets.filter_length(self.wavelet)
+      chosen = _spectral._resolve(
+          self.path,
+          lambda: _spectral.matmul_costs("wavelet", _spectral._batch(x), grid, values.shape[0], filter_length=k_len),
+      )
+      if chosen == "dense":
+        return jnp.matmul(x, self.synthesis(values, flat, shape).astype(x.dtype))
+      return _wavelets.sparse_idwt2_zero_matmul(x, values, flat // grid[1], flat % grid[1], tuple(shape), wavelet=self.wavelet)
     return _spectral.waveft_matmul(x, values, indices, shape, wavelet=self.wavelet, level=self.level, path=self.path)
 
 
