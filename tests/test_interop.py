@@ -488,3 +488,28 @@ def test_bfloat16_adapters_export_and_import(params, export_cases, tmp_path):
   assert tensors["base_model.model.layers.0.query.lora_A.weight"].dtype == jnp.bfloat16
   again = sp.peft.import_peft(str(tmp_path), params)
   chex.assert_trees_all_equal(again["layers/1/value/kernel"].params, bf16["layers/1/value/kernel"].params)
+
+
+def test_modules_to_save_train_beside_the_adapters(params):
+  import optax
+
+  adapters = sp.peft.init_adapters(jax.random.key(0), params, sp.peft.LoRA(2), ["query"])
+  modules = sp.peft.modules_to_save(params, ["head"])
+  x = jax.random.normal(jax.random.key(1), (4, 12))
+
+  def loss(adapters, modules):
+    p = sp.peft.merge_modules(sp.peft.merge(params, adapters), modules)
+    h = x @ p["layers"]["0"]["query"]["kernel"] + p["layers"]["0"]["query"]["bias"]
+    return jnp.sum((h @ p["head"]["kernel"] + p["head"]["bias"] - 1.0) ** 2)
+
+  tx = optax.sgd(1e-2)
+  state = (adapters, modules)
+  opt_state = tx.init(state)
+  before = loss(*state)
+  for _ in range(3):
+    grads = jax.grad(lambda s: loss(*s))(state)
+    updates, opt_state = tx.update(grads, opt_state)
+    state = optax.apply_updates(state, updates)
+  assert loss(*state) < before
+  assert not np.allclose(state[1]["head/kernel"], params["head"]["kernel"])
+  assert not np.allclose(state[0]["layers/0/query/kernel"].params["b"], 0.0)

@@ -779,8 +779,10 @@ def modules_to_save(params: PyTree, targets: Any) -> dict[str, jax.Array]:
       ends in that name), a regex searched in each path, or a predicate ``(path, leaf) -> bool``.
 
   Returns:
-    ``{path: array}``, a copy of the chosen leaves: a pytree to train with the adapters (e.g.
-    ``optax`` on ``(adapters, modules)``), put back with :func:`merge_modules` and saved with
+    ``{path: array}``, a copy of the chosen leaves: a pytree of plain arrays to train beside the
+    adapters (differentiate a loss of ``merge_modules(merge(params, adapters), modules)`` with respect
+    to both and step them with ``optax``; :func:`sp.peft.trainable_mask` marks only adapter arrays, so
+    keep the modules out of a tree masked by it), put back with :func:`merge_modules` and saved with
     :func:`export_peft` (``modules=``).
 
   Raises:
