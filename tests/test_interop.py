@@ -63,7 +63,8 @@ def our_export_cases(params: dict) -> dict:
       "lora": {"value": sp.peft.LoRA(3, alpha=6.0), "query": sp.peft.LoRA(2)},
       "dora_rslora": sp.peft.DoRA(rank=2, alpha=4.0, use_rslora=True),
       "shira": sp.peft.SHiRA(n_params=13, scale=2.0),
-      "fourierft": sp.peft.FourierFT(n_frequency=9, scale=100.0, random_loc_seed=42),
+      "fourierft": {"value": sp.peft.FourierFT(n_frequency=5, scale=100.0, random_loc_seed=42),  # n_frequency_pattern
+                    "query": sp.peft.FourierFT(n_frequency=9, scale=100.0, random_loc_seed=42)},
       "waveft_db2": sp.peft.WaveFT(11, wavelet="db2", boundary="zero", random_loc_seed=777),
       "waveft_haar": sp.peft.WaveFT(11, wavelet="haar", random_loc_seed=5),
       "waveft_sym4": sp.peft.WaveFT(8, wavelet="sym4", boundary="zero", random_loc_seed=1, scale=2.0),
@@ -213,7 +214,8 @@ def _effective(config: dict, module: str) -> dict:
             "use_rslora": config["use_rslora"], "use_dora": config["use_dora"]}
   if kind == "SHIRA":
     return {"r": config["r"]}
-  out = {"n_frequency": _interop._pattern_value(config.get("n_frequency_pattern"), module, config["n_frequency"]),
+  style = "dotted" if kind == "FOURIERFT" else "suffix"
+  out = {"n_frequency": _interop._pattern_value(config.get("n_frequency_pattern"), module, config["n_frequency"], style=style),
          "scaling": float(config["scaling"]), "random_loc_seed": config["random_loc_seed"]}
   if kind == "WAVEFT":
     out.update(wavelet_family=config["wavelet_family"], use_idwt=config["use_idwt"])
@@ -285,6 +287,27 @@ def test_shira_export_pads_to_peft_budget(params, export_cases, tmp_path):
   weights = tensors["base_model.model.layers.0.query.shira_weight"]
   assert weights.shape == (12 + 10,) and np.count_nonzero(weights) == 13
   assert tensors["base_model.model.layers.0.value.shira_indices"].shape == (2, 12 + 7)
+
+
+def test_export_patterns_follow_peft_lookup(params, tmp_path):
+  top = {"query": {"kernel": params["layers"]["0"]["query"]["kernel"]}, "value": {"kernel": params["layers"]["0"]["value"]["kernel"]},
+         "other": {"kernel": params["layers"]["1"]["value"]["kernel"]}}
+  specs = {"query": sp.peft.FourierFT(9, random_loc_seed=1), "value": sp.peft.FourierFT(5, random_loc_seed=1),
+           "other": sp.peft.FourierFT(9, random_loc_seed=1)}
+  adapters = sp.peft.init_adapters(jax.random.key(0), top, specs, "kernel")
+  with pytest.raises(ValueError, match="cannot address the top-level module 'value'"):
+    sp.peft.export_peft(str(tmp_path), adapters)
+  nested_names = {"a.layers.0.q": 3, "b.layers.0.q": 2, "c.layers.0.q": 3}  # Same tail: PEFT cannot tell them apart.
+  params2 = nested({n.replace(".", "/") + "/kernel": np.zeros((6, 5), np.float32) for n in nested_names})
+  lora = sp.peft.init_adapters(jax.random.key(0), params2, {n.replace(".", "/"): sp.peft.LoRA(r) for n, r in nested_names.items()},
+                               "kernel")
+  config = sp.peft.export_peft(str(tmp_path), lora)  # Full names as suffix keys single them out.
+  assert config["rank_pattern"] == {r"b\.layers\.0\.q": 2}
+  fourier = sp.peft.init_adapters(jax.random.key(0), params2, {n.replace(".", "/"): sp.peft.FourierFT(4 + r, random_loc_seed=1)
+                                                               for n, r in nested_names.items()}, "kernel")
+  # FourierFT's keys must follow a dot: b's key "layers\.0\.q" also matches a and c.
+  with pytest.raises(ValueError, match="cannot give module 'a.layers.0.q' its value 7"):
+    sp.peft.export_peft(str(tmp_path), fourier)
 
 
 def test_export_refusals(params, tmp_path):

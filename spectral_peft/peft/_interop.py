@@ -225,12 +225,44 @@ def _default_module(path: str) -> str:
   return path[: -len("/kernel")].replace("/", ".")
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-  """PEFT's ``rank_pattern``-style lookup: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any, *, style: str = "suffix") -> Any:
+  """PEFT's lookup of a ``*_pattern`` dict: the value of the first key that matches ``module``.
+
+  ``style="suffix"`` (LoRA's ``rank_pattern``/``alpha_pattern``, WaveFT's ``n_frequency_pattern``):
+  ``re.match(rf"(.*\\.)?({key})$", module)``; ``style="dotted"`` (FourierFT's ``n_frequency_pattern``):
+  ``re.match(rf".*\\.{key}$", module)``, which never matches a module name without a dot.
+  """
   for key, value in (patterns or {}).items():
-    if re.match(rf"(.*\.)?({key})$", module):
+    regex = rf"(.*\.)?({key})$" if style == "suffix" else rf".*\.{key}$"
+    if re.match(regex, module):
       return value
   return default
+
+
+def _patterns(name: str, values: Mapping[str, Any], names: Mapping[str, str], default: Any, style: str) -> dict[str, Any]:
+  """A PEFT ``*_pattern`` dict giving each module its value, checked against PEFT's own lookup."""
+  out: dict[str, Any] = {}
+  for path, value in values.items():
+    if value == default:
+      continue
+    module = names[path]
+    if style == "suffix":
+      out[re.escape(module)] = value
+    elif "." in module:
+      out[re.escape(module.split(".", 1)[1])] = value
+    else:
+      raise ValueError(
+          f"PEFT's FourierFT `n_frequency_pattern` cannot address the top-level module {module!r} (its keys must "
+          f"follow a dot); give it the most common n_frequency ({default}) or rename the module."
+      )
+  for path, value in values.items():
+    got = _pattern_value(out, names[path], default, style=style)
+    if got != value:
+      raise ValueError(
+          f"PEFT's `{name}` cannot give module {names[path]!r} its value {value} apart from the other modules "
+          f"(PEFT's lookup gives {got}); give these layers the same {name.replace('_pattern', '')}."
+      )
+  return out
 
 
 # -- import ------------------------------------------------------------------------------------
@@ -583,9 +615,6 @@ def export_peft(
                             "inference_mode": True, "fan_in_fan_out": False, "revision": None,
                             "target_modules": sorted(names.values())}
 
-  def pattern(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
-    return {re.escape(names[p]): v for p, v in values.items() if v != default}
-
   if family == "LORA":
     use_dora = _uniform("use_dora", {p: isinstance(a.method, DoRA) for p, a in adapters.items()})
     rslora = _uniform("use_rslora", {p: a.method.use_rslora for p, a in adapters.items()})
@@ -593,7 +622,8 @@ def export_peft(
     alphas = {p: (float(a.method.alpha) if a.method.alpha is not None
                   else (math.sqrt(a.method.rank) if rslora else float(a.method.rank))) for p, a in adapters.items()}
     r, alpha = _common(list(ranks.values())), _common(list(alphas.values()))
-    config.update(r=int(r), lora_alpha=alpha, rank_pattern=pattern(ranks, r), alpha_pattern=pattern(alphas, alpha),
+    config.update(r=int(r), lora_alpha=alpha, rank_pattern=_patterns("rank_pattern", ranks, names, r, "suffix"),
+                  alpha_pattern=_patterns("alpha_pattern", alphas, names, alpha, "suffix"),
                   use_rslora=rslora, use_dora=use_dora, lora_dropout=0.0, bias="none", init_lora_weights=True,
                   lora_bias=False)
     for p, a in adapters.items():
@@ -651,7 +681,9 @@ def export_peft(
     scaling = _uniform("scaling", {p: float(a.method.scale) for p, a in adapters.items()})
     budgets = {p: int(a.method.n_frequency if family == "FOURIERFT" else a.method.n_params) for p, a in adapters.items()}
     n_frequency = _common(list(budgets.values()))
-    config.update(n_frequency=int(n_frequency), n_frequency_pattern=pattern(budgets, n_frequency), scaling=scaling,
+    style = "dotted" if family == "FOURIERFT" else "suffix"
+    config.update(n_frequency=int(n_frequency), scaling=scaling,
+                  n_frequency_pattern=_patterns("n_frequency_pattern", budgets, names, n_frequency, style),
                   random_loc_seed=seed, bias="none", init_weights=True)
     if family == "WAVEFT":
       wavelet = _uniform("wavelet", {p: a.method.wavelet for p, a in adapters.items()})
@@ -757,7 +789,7 @@ def from_peft_config(config: Union[str, Mapping[str, Any]], *, name_map: NameMap
       return SHiRA(n_params=int(config.get("r", 32)) * (shape[0] + shape[1]))
     random_init = not config.get("init_weights", peft_type == "WAVEFT")
     if peft_type == "FOURIERFT":
-      n = int(_pattern_value(config.get("n_frequency_pattern"), module, config.get("n_frequency", 1000)))
+      n = int(_pattern_value(config.get("n_frequency_pattern"), module, config.get("n_frequency", 1000), style="dotted"))
       return FourierFT(n_frequency=n, scale=float(config.get("scaling", 150.0)),
                        random_loc_seed=int(config.get("random_loc_seed", 777)),
                        value_init="normal" if random_init else "zeros")
