@@ -190,6 +190,11 @@ def test_import_with_name_map_rules_and_callable(params):
     sp.peft.import_peft(os.path.join(FIXTURES, "fourierft"), linen)
 
 
+def test_load_adapters_points_peft_directories_to_import_peft(params):
+  with pytest.raises(ValueError, match="PEFT adapter directory: read it with sp.peft.import_peft"):
+    sp.peft.load_adapters(os.path.join(FIXTURES, "lora"), params)
+
+
 def test_import_errors(params, tmp_path):
   with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
     sp.peft.import_peft(str(tmp_path), params)

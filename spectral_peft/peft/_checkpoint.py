@@ -104,6 +104,8 @@ def load_adapters(path: str | os.PathLike, params: Optional[PyTree] = None) -> A
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"`path` {path!r} is not a checkpoint directory.")
+  if os.path.isfile(os.path.join(path, "adapter_config.json")):
+    raise ValueError(f"`path` {path!r} is a HuggingFace PEFT adapter directory: read it with sp.peft.import_peft(path, params).")
   ocp, checkpointer = _checkpointer()
   try:
     metadata = checkpointer.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
