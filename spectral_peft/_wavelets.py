@@ -350,3 +350,151 @@ def receptive_field_1d(wavelet: str, level: int) -> int:
   k_len = filter_length(wavelet)
   level = _validation.check_positive_int("level", level)
   return (k_len - 1) * (2**level - 1) + 1
+
+
+# -- zero boundary (PEFT's WaveFT convention), through jaxwt -------------------------------------
+def zero_boundary_coefficient_shape(shape: Sequence[int], *, wavelet: str = "haar") -> tuple[int, int]:
+  """``(M, N)`` grid of one-level zero-boundary synthesis for an ``(m, n)`` output.
+
+  The grid is the output grown by ``K - 2`` (``K`` the filter length) and rounded up to even, as
+  PEFT's WaveFT (``WAVELET_REDUCTIONS``): one-level zero-boundary synthesis of an ``(M/2, N/2)``
+  sub-band quadruple gives ``(M - K + 2, N - K + 2)`` samples, which are cropped to ``(m, n)``.
+
+  Args:
+    shape: ``(m, n)``.
+    wavelet: a discrete PyWavelets wavelet name.
+
+  Returns:
+    ``(M, N)`` with ``M = m + K - 2`` rounded up to even (likewise ``N``).
+
+  Raises:
+    ValueError: unknown wavelet or bad ``shape``.
+
+  Example:
+    >>> import spectral_peft._wavelets as w
+    >>> w.zero_boundary_coefficient_shape((5, 8), wavelet="db2")
+    (8, 10)
+  """
+  m, n = _check_shape("shape", tuple(shape))
+  grow = filter_length(wavelet) - 2
+  return m + grow + (m + grow) % 2, n + grow + (n + grow) % 2
+
+
+def idwt2_zero(coeffs: Array, wavelet: str = "haar", *, shape: Optional[Sequence[int]] = None) -> Array:
+  """One-level 2-D wavelet synthesis with zero boundaries (``jaxwt.waverec2``), cropped to ``shape``.
+
+  ``coeffs`` holds the four sub-bands in the ``pywt.coeffs_to_array`` layout (``cA`` top-left,
+  ``cH`` bottom-left, ``cV`` top-right, ``cD`` bottom-right, each ``(M/2, N/2)``), so::
+
+    idwt2_zero(C, w, shape=(m, n)) == pywt.waverec2((cA, (cH, cV, cD)), w, mode="zero")[:m, :n]
+
+  This is the synthesis of PEFT's WaveFT up to a relabelling of positions (PEFT stores the torch
+  ``(out, in)`` weight with ``cH`` top-right and ``cV`` bottom-left); :func:`sp.peft.import_peft`
+  does the relabelling.
+
+  References:
+    Wolter et al., "Wavelet-packet powered deepfake image detection" (jaxwt/ptwt), 2022;
+    PEFT's WaveFT (``peft.tuners.waveft``).
+
+  Args:
+    coeffs: ``(..., M, N)`` floating coefficients, ``M`` and ``N`` even.
+    wavelet: a discrete PyWavelets wavelet name.
+    shape: ``(m, n)`` crop of the ``(M - K + 2, N - K + 2)`` reconstruction (``None``: no crop).
+
+  Returns:
+    ``(..., m, n)``.
+
+  Raises:
+    ValueError: odd ``M`` or ``N``, fewer than 2 axes, ``shape`` larger than the reconstruction.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft._wavelets as w
+    >>> w.idwt2_zero(jnp.ones((8, 10)), "db2", shape=(5, 8)).shape
+    (5, 8)
+  """
+  import jaxwt  # Local import: jaxwt's start-up cost is paid only by zero-boundary users.
+
+  coeffs = jnp.asarray(coeffs)
+  if coeffs.ndim < 2:
+    raise ValueError(f"`coeffs` must have at least 2 axes (..., M, N), got shape {coeffs.shape}.")
+  _validation.check_floating("coeffs", coeffs)
+  check_wavelet(wavelet)
+  big_m, big_n = coeffs.shape[-2:]
+  if big_m % 2 or big_n % 2:
+    raise ValueError(f"`coeffs` must have even sides (..., M, N), got shape {coeffs.shape}.")
+  full = (big_m - filter_length(wavelet) + 2, big_n - filter_length(wavelet) + 2)
+  out_shape = full if shape is None else _check_shape("shape", tuple(shape))
+  if out_shape[0] > full[0] or out_shape[1] > full[1]:
+    raise ValueError(
+        f"`shape` {out_shape} is larger than the {full} zero-boundary reconstruction of coefficients "
+        f"{(big_m, big_n)} with {wavelet!r}; use zero_boundary_coefficient_shape(shape) for the grid."
+    )
+  batch = coeffs.shape[:-2]
+  flat = coeffs.reshape((-1, big_m, big_n))
+  hm, hn = big_m // 2, big_n // 2
+  approx, horizontal = flat[:, :hm, :hn], flat[:, hm:, :hn]
+  vertical, diagonal = flat[:, :hm, hn:], flat[:, hm:, hn:]
+  out = jaxwt.waverec2([approx, (horizontal, vertical, diagonal)], wavelet)
+  out = out[:, : out_shape[0], : out_shape[1]]
+  return out.reshape(batch + tuple(out_shape))
+
+
+# With K taps, one level of zero-boundary synthesis of [lo, hi] (each of length h) is the full
+# transposed convolution  full[t] = sum_k lo[k] rec_lo[t - 2k] + hi[k] rec_hi[t - 2k]  (length
+# 2h + K - 2) with K - 2 samples cropped at each end (jaxwt/ptwt), i.e. pywt.idwt(..., mode="zero").
+def _zero_synthesis_last(c: Array, wavelet: str, out_len: int) -> Array:
+  """``[lo, hi]`` (length ``M``) -> the first ``out_len`` samples of the zero-boundary synthesis."""
+  _, _, rec_lo, rec_hi = _filters(wavelet)
+  k_len = len(rec_lo)
+  half = c.shape[-1] // 2
+  up_lo, up_hi = _upsample(c[..., :half]), _upsample(c[..., half:])
+  full_len = 2 * half + k_len - 2
+  pad = [(0, 0)] * (c.ndim - 1)
+  full = None
+  for j in range(k_len):
+    term = jnp.pad(rec_lo[j] * up_lo + rec_hi[j] * up_hi, pad + [(j, k_len - 1 - j)])[..., :full_len]
+    full = term if full is None else full + term
+  return full[..., k_len - 2 : k_len - 2 + out_len]
+
+
+def _zero_synthesis_adjoint_last(y: Array, wavelet: str, coeff_len: int) -> Array:
+  """Transpose of :func:`_zero_synthesis_last`: ``(..., out_len)`` -> ``(..., M)`` (``[lo, hi]``)."""
+  _, _, rec_lo, rec_hi = _filters(wavelet)
+  k_len = len(rec_lo)
+  half = coeff_len // 2
+  padded_len = 2 * half + 2 * k_len
+  full = jnp.pad(y, [(0, 0)] * (y.ndim - 1) + [(k_len - 2, padded_len - (k_len - 2) - y.shape[-1])])
+  lo = hi = None
+  for j in range(k_len):
+    ys = full[..., j : j + 2 * half : 2]
+    lo = rec_lo[j] * ys if lo is None else lo + rec_lo[j] * ys
+    hi = rec_hi[j] * ys if hi is None else hi + rec_hi[j] * ys
+  return jnp.concatenate([lo, hi], axis=-1)
+
+
+def sparse_idwt2_zero_matmul(
+    x: Array, values: Array, rows: Array, cols: Array, shape: tuple[int, int], *, wavelet: str
+) -> Array:
+  """``x @ idwt2_zero(C, shape=shape)`` for sparse ``C`` without forming an ``(m, n)`` matrix.
+
+  ``idwt2_zero(C)[:m, :n] = S_m C S_n^T`` with ``S`` the cropped 1-D zero-boundary synthesis of
+  ``[lo, hi]`` columns, so ``x @ Delta W = ((x S_m) C) S_n^T``: the adjoint 1-D synthesis of ``x``
+  (``O(K M)`` per row), a gather/scatter over the ``p`` coefficients, and the 1-D synthesis along
+  ``n``.
+
+  Args:
+    x: ``(..., m)``.
+    values: ``(p,)``; rows, cols: ``(p,)`` int positions in the ``(M, N)`` grid of
+      :func:`zero_boundary_coefficient_shape`.
+    shape: ``(m, n)``; wavelet: a discrete PyWavelets name (checked by the caller).
+
+  Returns:
+    ``(..., n)``.
+  """
+  m, n = shape
+  big_m, big_n = zero_boundary_coefficient_shape(shape, wavelet=wavelet)
+  dtype = jnp.result_type(x, values)
+  u = _zero_synthesis_adjoint_last(x.astype(dtype), wavelet, big_m)
+  gathered = jnp.take(u, rows, axis=-1) * values.astype(dtype)
+  z = jnp.zeros(x.shape[:-1] + (big_n,), dtype).at[..., cols].add(gathered)
+  return _zero_synthesis_last(z, wavelet, n)

@@ -15,8 +15,9 @@ README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 def test_readme_quickstart_runs(tmp_path, monkeypatch):
   with open(README) as f:
     blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-  assert len(blocks) == 2
+  assert len(blocks) == 3
   code = "\n".join(blocks).replace("/tmp/qv_adapter", str(tmp_path / "qv_adapter"))
+  code = code.replace("/tmp/peft_lora", str(tmp_path / "peft_lora"))
   scope: dict = {}
   exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
   sp, params, adapters, model, x = (scope[k] for k in ("sp", "params", "adapters", "model", "x"))
@@ -26,3 +27,5 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
   np.testing.assert_allclose(model.apply({"params": scope["merged"]}, x),
                              model.apply({"params": sp.peft.merge(params, adapters)}, x), atol=1e-6)
   assert jnp.all(jnp.isfinite(scope["merged"]["SelfAttention_0"]["query"]["kernel"]))
+  assert sorted(scope["lora"]) == ["Dense_0/kernel", "Dense_1/kernel"]
+  assert os.path.isfile(tmp_path / "peft_lora" / "adapter_model.safetensors")

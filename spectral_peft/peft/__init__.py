@@ -15,6 +15,13 @@ from spectral_peft.peft._checkpoint import save_adapters
 from spectral_peft.peft._combination import WeightedSum
 from spectral_peft.peft._combination import weighted_combination
 from spectral_peft.peft._intercept import apply_factored
+from spectral_peft.peft._interop import TrainableSummary
+from spectral_peft.peft._interop import export_peft
+from spectral_peft.peft._interop import from_peft_config
+from spectral_peft.peft._interop import import_peft
+from spectral_peft.peft._interop import merge_modules
+from spectral_peft.peft._interop import modules_to_save
+from spectral_peft.peft._interop import trainable_summary
 from spectral_peft.peft._intercept import factored
 from spectral_peft.peft._lowrank_methods import DoRA
 from spectral_peft.peft._lowrank_methods import LoRA
@@ -61,6 +68,7 @@ __all__ = (
     "SHiRA",
     "SineDoRA",
     "SineLoRA",
+    "TrainableSummary",
     "WaveFT",
     "WeightedSum",
     "adapter_partition_specs",
@@ -71,7 +79,10 @@ __all__ = (
     "count_parameters",
     "data_model_mesh",
     "delta_tree",
+    "export_peft",
     "factored",
+    "from_peft_config",
+    "import_peft",
     "init_adapters",
     "init_lfma_adapters",
     "leaf_paths",
@@ -79,8 +90,10 @@ __all__ = (
     "load_adapters",
     "masked_optimizer",
     "merge",
+    "merge_modules",
     "method_from_config",
     "method_registry",
+    "modules_to_save",
     "partition",
     "path_key",
     "path_shardings",
@@ -89,6 +102,7 @@ __all__ = (
     "select_paths",
     "shard_adapters",
     "switch_adapters",
+    "trainable_summary",
     "trainable_mask",
     "unmerge",
     "weighted_combination",

@@ -521,6 +521,8 @@ def load_adapters(path: str | os.PathLike, params: Optional[PyTree] = None) -> A
     raise FileNotFoundError(f"`path` {path!r} does not exist.")
   if not os.path.isdir(path):
     raise ValueError(f"`path` {path!r} is a file, not an adapter checkpoint directory.")
+  if os.path.isfile(os.path.join(path, "adapter_config.json")):
+    raise ValueError(f"`path` {path!r} is a HuggingFace PEFT adapter directory: read it with sp.peft.import_peft(path, params).")
   version_dir = os.path.join(path, _read_pointer(path)["current"])
   if not os.path.isdir(version_dir):
     raise ValueError(f"Checkpoint {path!r} is corrupted: its current version {os.path.basename(version_dir)!r} is missing.")

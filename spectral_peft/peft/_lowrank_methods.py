@@ -9,12 +9,20 @@ References:
 All four store ``a: (m, r)`` and ``b: (r, n)`` for a weight ``w0: (m, n)`` in the Flax layout
 ``(in_features, out_features)``. ``a`` starts uniform in ``+-1/sqrt(m)`` (PyTorch ``Linear``'s
 default, as in the reference LoRA code), ``b`` starts at zero, so every method is the identity at
-init. The scale is ``alpha / rank`` (``alpha=None`` means ``alpha = rank``: scale 1).
+init. The scale is ``alpha / rank`` (``alpha=None`` means ``alpha = rank``: scale 1), or
+``alpha / sqrt(rank)`` with ``use_rslora=True`` (Kalajdzievski, "A Rank Stabilization Scaling
+Factor for Fine-Tuning with LoRA", 2023; ``alpha=None`` still means scale 1).
+
+PEFT names (``peft.LoraConfig``): ``rank`` is ``r``; ``alpha`` is ``lora_alpha``, whose PEFT default
+is 8 (scale ``8 / r``) whereas ours is ``None`` (scale 1, i.e. ``lora_alpha = r``); ``use_rslora``
+and ``use_dora`` (our :class:`DoRA`) are PEFT's. ``sp.peft.export_peft`` writes ``lora_alpha = r``
+for ``alpha=None``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import jax
@@ -55,12 +63,15 @@ class _LowRankBase(AdapterMethod):
   _: dataclasses.KW_ONLY
   alpha: Optional[float] = None
   param_dtype: Optional[str] = None
+  use_rslora: bool = False
 
   runtime_factored = True  # x W0 + s (x a) b: no (m, n) array in the adapter runtime.
 
   def __post_init__(self) -> None:
     _validation.normalize_fields(self)  # NumPy scalars become Python numbers: the spec stays saveable.
     _validation.check_positive_int("rank", self.rank)
+    if not isinstance(self.use_rslora, bool):
+      raise TypeError(f"`use_rslora` must be a bool, got {self.use_rslora!r}.")
     if self.alpha is not None:
       _validation.check_positive_float("alpha", self.alpha)
     # Store a name, so the spec stays hashable and JSON-friendly.
@@ -73,8 +84,10 @@ class _LowRankBase(AdapterMethod):
 
   @property
   def scale(self) -> float:
-    """``alpha / rank``."""
-    return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora`` (``alpha=None``: 1)."""
+    if self.alpha is None:
+      return 1.0
+    return float(self.alpha) / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
   def check_shape(self, shape: tuple[int, int]) -> None:
     _check_rank_fits(self.rank, shape, type(self).__name__)
@@ -240,9 +253,11 @@ class LoRA(_AdditiveLowRank, _PlainUpdate, _LowRankBase):
     Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
 
   Args:
-    rank: ``r``, the inner dimension, ``1 <= r <= min(m, n)``.
-    alpha: scale numerator; the update is scaled by ``alpha / rank`` (``None``: 1).
+    rank: ``r``, the inner dimension, ``1 <= r <= min(m, n)`` (PEFT's ``r``, default 8 there).
+    alpha: scale numerator; the update is scaled by ``alpha / rank`` (``None``: 1). PEFT's
+      ``lora_alpha`` defaults to 8, i.e. scale ``8 / r``; pass ``alpha=8.0`` for PEFT's default.
     param_dtype: dtype of ``a`` and ``b`` (``None``: the dtype of ``w0``).
+    use_rslora: scale by ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``; default False in both).
 
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
@@ -267,6 +282,7 @@ class SineLoRA(_AdditiveLowRank, _SineUpdate, _LowRankBase):
     gain: fixed divisor; ``None`` is ``sqrt(m) = sqrt(in_features)`` (App. A.2).
     block_size: column block of the memory-lean product used by :meth:`apply`.
     param_dtype: dtype of ``a`` and ``b`` (``None``: the dtype of ``w0``).
+    use_rslora: scale by ``alpha / sqrt(rank)``, as in :class:`LoRA`.
   """
 
   omega: float = 200.0
@@ -290,7 +306,8 @@ class DoRA(_MagnitudeDirection, _PlainUpdate, _LowRankBase):
 
   Args:
     rank: ``r``, ``1 <= r <= min(m, n)``.
-    alpha: scale numerator (``None``: scale 1).
+    alpha: scale numerator (``None``: scale 1; PEFT's ``lora_alpha``, default 8 there).
+    use_rslora: scale by ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``).
     stop_norm_gradient: treat ``||V||_c`` as a constant in the backward pass (DoRA Sec. 4.3 and the
       reference implementations do; it saves memory). Values are unaffected.
     param_dtype: dtype of ``a``, ``b`` and ``magnitude`` (``None``: the dtype of ``w0``).
@@ -323,6 +340,7 @@ class SineDoRA(_MagnitudeDirection, _SineUpdate, _LowRankBase):
     block_size: column block of the memory-lean product used by :meth:`apply`.
     stop_norm_gradient: as in :class:`DoRA`.
     param_dtype: dtype of the trainable arrays (``None``: the dtype of ``w0``).
+    use_rslora: scale by ``alpha / sqrt(rank)``, as in :class:`LoRA`.
   """
 
   omega: float = 200.0

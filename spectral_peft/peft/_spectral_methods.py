@@ -49,6 +49,17 @@ Array = jax.Array
 _REAL_INITS = ("zeros", "normal")
 _LFMA_INITS = ("spectrum", "zeros")
 _LFMA_DELTA_INITS = ("random", "weight", "given", "gradient")
+_BOUNDARIES = ("periodic", "zero")
+
+
+def pywt_haar(wavelet: str) -> bool:
+  """True for PyWavelets' two names of the Haar wavelet."""
+  return wavelet in ("haar", "db1")
+
+
+def _check_seed(seed: Any) -> None:
+  if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+    raise TypeError(f"`random_loc_seed` must be None or an int (PEFT's seed), got {seed!r}.")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -161,6 +172,21 @@ class WaveFT(_SparseRealBase):
     init_std: standard deviation for ``value_init="normal"``.
     path: ``"auto"``, ``"dense"`` or ``"factored"`` product in :meth:`apply`.
     param_dtype: dtype of the values (``None``: that of ``w0``).
+    boundary: ``"periodic"`` (default, above) or ``"zero"``: PEFT's WaveFT convention, one level of
+      zero-boundary synthesis computed with ``jaxwt.waverec2`` (:func:`spectral_peft._wavelets.idwt2_zero`,
+      equal to ``pywt.waverec2(..., mode="zero")``) on the grid ``(m + K - 2, n + K - 2)`` rounded up
+      to even (``K`` the filter length), cropped to ``(m, n)``; ``level`` must be 1. :meth:`apply`
+      has a factored product for it too (1-D zero-boundary cascades along each axis,
+      :func:`spectral_peft._wavelets.sparse_idwt2_zero_matmul`). For ``"haar"`` both boundaries give
+      the same function.
+    random_loc_seed: ``None`` (positions from the adapter's key) or PEFT's ``random_loc_seed``:
+      positions are then PEFT's (``torch.randperm`` of the ``m * n`` weight entries with that seed,
+      reproduced exactly in numpy), the same seed for every layer, so the adapter can be exported
+      with :func:`sp.peft.export_peft`. Needs ``boundary="zero"`` or ``"haar"`` at level 1.
+
+  PEFT names (``peft.WaveFTConfig``): ``n_params`` is ``n_frequency`` (PEFT default 2592), ``scale``
+  is ``scaling`` (25.0 in both), ``wavelet`` is ``wavelet_family`` (PEFT default ``"db1"``, i.e.
+  haar), ``random_loc_seed`` (PEFT default 777). PEFT has one level and the zero boundary only.
 
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
@@ -172,19 +198,68 @@ class WaveFT(_SparseRealBase):
   scale: float = 25.0
   wavelet: str = "haar"
   level: int = 1
+  boundary: str = "periodic"
+  random_loc_seed: Optional[int] = None
 
   def __post_init__(self) -> None:
     super().__post_init__()
     _wavelets.check_wavelet(self.wavelet)
     _validation.check_positive_int("level", self.level)
+    _check_choice("boundary", self.boundary, _BOUNDARIES)
+    if self.boundary == "zero" and self.level != 1:
+      raise ValueError(f"WaveFT(boundary='zero') has one level (PEFT's convention): `level` must be 1, got {self.level}.")
+    _check_seed(self.random_loc_seed)
+    if self.random_loc_seed is not None and not self.peft_compatible:
+      raise ValueError(
+          "`random_loc_seed` gives PEFT's positions, which PEFT uses with one level of zero-boundary synthesis: "
+          f"pass boundary='zero' (or wavelet='haar', level=1), got boundary={self.boundary!r}, "
+          f"wavelet={self.wavelet!r}, level={self.level}."
+      )
+
+  @property
+  def peft_compatible(self) -> bool:
+    """True when ``delta`` is PEFT's WaveFT function (zero boundary, or haar at level 1)."""
+    return self.level == 1 and (self.boundary == "zero" or pywt_haar(self.wavelet))
 
   def grid(self, shape):
+    if self.boundary == "zero":
+      return _wavelets.zero_boundary_coefficient_shape(tuple(shape), wavelet=self.wavelet)
     return _wavelets.wavelet_coefficient_shape(tuple(shape), wavelet=self.wavelet, level=self.level)
 
+  def check_shape(self, shape):
+    super().check_shape(shape)
+    m, n = shape
+    if self.random_loc_seed is not None and self.n_params > m * n:
+      raise ValueError(f"`n_params` of WaveFT with `random_loc_seed` must be at most m * n = {m * n} (PEFT), got {self.n_params}.")
+
+  def init_frozen(self, key, w0):
+    """``{"indices": (p,) int32}``: sorted positions, from ``key`` or from PEFT's ``random_loc_seed``."""
+    if self.random_loc_seed is None:
+      return super().init_frozen(key, w0)
+    from spectral_peft.peft import _interop  # Local import: _interop imports this module.
+
+    self.check_shape(tuple(w0.shape))
+    flat = _interop.peft_positions("waveft", tuple(w0.shape), self.n_params, self.random_loc_seed, self.grid(tuple(w0.shape)))
+    return {"indices": jnp.asarray(np.sort(flat), jnp.int32)}
+
   def synthesis(self, values, indices, shape):
+    if self.boundary == "zero":
+      coeffs = _spectral.scatter_coefficients(_spectral._check_values(values, real=True), indices, self.grid(shape))
+      return _wavelets.idwt2_zero(coeffs, self.wavelet, shape=shape)
     return _spectral.waveft_delta(values, indices, shape, wavelet=self.wavelet, level=self.level)
 
   def synthesis_matmul(self, x, values, indices, shape):
+    if self.boundary == "zero":
+      grid = self.grid(shape)
+      flat = _spectral.flat_indices(indices, grid, values.shape[0])
+      k_len = _wavelets.filter_length(self.wavelet)
+      chosen = _spectral._resolve(
+          self.path,
+          lambda: _spectral.matmul_costs("wavelet", _spectral._batch(x), grid, values.shape[0], filter_length=k_len),
+      )
+      if chosen == "dense":
+        return jnp.matmul(x, self.synthesis(values, flat, shape).astype(x.dtype))
+      return _wavelets.sparse_idwt2_zero_matmul(x, values, flat // grid[1], flat % grid[1], tuple(shape), wavelet=self.wavelet)
     return _spectral.waveft_matmul(x, values, indices, shape, wavelet=self.wavelet, level=self.level, path=self.path)
 
 
@@ -201,6 +276,10 @@ class SHiRA(_SparseRealBase):
     n_params: ``p``, ``1 <= p <= m * n``.
     scale: multiplier of the sparse update.
     value_init, init_std, path, param_dtype: as in :class:`WaveFT`.
+
+  PEFT names (``peft.ShiraConfig``): PEFT sets ``n_params = r * (m + n)`` from its ``r`` (LoRA's
+  budget) and has no scale (``scaling`` 1.0, ours ``scale=1.0``); its positions are saved in the
+  checkpoint (``shira_indices``), so any positions export.
 
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
@@ -231,6 +310,13 @@ class FourierFT(AdapterMethod):
     value_init: ``"zeros"`` (identity at init) or ``"normal"`` (``init_std * N(0, 1)``, the
       reference implementation's ``randn``; then the adapter is not the identity at init).
     init_std, path, param_dtype: as in :class:`WaveFT`.
+    random_loc_seed: ``None`` (frequencies from the adapter's key) or PEFT's ``random_loc_seed``:
+      frequencies are then PEFT's (``torch.randperm`` with that seed, reproduced exactly in numpy),
+      the same seed for every layer, so the adapter can be exported with :func:`sp.peft.export_peft`.
+
+  PEFT names (``peft.FourierFTConfig``): ``n_frequency`` (PEFT default 1000, ours too), ``scale`` is
+  ``scaling`` (150.0 in both), ``random_loc_seed`` (PEFT default 777). PEFT's ``init_weights=False``
+  (its default) starts the spectrum at ``randn``: our ``value_init="normal"``; ours defaults to zeros.
 
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
@@ -245,10 +331,12 @@ class FourierFT(AdapterMethod):
   init_std: float = 1.0
   path: str = "auto"
   param_dtype: Optional[str] = None
+  random_loc_seed: Optional[int] = None
 
   def __post_init__(self) -> None:
     _validation.normalize_fields(self)
     _validation.check_positive_int("n_frequency", self.n_frequency)
+    _check_seed(self.random_loc_seed)
     _validation.check_positive_float("scale", self.scale)
     _check_choice("value_init", self.value_init, _REAL_INITS)
     _validation.check_positive_float("init_std", self.init_std)
@@ -272,8 +360,16 @@ class FourierFT(AdapterMethod):
     return {"values": self.init_std * jax.random.normal(key, (self.n_frequency,), dtype)}
 
   def init_frozen(self, key, w0):
-    """``{"indices": (p,) int32}``: distinct frequencies, uniform without replacement, sorted."""
+    """``{"indices": (p,) int32}``: distinct frequencies, uniform without replacement, sorted.
+
+    With ``random_loc_seed`` they are PEFT's frequencies for that seed (``key`` is unused).
+    """
     self.check_shape(tuple(w0.shape))
+    if self.random_loc_seed is not None:
+      from spectral_peft.peft import _interop  # Local import: _interop imports this module.
+
+      flat = _interop.peft_positions("fourierft", tuple(w0.shape), self.n_frequency, self.random_loc_seed)
+      return {"indices": jnp.asarray(np.sort(flat), jnp.int32)}
     return {"indices": _sparse_theory.sparse_positions(key, tuple(w0.shape), self.n_frequency)}
 
   def delta(self, params, w0, frozen=None):

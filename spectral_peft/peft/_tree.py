@@ -33,7 +33,7 @@ from spectral_peft.peft._method import Adapter, AdapterMethod, matrix_shape
 Array = jax.Array
 PyTree = Any
 Adapters = dict[str, Adapter]
-Target = Union[str, "re.Pattern[str]", Callable[[str, Any], bool]]
+Target = Union[str, "re.Pattern[str]", Sequence[str], Callable[[str, Any], bool]]
 InAxes = Union[None, int, Mapping[str, int], Callable[[str, tuple[int, ...]], Optional[int]]]
 MethodChoice = Union[AdapterMethod, Mapping[str, AdapterMethod], Callable[[str, tuple[int, ...]], AdapterMethod]]
 
@@ -111,8 +111,12 @@ def select_paths(params: PyTree, targets: Target) -> list[str]:
 
   Args:
     params: any pytree of arrays.
-    targets: a regular expression searched (``re.search``) in each ``'/'``-joined path, or a
-      predicate ``(path, leaf) -> bool``.
+    targets: a regular expression searched (``re.search``) in each ``'/'``-joined path; a
+      predicate ``(path, leaf) -> bool``; a list of module names as PEFT's ``target_modules``
+      (``["query", "value"]``: leaves with at least 2 axes whose module path, the path without its
+      last step, is or ends with ``/<name>``; dots in a name stand for ``'/'``; biases and other
+      vectors never match); or ``"all-linear"``: every 2-D leaf named ``kernel`` (Dense layers;
+      unlike PEFT the output layer is not left out: pass a list or predicate to leave it out).
 
   Returns:
     The matching paths, in tree order.
@@ -122,9 +126,29 @@ def select_paths(params: PyTree, targets: Target) -> list[str]:
       a valid regular expression.
     TypeError: ``targets`` is neither a string nor a predicate, or the predicate returns something
       other than a bool.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> params = {"query": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}, "key": {"kernel": jnp.ones((4, 4))}}
+    >>> sp.peft.select_paths(params, ["query"])
+    ['query/kernel']
   """
   paths = leaf_paths(params)
-  if isinstance(targets, (str, re.Pattern)):
+  if isinstance(targets, str) and targets == "all-linear":
+    chosen = [p for p, leaf in paths.items() if p.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) == 2]
+    described = "'all-linear' (2-D kernels)"
+  elif isinstance(targets, (list, tuple)):
+    names = [str(t).replace(".", "/") for t in targets]
+    if not names or not all(isinstance(t, str) and t for t in targets):
+      raise TypeError(f"`targets` as a list must hold non-empty module names (str), got {targets!r}.")
+
+    def named(path: str) -> bool:
+      module = path.rsplit("/", 1)[0] if "/" in path else ""
+      return any(module == n or module.endswith("/" + n) for n in names)
+
+    chosen = [p for p, leaf in paths.items() if np.ndim(leaf) >= 2 and named(p)]
+    described = f"module names {list(targets)}"
+  elif isinstance(targets, (str, re.Pattern)):
     pattern = _compile("targets", targets)
     chosen = [p for p in paths if pattern.search(p)]
     described = f"pattern {pattern.pattern!r}"
@@ -133,7 +157,8 @@ def select_paths(params: PyTree, targets: Target) -> list[str]:
     described = "predicate"
   else:
     raise TypeError(
-        f"`targets` must be a regex string or a predicate (path, leaf) -> bool, got {type(targets).__name__}."
+        f"`targets` must be a regex string, a list of module names, 'all-linear' or a predicate (path, leaf) -> bool, "
+        f"got {type(targets).__name__}."
     )
   if not chosen:
     raise ValueError(f"`targets` {described} matched no parameter. Available paths: {_available_paths(paths)}.")

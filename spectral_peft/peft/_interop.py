@@ -1,0 +1,923 @@
+"""HuggingFace PEFT interoperability: read and write ``save_pretrained`` adapter directories.
+
+A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys
+are ``base_model.model.<module>.<tensor>``, ``<module>`` the dotted name of a torch module. Torch's
+``Linear.weight`` is ``(out, in)``; our kernels are Flax's ``(in, out)``, so every matrix is
+transposed at the boundary:
+
+========  =====================================  ==============================================
+method    PEFT tensors (torch layout)            ours (Flax layout)
+========  =====================================  ==============================================
+LoRA      ``lora_A.weight (r, in)``,             ``a = lora_A^T (in, r)``, ``b = lora_B^T (r, out)``,
+          ``lora_B.weight (out, r)``             ``LoRA(r, alpha=lora_alpha, use_rslora=...)``
+DoRA      + ``lora_magnitude_vector (out,)``     ``magnitude (out,)``, ``DoRA(...)``
+SHiRA     ``shira_weight (p,)``,                 ``values (p,)`` at flat ``c * out + r``
+          ``shira_indices (2, p)`` = ``(r, c)``
+FourierFT ``fourierft_spectrum (p,)``            ``values`` at PEFT's frequencies, transposed
+WaveFT    ``waveft_spectrum (p,)``               ``values`` at PEFT's positions, ``boundary="zero"``
+========  =====================================  ==============================================
+
+FourierFT and WaveFT store no positions: PEFT draws them again when it loads, as the first ``p``
+entries of ``torch.randperm(out * in, generator=torch.Generator().manual_seed(random_loc_seed))``
+(one seed for every layer). :func:`torch_randperm_prefix` reproduces that draw exactly in numpy
+(torch's CPU generator is MT19937, and its ``randperm`` a forward Fisher-Yates shuffle drawing
+``random() % (n - i)``), so imported positions are PEFT's. Our own adapters export only when their
+positions are PEFT's: build them with ``FourierFT(..., random_loc_seed=s)`` or
+``WaveFT(..., boundary="zero", random_loc_seed=s)``; other positions are refused with an error.
+
+Module names and paths. ``name_map`` links PEFT module names and our ``'/'``-joined leaf paths
+(:func:`sp.peft.leaf_paths`). For :func:`import_peft` it maps a module name to a kernel path, for
+:func:`export_peft` a kernel path to a module name. It is ``None`` (default: ``"encoder.layer.0.query"``
+<-> ``"encoder/layer/0/query/kernel"``), a callable, or a sequence of ``(regex, replacement)`` rules:
+the first regex that ``re.fullmatch``-es the name gives ``match.expand(replacement)``; a name no rule
+matches falls back to the default.
+
+References:
+  Mangrulkar et al., "PEFT: State-of-the-art Parameter-Efficient Fine-Tuning methods" (HuggingFace,
+  2022-), ``peft.tuners.{lora,shira,fourierft,waveft}`` (version 0.21).
+  Matsumoto and Nishimura, "Mersenne Twister" (1998) (torch's CPU generator).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+import os
+import re
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_peft.peft._lowrank_methods import DoRA, LoRA
+from spectral_peft.peft._method import Adapter, matrix_shape
+from spectral_peft.peft._spectral_methods import FourierFT, SHiRA, WaveFT, pywt_haar
+from spectral_peft.peft._tree import Adapters, PyTree, _resolve_in_axes, count_parameters, leaf_paths, path_to_str
+
+NameMap = Union[None, Callable[[str], str], Sequence[tuple[str, str]]]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# torch's randperm switches to a 64-bit inside-out shuffle from this size on (ATen randperm_cpu).
+_RANDPERM_SMALL_LIMIT = (2**32 - 1) // 20
+
+# The wavelets PEFT's WaveFT implements (peft/tuners/waveft/wavelet.py in PEFT 0.21).
+_PEFT_WAVELETS = frozenset(["haar"] + [f"db{i}" for i in range(1, 11)] + [f"sym{i}" for i in range(2, 11)]
+                           + [f"coif{i}" for i in range(1, 6)])
+
+# Config fields export_peft writes that extra_config may change (they do not change Delta W).
+_FREE_FIELDS = frozenset({"base_model_name_or_path", "task_type", "inference_mode", "revision", "lora_dropout",
+                          "init_lora_weights", "init_weights", "mask_type", "random_seed"})
+
+_ADAPTER_SUFFIXES = {
+    "LORA": (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"),
+    "SHIRA": (".shira_weight", ".shira_indices"),
+    "FOURIERFT": (".fourierft_spectrum",),
+    "WAVEFT": (".waveft_spectrum",),
+}
+
+
+# -- torch's CPU random permutation, in numpy -------------------------------------------------------
+def _mt19937_key(seed: int) -> np.ndarray:
+  """MT19937 state of ``init_genrand(seed mod 2**32)``: what ``torch.Generator().manual_seed(seed)`` sets."""
+  key = np.empty(624, np.uint32)
+  s = int(seed) & 0xFFFFFFFF
+  key[0] = s
+  for i in range(1, 624):
+    s = (1812433253 * (s ^ (s >> 30)) + i) & 0xFFFFFFFF
+    key[i] = s
+  return key
+
+
+def torch_randperm_prefix(n: int, k: int, seed: int) -> np.ndarray:
+  """The first ``k`` entries of ``torch.randperm(n, generator=torch.Generator().manual_seed(seed))``.
+
+  torch's CPU ``randperm`` (for ``n < (2**32 - 1) // 20``) starts from ``0..n-1`` and, for
+  ``i = 0, ..., n - 2``, swaps entry ``i`` with entry ``i + random() % (n - i)``, ``random()`` the
+  next 32-bit output of MT19937 seeded by ``init_genrand(seed mod 2**32)``. Entry ``i`` is final
+  after step ``i``, so ``k`` steps over a sparse record of the swapped entries give the prefix in
+  ``O(k)`` time and memory, whatever ``n``. The 32-bit outputs come from numpy's MT19937 set to
+  that state.
+
+  Args:
+    n: permutation size, ``1 <= n < 214748364``.
+    k: prefix length, ``1 <= k <= n``.
+    seed: the generator seed (any Python int; torch keeps its low 32 bits).
+
+  Returns:
+    ``(k,)`` int64.
+
+  Raises:
+    ValueError: ``n`` at or above torch's 64-bit limit (another algorithm, needing an ``O(n)`` pass),
+      or ``k`` out of range.
+
+  Example:
+    >>> from spectral_peft.peft._interop import torch_randperm_prefix
+    >>> torch_randperm_prefix(10, 3, 777).shape
+    (3,)
+  """
+  return _randperm_prefix_cached(int(n), int(k), int(seed)).copy()
+
+
+@functools.lru_cache(maxsize=64)  # Every PEFT layer shares one seed; layers of one shape share the draw.
+def _randperm_prefix_cached(n: int, k: int, seed: int) -> np.ndarray:
+  if not 1 <= n < _RANDPERM_SMALL_LIMIT:
+    raise ValueError(
+        f"PEFT positions can be reproduced exactly for weights with fewer than {_RANDPERM_SMALL_LIMIT} "
+        f"entries (torch.randperm's 32-bit path), got {n} entries."
+    )
+  if not 1 <= k <= n:
+    raise ValueError(f"The number of positions must be in [1, {n}], got {k}.")
+  bit_generator = np.random.MT19937()
+  bit_generator.state = {"bit_generator": "MT19937", "state": {"key": _mt19937_key(seed), "pos": 624}}
+  draws = bit_generator.random_raw(min(k, n - 1)) if n > 1 else np.zeros((0,), np.uint64)
+  swapped: dict[int, int] = {}
+  out = np.empty(k, np.int64)
+  for i in range(k):
+    if i < n - 1:
+      z = i + int(draws[i]) % (n - i)
+      out[i] = swapped.get(z, z)
+      swapped[z] = swapped.get(i, i)
+    else:
+      out[i] = swapped.get(i, i)
+  return out
+
+
+def _waveft_relabel(rows_t: np.ndarray, cols_t: np.ndarray, shape: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+  """PEFT WaveFT positions ``(r, c)`` of the ``(out, in)`` weight -> flat positions of our ``(M, N)`` grid.
+
+  PEFT puts ``(r, c)`` at ``(r + (N - out) // 2, c + (M - in) // 2)`` of its ``(N, M)`` spectrum with
+  ``cH`` top-right and ``cV`` bottom-left. Transposing to the Flax layout swaps the roles of the two
+  axes, so in the transposed ``(M, N)`` grid the horizontal detail sits top-right; our
+  ``pywt.coeffs_to_array`` layout has it bottom-left, hence the swap of those two quadrants.
+  """
+  m, n = shape
+  big_m, big_n = grid
+  i = cols_t + (big_m - m) // 2
+  j = rows_t + (big_n - n) // 2
+  hm, hn = big_m // 2, big_n // 2
+  top_right = (i < hm) & (j >= hn)
+  bottom_left = (i >= hm) & (j < hn)
+  i2 = np.where(top_right, i + hm, np.where(bottom_left, i - hm, i))
+  j2 = np.where(top_right, j - hn, np.where(bottom_left, j + hn, j))
+  return i2 * big_n + j2
+
+
+def peft_positions(kind: str, shape: tuple[int, int], k: int, seed: int, grid: Optional[tuple[int, int]] = None) -> np.ndarray:
+  """PEFT's ``k`` positions for a FourierFT/WaveFT layer, as flat positions of our grid, in PEFT's order.
+
+  Args:
+    kind: ``"fourierft"`` or ``"waveft"``.
+    shape: ``(m, n) = (in_features, out_features)``, the Flax kernel's matrix shape.
+    k: ``n_frequency``.
+    seed: ``random_loc_seed``.
+    grid: WaveFT's coefficient grid ``(M, N)`` (``WaveFT.grid(shape)``); unused for FourierFT.
+
+  Returns:
+    ``(k,)`` int64 flat row-major positions: the ``i``-th is where PEFT's ``spectrum[i]`` sits.
+  """
+  m, n = shape
+  perm = torch_randperm_prefix(m * n, k, seed)
+  rows_t, cols_t = perm // m, perm % m  # In torch's (out, in) weight.
+  if kind == "fourierft":
+    return cols_t * n + rows_t
+  if kind == "waveft":
+    return _waveft_relabel(rows_t, cols_t, (m, n), tuple(grid))
+  raise ValueError(f"`kind` must be 'fourierft' or 'waveft', got {kind!r}.")
+
+
+# -- names -------------------------------------------------------------------------------------
+def _apply_name_map(name: str, name_map: NameMap, default: Callable[[str], str], what: str) -> str:
+  if name_map is None:
+    return default(name)
+  if callable(name_map):
+    out = name_map(name)
+    if not isinstance(out, str):
+      raise TypeError(f"`name_map` must return a str for {what} {name!r}, got {out!r}.")
+    return out
+  if isinstance(name_map, (list, tuple)):
+    for rule in name_map:
+      if not (isinstance(rule, (list, tuple)) and len(rule) == 2):
+        raise TypeError(f"`name_map` rules must be (regex, replacement) pairs, got {rule!r}.")
+      match = re.fullmatch(rule[0], name)
+      if match:
+        return match.expand(rule[1])
+    return default(name)
+  raise TypeError(f"`name_map` must be None, a callable or a sequence of (regex, replacement) pairs, got {type(name_map).__name__}.")
+
+
+def _default_path(module: str) -> str:
+  return module.replace(".", "/") + "/kernel"
+
+
+def _default_module(path: str) -> str:
+  if not path.endswith("/kernel"):
+    raise ValueError(
+        f"The default `name_map` turns a path ending in '/kernel' into a PEFT module name; {path!r} does not end "
+        "so: pass `name_map` (a callable path -> module name, or (regex, replacement) rules)."
+    )
+  return path[: -len("/kernel")].replace("/", ".")
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any, *, style: str = "suffix") -> Any:
+  """PEFT's lookup of a ``*_pattern`` dict: the value of the first key that matches ``module``.
+
+  ``style="suffix"`` (LoRA's ``rank_pattern``/``alpha_pattern``, WaveFT's ``n_frequency_pattern``):
+  ``re.match(rf"(.*\\.)?({key})$", module)``; ``style="dotted"`` (FourierFT's ``n_frequency_pattern``):
+  ``re.match(rf".*\\.{key}$", module)``, which never matches a module name without a dot.
+  """
+  for key, value in (patterns or {}).items():
+    regex = rf"(.*\.)?({key})$" if style == "suffix" else rf".*\.{key}$"
+    if re.match(regex, module):
+      return value
+  return default
+
+
+def _patterns(name: str, values: Mapping[str, Any], names: Mapping[str, str], default: Any, style: str) -> dict[str, Any]:
+  """A PEFT ``*_pattern`` dict giving each module its value, checked against PEFT's own lookup."""
+  out: dict[str, Any] = {}
+  for path, value in values.items():
+    if value == default:
+      continue
+    module = names[path]
+    if style == "suffix":
+      out[re.escape(module)] = value
+    elif "." in module:
+      out[re.escape(module.split(".", 1)[1])] = value
+    else:
+      raise ValueError(
+          f"PEFT's FourierFT `n_frequency_pattern` cannot address the top-level module {module!r} (its keys must "
+          f"follow a dot); give it the most common n_frequency ({default}) or rename the module."
+      )
+  for path, value in values.items():
+    got = _pattern_value(out, names[path], default, style=style)
+    if got != value:
+      raise ValueError(
+          f"PEFT's `{name}` cannot give module {names[path]!r} its value {value} apart from the other modules "
+          f"(PEFT's lookup gives {got}); give these layers the same {name.replace('_pattern', '')}."
+      )
+  return out
+
+
+# -- import ------------------------------------------------------------------------------------
+def _read(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so BF16 tensors load (JAX imports it anyway).
+  from safetensors.numpy import load_file
+
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(f"`path` must be a directory path, got {type(directory).__name__}.")
+  config_file = os.path.join(directory, CONFIG_NAME)
+  weights_file = os.path.join(directory, WEIGHTS_NAME)
+  for file in (config_file, weights_file):
+    if not os.path.isfile(file):
+      raise FileNotFoundError(
+          f"`path` {str(directory)!r} is not a PEFT adapter directory: {os.path.basename(file)} is missing "
+          "(PEFT's save_pretrained writes adapter_config.json and adapter_model.safetensors; .bin files are not read)."
+      )
+  with open(config_file) as f:
+    config = json.load(f)
+  return config, load_file(weights_file)
+
+
+def _group(tensors: Mapping[str, np.ndarray], peft_type: str, prefix: str, modules_to_save: Sequence[str]):
+  """``({module: {suffix: tensor}}, {module_to_save key: tensor})``."""
+  suffixes = _ADAPTER_SUFFIXES[peft_type]
+  grouped: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  extra: dict[str, np.ndarray] = {}
+  for key, value in tensors.items():
+    name = key[len(prefix):] if key.startswith(prefix) else key
+    suffix = next((s for s in suffixes if name.endswith(s)), None)
+    if suffix is not None:
+      grouped[name[: -len(suffix)]][suffix] = value
+      continue
+    if any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in modules_to_save):
+      extra[name] = value
+      continue
+    raise ValueError(
+        f"Unsupported tensor {key!r} in the {peft_type} checkpoint: expected keys ending in {suffixes} "
+        f"(or the weights of `modules_to_save` {list(modules_to_save)}). LoRA on embeddings or convolutions, "
+        "lora_bias and other PEFT extensions are not supported."
+    )
+  return dict(grouped), extra
+
+
+def _target(params_paths, module, name_map, in_axes):
+  path = _apply_name_map(module, name_map, _default_path, "module")
+  if path not in params_paths:
+    from spectral_peft.peft._tree import _available_paths
+
+    raise ValueError(
+        f"PEFT module {module!r} maps to path {path!r}, which `params` does not have. Pass `name_map` "
+        f"(module name -> path). Available paths: {_available_paths(params_paths)}."
+    )
+  leaf = params_paths[path]
+  shape = tuple(int(d) for d in np.shape(leaf))
+  axes = _resolve_in_axes(in_axes, path, shape)
+  return path, leaf, shape, axes, matrix_shape(shape, axes)
+
+
+def _check_tensor(module: str, what: str, array: np.ndarray, expected: tuple[int, ...], mshape: tuple[int, int]) -> None:
+  if tuple(array.shape) != tuple(expected):
+    raise ValueError(
+        f"PEFT tensor {what} of module {module!r} has shape {tuple(array.shape)}, but the target kernel of matrix "
+        f"shape (in, out) = {tuple(mshape)} needs {tuple(expected)} (torch's (out, in) layout)."
+    )
+
+
+def _sorted(flat: np.ndarray, values: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  order = np.argsort(flat, kind="stable")
+  return jnp.asarray(flat[order], jnp.int32), jnp.asarray(values[order])
+
+
+def _import_layer(peft_type, config, module, tensors, leaf, shape, axes, mshape):
+  m, n = mshape
+  dtype = jnp.dtype(leaf.dtype).name
+  if peft_type == "LORA":
+    for suffix in (".lora_A.weight", ".lora_B.weight"):
+      if suffix not in tensors:
+        raise ValueError(f"PEFT LoRA module {module!r} has no {suffix[1:]} tensor.")
+    lora_a, lora_b = tensors[".lora_A.weight"], tensors[".lora_B.weight"]
+    if lora_a.ndim != 2:
+      raise ValueError(f"PEFT LoRA module {module!r}: lora_A must be a Linear (r, in) matrix, got shape {lora_a.shape}.")
+    r = lora_a.shape[0]
+    _check_tensor(module, "lora_A.weight", lora_a, (r, m), mshape)
+    _check_tensor(module, "lora_B.weight", lora_b, (n, r), mshape)
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+    use_dora = bool(config.get("use_dora", False))
+    if use_dora != (".lora_magnitude_vector" in tensors):
+      raise ValueError(f"PEFT module {module!r}: use_dora={use_dora} but lora_magnitude_vector is {'absent' if use_dora else 'present'}.")
+    cls = DoRA if use_dora else LoRA
+    spec = cls(rank=r, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)))
+    params = {"a": jnp.asarray(lora_a.T), "b": jnp.asarray(lora_b.T)}
+    if use_dora:
+      magnitude = tensors[".lora_magnitude_vector"]
+      _check_tensor(module, "lora_magnitude_vector", magnitude, (n,), mshape)
+      params["magnitude"] = jnp.asarray(magnitude)
+    frozen = spec.init_frozen(jax.random.key(0), jnp.reshape(jnp.asarray(leaf), mshape))
+    return Adapter(params, frozen, spec, shape, dtype, axes)
+  if peft_type == "SHIRA":
+    weight, indices = tensors.get(".shira_weight"), tensors.get(".shira_indices")
+    if weight is None or indices is None:
+      raise ValueError(f"PEFT SHiRA module {module!r} needs shira_weight and shira_indices tensors.")
+    if indices.ndim != 2 or indices.shape[0] != 2 or weight.shape != (indices.shape[1],):
+      raise ValueError(f"PEFT SHiRA module {module!r}: shira_indices must be (2, p) and shira_weight (p,), got {indices.shape}, {weight.shape}.")
+    rows_t, cols_t = indices.astype(np.int64)  # Saved as float32 on Windows; integers otherwise.
+    if rows_t.min(initial=0) < 0 or rows_t.max(initial=0) >= n or cols_t.min(initial=0) < 0 or cols_t.max(initial=0) >= m:
+      raise ValueError(f"PEFT SHiRA module {module!r}: shira_indices fall outside the ({n}, {m}) torch weight.")
+    flat, values = _sorted(cols_t * n + rows_t, weight)
+    spec = SHiRA(n_params=int(weight.shape[0]))
+    return Adapter({"values": values}, {"indices": flat}, spec, shape, dtype, axes)
+  # FourierFT / WaveFT: positions regenerated from the seed, as PEFT does.
+  key = ".fourierft_spectrum" if peft_type == "FOURIERFT" else ".waveft_spectrum"
+  spectrum = tensors[key]
+  if spectrum.ndim != 1:
+    raise ValueError(f"PEFT module {module!r}: {key[1:]} must be (n_frequency,), got {spectrum.shape}.")
+  p = int(spectrum.shape[0])
+  if p > m * n:
+    raise ValueError(f"PEFT module {module!r}: {p} frequencies for a weight of only {m * n} entries.")
+  seed = config.get("random_loc_seed")
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise ValueError(f"PEFT config `random_loc_seed` must be an int, got {seed!r}.")
+  scaling = float(config.get("scaling", 150.0 if peft_type == "FOURIERFT" else 25.0))
+  if peft_type == "FOURIERFT":
+    spec = FourierFT(n_frequency=p, scale=scaling, random_loc_seed=seed)
+    flat = peft_positions("fourierft", (m, n), p, seed)
+  elif not config.get("use_idwt", True):
+    perm = torch_randperm_prefix(m * n, p, seed)
+    spec = SHiRA(n_params=p, scale=scaling)
+    flat = (perm % m) * n + perm // m
+  else:
+    spec = WaveFT(n_params=p, scale=scaling, wavelet=str(config.get("wavelet_family", "db1")), level=1,
+                  boundary="zero", random_loc_seed=seed)
+    flat = peft_positions("waveft", (m, n), p, seed, spec.grid((m, n)))
+  flat, values = _sorted(flat, spectrum)
+  return Adapter({"values": values}, {"indices": flat}, spec, shape, dtype, axes)
+
+
+def import_peft(
+    path: str,
+    params: PyTree,
+    *,
+    name_map: NameMap = None,
+    in_axes: Any = None,
+    prefix: str = PEFT_PREFIX,
+    return_modules: bool = False,
+) -> Union[Adapters, tuple[Adapters, dict[str, jax.Array]]]:
+  """Loads a PEFT ``save_pretrained`` directory as our adapters on ``params``.
+
+  Supports PEFT's LoRA (with ``use_dora``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``),
+  SHiRA, FourierFT and WaveFT (``use_idwt=False`` loads as :class:`SHiRA`) on ``Linear`` layers.
+  ``merge(params, import_peft(...))`` then holds PEFT's merged weights (transposed to the Flax
+  layout); FourierFT/WaveFT positions are PEFT's, redrawn from ``random_loc_seed`` exactly.
+
+  Args:
+    path: the directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+    params: our base parameters (the torch model's weights in the Flax layout); used for shapes,
+      dtypes and DoRA's reference norms.
+    name_map: PEFT module name -> our kernel path (see the module docstring); default
+      ``"a.b.query"`` -> ``"a/b/query/kernel"``. For Linen's ``{"params": ...}`` dicts pass e.g.
+      ``lambda m: "params/" + m.replace(".", "/") + "/kernel"``.
+    in_axes: reshape rule for kernels with more than 2 axes, as in :func:`sp.peft.init_adapters`.
+    prefix: the key prefix PEFT writes (``"base_model.model."``), stripped from every key.
+    return_modules: also return the ``modules_to_save`` weights (see :func:`modules_to_save`).
+
+  Returns:
+    ``{path: Adapter}``, or ``(adapters, modules)`` with ``return_modules=True``, ``modules`` a
+    ``{path: array}`` dict in our layout (``weight`` of a 2-D module -> ``kernel`` transposed, or
+    ``embedding``/``scale`` when ``params`` has that leaf instead; ``bias`` unchanged).
+
+  Raises:
+    FileNotFoundError: not a PEFT adapter directory.
+    ValueError: an unsupported PEFT type or option, a module with no matching path, tensor shapes
+      that do not fit the kernel, or a weight too large for an exact FourierFT/WaveFT position draw.
+
+  Example:
+    >>> import spectral_peft as sp  # doctest: +SKIP
+    >>> adapters = sp.peft.import_peft("my_peft_adapter", params)  # doctest: +SKIP
+    >>> merged = sp.peft.merge(params, adapters)  # doctest: +SKIP
+  """
+  config, tensors = _read(path)
+  peft_type = config.get("peft_type")
+  if peft_type not in _ADAPTER_SUFFIXES:
+    raise ValueError(f"PEFT type {peft_type!r} is not supported; supported: {sorted(_ADAPTER_SUFFIXES)}.")
+  if peft_type == "LORA":
+    for field in ("lora_bias", "use_qalora", "layer_replication", "target_parameters", "trainable_token_indices"):
+      value = config.get(field)
+      if value not in (None, False, [], {}):
+        raise ValueError(f"PEFT LoRA config `{field}` = {value!r} is not supported by sp.peft.import_peft.")
+  if peft_type != "LORA" and config.get("fan_in_fan_out"):
+    raise ValueError(f"PEFT {peft_type} config `fan_in_fan_out=True` (GPT-2 Conv1D layers) is not supported by sp.peft.import_peft.")
+  saved = list(config.get("modules_to_save") or [])
+  grouped, extra = _group(tensors, peft_type, prefix, saved)
+  if not grouped:
+    raise ValueError(f"The checkpoint in {str(path)!r} holds no {peft_type} tensors.")
+  paths = leaf_paths(params)
+  adapters: Adapters = {}
+  for module in sorted(grouped):
+    target, leaf, shape, axes, mshape = _target(paths, module, name_map, in_axes)
+    adapters[target] = _import_layer(peft_type, config, module, grouped[module], leaf, shape, axes, mshape)
+  modules = _import_modules(extra, paths, name_map)
+  if return_modules:
+    return adapters, modules
+  if modules:
+    warnings.warn(
+        f"The PEFT checkpoint also holds modules_to_save {saved}; they are not returned. Pass "
+        "`return_modules=True` to get them.", stacklevel=2)
+  return adapters
+
+
+def _module_prefix(module: str, name_map: NameMap) -> str:
+  """Our path prefix of a torch module: the kernel path ``name_map`` gives, without its last step."""
+  return _apply_name_map(module, name_map, _default_path, "module").rsplit("/", 1)[0]
+
+
+def _import_modules(extra: Mapping[str, np.ndarray], paths: Mapping[str, Any], name_map: NameMap) -> dict[str, jax.Array]:
+  modules: dict[str, jax.Array] = {}
+  for key, value in extra.items():
+    module, leaf_name = key.rsplit(".", 1)
+    base = _module_prefix(module, name_map)
+    if leaf_name == "weight":
+      candidates = [(f"{base}/kernel", True), (f"{base}/embedding", False), (f"{base}/scale", False)]
+    else:
+      candidates = [(f"{base}/{leaf_name}", False)]
+    for target, transpose in candidates:
+      if target in paths:
+        array = value.T if transpose and value.ndim == 2 else value
+        if tuple(array.shape) != tuple(np.shape(paths[target])):
+          raise ValueError(f"PEFT module-to-save tensor {key!r} has shape {value.shape}; {target!r} has {np.shape(paths[target])}.")
+        modules[target] = jnp.asarray(array)
+        break
+    else:
+      raise ValueError(f"PEFT module-to-save tensor {key!r} has no leaf in `params` (tried {[c for c, _ in candidates]}).")
+  return modules
+
+
+# -- export ------------------------------------------------------------------------------------
+def _family(method: Any) -> str:
+  if isinstance(method, (LoRA, DoRA)):
+    return "LORA"
+  if isinstance(method, SHiRA):
+    return "SHIRA"
+  if isinstance(method, FourierFT):
+    return "FOURIERFT"
+  if isinstance(method, WaveFT):
+    return "WAVEFT"
+  raise ValueError(
+      f"{type(method).__name__} has no PEFT counterpart that sp.peft.export_peft writes; exportable: LoRA, "
+      "DoRA, SHiRA, FourierFT and WaveFT (zero boundary or haar at level 1, with random_loc_seed)."
+  )
+
+
+def _common(values: Sequence[Any]) -> Any:
+  return collections.Counter(values).most_common(1)[0][0]
+
+
+def _uniform(name: str, values: Mapping[str, Any]) -> Any:
+  distinct = sorted(set(values.values()), key=repr)
+  if len(distinct) != 1:
+    raise ValueError(f"PEFT stores one `{name}` for every layer, but the adapters use {distinct}.")
+  return distinct[0]
+
+
+def _np(x: Any) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+
+
+def _export_sparse_values(path: str, adapter: Adapter, expected: np.ndarray) -> np.ndarray:
+  """``values`` in PEFT's order, given PEFT's flat positions ``expected`` (refuses other positions)."""
+  indices = _np(adapter.frozen["indices"]).astype(np.int64)
+  values = _np(adapter.params["values"])
+  order = np.argsort(indices, kind="stable")
+  sorted_indices = indices[order]
+  where = np.searchsorted(sorted_indices, expected)
+  where = np.minimum(where, len(sorted_indices) - 1)
+  if len(indices) != len(expected) or not np.array_equal(sorted_indices[where], expected):
+    raise ValueError(
+        f"The positions of adapter {path!r} are not PEFT's for random_loc_seed={adapter.method.random_loc_seed}; "
+        "PEFT redraws them from the seed when it loads, so they cannot be exported. Build the adapter with "
+        "this `random_loc_seed` in the spec (sp.peft.init_adapters then uses PEFT's positions)."
+    )
+  return values[order][where]
+
+
+def export_peft(
+    path: str,
+    adapters: Adapters,
+    *,
+    name_map: NameMap = None,
+    modules: Optional[Mapping[str, Any]] = None,
+    base_model_name_or_path: Optional[str] = None,
+    extra_config: Optional[Mapping[str, Any]] = None,
+    prefix: str = PEFT_PREFIX,
+) -> dict[str, Any]:
+  """Writes ``adapters`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+  The torch model must have ``Linear`` layers at the mapped module names with
+  ``weight = kernel.T`` (``(out, in)``); PEFT's merged weight (or ``get_delta_weight``) then equals
+  ours transposed. One PEFT config covers all adapters, so they must share one method family and
+  its PEFT-global hyperparameters (``use_rslora``/``use_dora``; ``scale``, ``wavelet`` and
+  ``random_loc_seed`` for FourierFT/WaveFT); per-layer ranks, alphas and budgets are written as
+  ``rank_pattern``, ``alpha_pattern`` and ``n_frequency_pattern`` keyed by escaped module names.
+
+  * LoRA/DoRA: ``lora_alpha`` is our ``alpha``, or ``r`` (``sqrt(r)`` with ``use_rslora``) for
+    ``alpha=None`` (scale 1).
+  * SHiRA: PEFT sizes a layer as ``r * (in + out)`` weights for one ``r``; with
+    ``r = max ceil(p / (in + out))`` over the layers, each layer is padded with zero weights at unused
+    positions (the same ``Delta W``), and our ``scale`` is folded into the weights.
+  * FourierFT/WaveFT: positions must be PEFT's (``random_loc_seed`` set in the spec); WaveFT must be
+    PEFT's function (``boundary="zero"``, or ``"haar"`` at level 1, written as ``"db1"``).
+
+  Args:
+    path: output directory (created).
+    adapters: ``{path: Adapter}``.
+    name_map: our kernel path -> PEFT module name (see the module docstring); default
+      ``"a/b/query/kernel"`` -> ``"a.b.query"``.
+    modules: optional ``modules_to_save`` weights ``{path: array}`` (:func:`modules_to_save`),
+      written as ``<module>.weight`` (a ``kernel`` transposed, ``embedding``/``scale`` as is) and
+      ``<module>.bias``, and listed in the config's ``modules_to_save``.
+    base_model_name_or_path: recorded in the config.
+    extra_config: more PEFT config fields, by PEFT's names (``{"task_type": "CAUSAL_LM",
+      "lora_dropout": 0.05}``); a field that fixes ``Delta W`` (``r``, ``lora_alpha``, ``scaling``...)
+      may only repeat the value the adapters give.
+    prefix: key prefix PEFT expects.
+
+  Returns:
+    The config dict written to ``adapter_config.json``.
+
+  Raises:
+    ValueError: empty or mixed adapters, a method or option PEFT cannot represent, positions that are
+      not PEFT's, a path the name map cannot turn into a module name.
+
+  Example:
+    >>> sp.peft.export_peft("my_adapter", adapters)  # doctest: +SKIP
+  """
+  import ml_dtypes  # noqa: F401  bfloat16 adapters are written as BF16.
+  from safetensors.numpy import save_file
+
+  from spectral_peft.peft._tree import _check_adapters
+
+  _check_adapters(adapters)
+  if not adapters:
+    raise ValueError("`adapters` is empty: nothing to export.")
+  families = {p: _family(a.method) for p, a in adapters.items()}
+  family = _uniform("method family (peft_type)", families)
+  names = {p: _apply_name_map(p, name_map, _default_module, "path") for p in adapters}
+  if len(set(names.values())) != len(names):
+    raise ValueError(f"`name_map` gives the same module name to several paths: {names}.")
+  tensors: dict[str, np.ndarray] = {}
+  config: dict[str, Any] = {"peft_type": family, "base_model_name_or_path": base_model_name_or_path, "task_type": None,
+                            "inference_mode": True, "fan_in_fan_out": False, "revision": None,
+                            "target_modules": sorted(names.values())}
+
+  if family == "LORA":
+    use_dora = _uniform("use_dora", {p: isinstance(a.method, DoRA) for p, a in adapters.items()})
+    rslora = _uniform("use_rslora", {p: a.method.use_rslora for p, a in adapters.items()})
+    ranks = {p: a.method.rank for p, a in adapters.items()}
+    alphas = {p: (float(a.method.alpha) if a.method.alpha is not None
+                  else (math.sqrt(a.method.rank) if rslora else float(a.method.rank))) for p, a in adapters.items()}
+    r, alpha = _common(list(ranks.values())), _common(list(alphas.values()))
+    config.update(r=int(r), lora_alpha=alpha, rank_pattern=_patterns("rank_pattern", ranks, names, r, "suffix"),
+                  alpha_pattern=_patterns("alpha_pattern", alphas, names, alpha, "suffix"),
+                  use_rslora=rslora, use_dora=use_dora, lora_dropout=0.0, bias="none", init_lora_weights=True,
+                  lora_bias=False)
+    for p, a in adapters.items():
+      key = prefix + names[p]
+      tensors[key + ".lora_A.weight"] = _np(a.params["a"]).T.copy()
+      tensors[key + ".lora_B.weight"] = _np(a.params["b"]).T.copy()
+      if use_dora:
+        tensors[key + ".lora_magnitude_vector"] = _np(a.params["magnitude"])
+  elif family == "SHIRA":
+    shapes = {p: a.matrix_shape for p, a in adapters.items()}
+    r = max(-(-a.method.n_params // (sum(shapes[p]))) for p, a in adapters.items())
+    config.update(r=int(r), mask_type="random", random_seed=None, init_weights=True)
+    for p, a in adapters.items():
+      m, n = shapes[p]
+      budget = r * (m + n)
+      if budget > m * n:
+        raise ValueError(
+            f"PEFT's SHiRA holds r * (in + out) = {budget} weights in layer {p!r} of {m * n} entries (r = {r}, the "
+            "largest ceil(p / (in + out)) over the layers); PEFT refuses more weights than entries."
+        )
+      flat = _np(a.frozen["indices"]).astype(np.int64)
+      values = _np(a.params["values"]) * np.asarray(a.method.scale, _np(a.params["values"]).dtype)
+      rows_t, cols_t = flat % n, flat // n
+      torch_flat = rows_t * m + cols_t
+      if len(np.unique(torch_flat)) != len(torch_flat):
+        raise ValueError(f"Adapter {p!r} has repeated positions; PEFT's SHiRA needs distinct ones.")
+      if budget > len(torch_flat):  # Pad with zero weights at the first unused positions.
+        free = np.setdiff1d(np.arange(min(m * n, budget + len(torch_flat))), torch_flat)[: budget - len(torch_flat)]
+        torch_flat = np.concatenate([torch_flat, free])
+        values = np.concatenate([values, np.zeros(len(free), values.dtype)])
+      order = np.argsort(torch_flat, kind="stable")
+      torch_flat, values = torch_flat[order], values[order]
+      key = prefix + names[p]
+      tensors[key + ".shira_weight"] = np.ascontiguousarray(values)
+      tensors[key + ".shira_indices"] = np.stack([torch_flat // m, torch_flat % m]).astype(np.int32)
+  else:
+    kind = family.lower()
+    for p, a in adapters.items():
+      if a.method.random_loc_seed is None:
+        raise ValueError(
+            f"Adapter {p!r} has no `random_loc_seed`: PEFT redraws {kind} positions from one seed when it loads, so "
+            f"only adapters built with e.g. sp.peft.{type(a.method).__name__}(..., random_loc_seed=777) export."
+        )
+      if family == "WAVEFT" and a.method.wavelet not in _PEFT_WAVELETS:
+        raise ValueError(
+            f"Adapter {p!r} uses wavelet {a.method.wavelet!r}, which PEFT's WaveFT does not implement; PEFT has "
+            "haar/db1-db10, sym2-sym10 and coif1-coif5."
+        )
+      if family == "WAVEFT" and not a.method.peft_compatible:
+        raise ValueError(
+            f"Adapter {p!r} is WaveFT(boundary={a.method.boundary!r}, wavelet={a.method.wavelet!r}, level={a.method.level}), "
+            "which PEFT cannot compute: PEFT's WaveFT is one level of zero-boundary synthesis (boundary='zero')."
+        )
+    seed = _uniform("random_loc_seed", {p: int(a.method.random_loc_seed) for p, a in adapters.items()})
+    scaling = _uniform("scaling", {p: float(a.method.scale) for p, a in adapters.items()})
+    budgets = {p: int(a.method.n_frequency if family == "FOURIERFT" else a.method.n_params) for p, a in adapters.items()}
+    n_frequency = _common(list(budgets.values()))
+    style = "dotted" if family == "FOURIERFT" else "suffix"
+    config.update(n_frequency=int(n_frequency), scaling=scaling,
+                  n_frequency_pattern=_patterns("n_frequency_pattern", budgets, names, n_frequency, style),
+                  random_loc_seed=seed, bias="none", init_weights=True)
+    if family == "WAVEFT":
+      wavelet = _uniform("wavelet", {p: a.method.wavelet for p, a in adapters.items()})
+      config.update(wavelet_family="db1" if pywt_haar(wavelet) else wavelet, use_idwt=True, proportional_parameters=False)
+    for p, a in adapters.items():
+      shape = a.matrix_shape
+      grid = a.method.grid(shape) if family == "WAVEFT" else None
+      expected = peft_positions(kind, shape, budgets[p], seed, grid)
+      tensors[prefix + names[p] + f".{kind}_spectrum"] = _export_sparse_values(p, a, expected)
+  saved = _export_modules(modules, name_map, prefix, tensors)
+  config["modules_to_save"] = saved or None
+  for field, value in dict(extra_config or {}).items():
+    if field in config and field not in _FREE_FIELDS and json.loads(json.dumps(value)) != json.loads(json.dumps(config[field])):
+      raise ValueError(
+          f"`extra_config[{field!r}]` = {value!r} contradicts the adapters ({field} = {config[field]!r}); "
+          f"only fields that do not change Delta W can be set freely: {sorted(_FREE_FIELDS)} and fields not written."
+      )
+    config[field] = value
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, CONFIG_NAME), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+  return config
+
+
+def _export_modules(modules, name_map, prefix, tensors) -> list[str]:
+  if not modules:
+    return []
+  if not isinstance(modules, Mapping):
+    raise TypeError(f"`modules` must be the {{path: array}} dict of sp.peft.modules_to_save, got {type(modules).__name__}.")
+  saved: list[str] = []
+  for p, value in modules.items():
+    base, leaf_name = p.rsplit("/", 1) if "/" in p else ("", p)
+    module = _apply_name_map(base + "/kernel", name_map, _default_module, "path")
+    array = _np(value)
+    if leaf_name == "kernel":
+      torch_name, array = "weight", array.T.copy() if array.ndim == 2 else array
+    elif leaf_name in ("embedding", "scale"):
+      torch_name = "weight"
+    else:
+      torch_name = leaf_name
+    tensors[f"{prefix}{module}.{torch_name}"] = np.ascontiguousarray(array)
+    if module not in saved:
+      saved.append(module)
+  return saved
+
+
+# -- PEFT configs as our specs ----------------------------------------------------------------------
+def from_peft_config(config: Union[str, Mapping[str, Any]], *, name_map: NameMap = None) -> Callable[[str, tuple[int, ...]], Any]:
+  """Our adapter spec per target from a PEFT config, written with PEFT's names.
+
+  Translates ``peft_type`` and PEFT's fields, with PEFT's defaults where a field is absent:
+  LoRA (``r`` 8, ``lora_alpha`` 8, ``use_rslora``, ``use_dora`` -> :class:`DoRA`, ``rank_pattern``,
+  ``alpha_pattern``), SHiRA (``r``: ``n_params = r * (in + out)``), FourierFT (``n_frequency`` 1000,
+  ``n_frequency_pattern``, ``scaling`` 150, ``random_loc_seed`` 777, ``init_weights`` False ->
+  ``value_init="normal"``) and WaveFT (``n_frequency`` 2592, ``scaling`` 25, ``wavelet_family``
+  ``"db1"``, ``random_loc_seed`` 777, zero boundary; ``init_weights=False`` -> ``value_init="normal"``
+  with ``init_std=0.01``). Positions then equal PEFT's; random initial values are drawn from our
+  keys, not torch's.
+
+  Args:
+    config: a PEFT config dict (``json.load`` of ``adapter_config.json``, or
+      ``peft_config.to_dict()``), or the path of a directory holding ``adapter_config.json``.
+    name_map: our path -> PEFT module name, to resolve PEFT's ``*_pattern`` keys (as in :func:`export_peft`).
+
+  Returns:
+    ``(path, shape) -> spec``, to pass as ``method`` to :func:`sp.peft.init_adapters` (with
+    ``targets=config["target_modules"]`` when it is a list of names).
+
+  Raises:
+    ValueError: an unsupported ``peft_type`` or option (``proportional_parameters``, ``use_idwt=False``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> method = sp.peft.from_peft_config({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "use_rslora": True})
+    >>> method("mlp/fc1/kernel", (8, 8))
+    LoRA(rank=4, alpha=16.0, param_dtype=None, use_rslora=True)
+  """
+  if isinstance(config, (str, os.PathLike)):
+    with open(os.path.join(config, CONFIG_NAME)) as f:
+      config = json.load(f)
+  if not isinstance(config, Mapping):
+    raise TypeError(f"`config` must be a PEFT config dict or a directory path, got {type(config).__name__}.")
+  config = dict(config)
+  peft_type = config.get("peft_type")
+  if peft_type not in _ADAPTER_SUFFIXES:
+    raise ValueError(f"`config['peft_type']` must be one of {sorted(_ADAPTER_SUFFIXES)}, got {peft_type!r}.")
+  if peft_type == "WAVEFT" and config.get("proportional_parameters"):
+    raise ValueError("WaveFT `proportional_parameters=True` needs every layer at once: use sp.peft.proportional_allocation.")
+  if peft_type == "WAVEFT" and not config.get("use_idwt", True):
+    raise ValueError("WaveFT `use_idwt=False` has no seeded counterpart here: use sp.peft.SHiRA (positions from our keys).")
+
+  def choose(path: str, shape: tuple[int, ...]):
+    module = _apply_name_map(path, name_map, _default_module, "path")
+    if peft_type == "LORA":
+      cls = DoRA if config.get("use_dora") else LoRA
+      return cls(rank=int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8))),
+                 alpha=float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))),
+                 use_rslora=bool(config.get("use_rslora", False)))
+    if peft_type == "SHIRA":
+      if len(shape) != 2:
+        raise ValueError(f"PEFT's SHiRA adapts Linear layers: {path!r} has shape {shape}, not a 2-D kernel.")
+      return SHiRA(n_params=int(config.get("r", 32)) * (shape[0] + shape[1]))
+    random_init = not config.get("init_weights", peft_type == "WAVEFT")
+    if peft_type == "FOURIERFT":
+      n = int(_pattern_value(config.get("n_frequency_pattern"), module, config.get("n_frequency", 1000), style="dotted"))
+      return FourierFT(n_frequency=n, scale=float(config.get("scaling", 150.0)),
+                       random_loc_seed=int(config.get("random_loc_seed", 777)),
+                       value_init="normal" if random_init else "zeros")
+    n = int(_pattern_value(config.get("n_frequency_pattern"), module, config.get("n_frequency", 2592)))
+    return WaveFT(n, scale=float(config.get("scaling", 25.0)), wavelet=str(config.get("wavelet_family", "db1")),
+                  level=1, boundary="zero", random_loc_seed=int(config.get("random_loc_seed", 777)),
+                  value_init="normal" if random_init else "zeros", init_std=0.01 if random_init else 1.0)
+
+  return choose
+
+
+# -- modules_to_save and the trainable summary -------------------------------------------------
+def modules_to_save(params: PyTree, targets: Any) -> dict[str, jax.Array]:
+  """The base leaves to train fully and save with the adapter (PEFT's ``modules_to_save``).
+
+  Args:
+    params: the base parameters.
+    targets: module names (``["classifier"]``: every leaf, bias included, under a module whose path
+      ends in that name), a regex searched in each path, or a predicate ``(path, leaf) -> bool``.
+
+  Returns:
+    ``{path: array}``, a copy of the chosen leaves: a pytree of plain arrays to train beside the
+    adapters (differentiate a loss of ``merge_modules(merge(params, adapters), modules)`` with respect
+    to both and step them with ``optax``; :func:`sp.peft.trainable_mask` marks only adapter arrays, so
+    keep the modules out of a tree masked by it), put back with :func:`merge_modules` and saved with
+    :func:`export_peft` (``modules=``).
+
+  Raises:
+    ValueError: nothing matches.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> params = {"body": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+    >>> sorted(sp.peft.modules_to_save(params, ["head"]))
+    ['head/bias', 'head/kernel']
+  """
+  from spectral_peft.peft._tree import select_paths
+
+  paths = leaf_paths(params)
+  if isinstance(targets, (list, tuple)):
+    names = [str(t).replace(".", "/") for t in targets]
+
+    def under(path, leaf):
+      del leaf
+      module = path.rsplit("/", 1)[0] if "/" in path else ""
+      return any(module == nm or module.endswith("/" + nm) for nm in names)
+
+    chosen = select_paths(params, under)
+  else:
+    chosen = select_paths(params, targets)
+  return {p: jnp.array(paths[p]) for p in chosen}
+
+
+def merge_modules(params: PyTree, modules: Mapping[str, Any]) -> PyTree:
+  """``params`` with the leaves of ``modules`` (:func:`modules_to_save`) put in place.
+
+  Raises:
+    ValueError: a path of ``modules`` missing from ``params``, or of another shape.
+
+  Example:
+    >>> import jax.numpy as jnp, spectral_peft as sp
+    >>> params = {"head": {"bias": jnp.zeros(2)}}
+    >>> sp.peft.merge_modules(params, {"head/bias": jnp.ones(2)})["head"]["bias"].tolist()
+    [1.0, 1.0]
+  """
+  if not isinstance(modules, Mapping):
+    raise TypeError(f"`modules` must be a {{path: array}} dict, got {type(modules).__name__}.")
+  seen: set[str] = set()
+
+  def visit(key_path, leaf):
+    name = path_to_str(key_path)
+    if name not in modules:
+      return leaf
+    new = modules[name]
+    if tuple(np.shape(new)) != tuple(np.shape(leaf)):
+      raise ValueError(f"`modules[{name!r}]` has shape {tuple(np.shape(new))}, `params` has {tuple(np.shape(leaf))} there.")
+    seen.add(name)
+    return jnp.asarray(new).astype(jnp.result_type(leaf))
+
+  out = jax.tree_util.tree_map_with_path(visit, params)
+  missing = sorted(set(modules) - seen)
+  if missing:
+    raise ValueError(f"`params` has no leaf at module path(s) {missing[:5]}.")
+  return out
+
+
+class TrainableSummary(NamedTuple):
+  """Counts of :func:`trainable_summary`; ``str()`` is PEFT's ``print_trainable_parameters`` line."""
+
+  trainable: int
+  adapter: int
+  modules: int
+  base: int
+  total: int
+
+  @property
+  def percent(self) -> float:
+    return 100.0 * self.trainable / self.total if self.total else 0.0
+
+  def __str__(self) -> str:
+    return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
+
+
+def trainable_summary(params: PyTree, adapters: Adapters, modules_to_save: Optional[Mapping[str, Any]] = None) -> TrainableSummary:
+  """Trainable vs all parameters of an adapted model, as PEFT's ``print_trainable_parameters``.
+
+  ``trainable`` = adapter scalars (:func:`sp.peft.count_parameters`, complex counted twice) +
+  modules-to-save scalars; ``total`` = base scalars + trainable (PEFT counts a module to save
+  twice as well: the frozen original and its trained copy).
+
+  Args:
+    params: the base parameters.
+    adapters: ``{path: Adapter}``.
+    modules_to_save: optional ``{path: array}`` of :func:`modules_to_save`.
+
+  Returns:
+    A :class:`TrainableSummary` ``(trainable, adapter, modules, base, total)``; ``print(summary)``
+    gives ``"trainable params: ... || all params: ... || trainable%: ..."``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> params = {"dense": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
+    >>> ad = sp.peft.init_adapters(jax.random.key(0), params, sp.peft.LoRA(rank=2), ["dense"])
+    >>> print(sp.peft.trainable_summary(params, ad))
+    trainable params: 32 || all params: 104 || trainable%: 30.7692
+  """
+  base = int(sum(int(np.size(x)) for x in jax.tree.leaves(params)))
+  adapter = count_parameters(adapters)
+  modules = int(sum(int(np.size(x)) for x in jax.tree.leaves(dict(modules_to_save or {}))))
+  trainable = adapter + modules
+  return TrainableSummary(trainable, adapter, modules, base, base + trainable)
