@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from spectral_peft import _sinusoidal
 from spectral_peft import _validation
+
+if TYPE_CHECKING:
+  import optax  # Imported where used: `import spectral_peft` stays free of optax's start-up cost.
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -241,6 +243,8 @@ def bounding(bound: Any) -> optax.GradientTransformation:
     u = updates["hidden"][0]["kernel"]
     target = bound_matrix(a + u, bound)
     return _with_hidden_kernel(updates, (target - a).astype(u.dtype)), state
+
+  import optax
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -520,6 +524,8 @@ def _train_step(params, opt_state, x, y, alpha, weights, bound, key, *, optimize
 
   (_, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   grads = {**grads, "omega": jnp.zeros_like(grads["omega"])}
+  import optax
+
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = {**optax.apply_updates(params, updates), "omega": params["omega"]}  # omega stays frozen.
   if bounded:
