@@ -155,7 +155,7 @@ def block_bounds(omega: Any, limits: Sequence[float], bounds: Sequence[float], *
   return jnp.asarray(bounds_np, jnp.float32)[block]
 
 
-def block_index(omega: Any, limits: Sequence[float], *, period: float = 2.0) -> Array:
+def block_index(omega: Any, limits: Sequence[float] | np.ndarray, *, period: float = 2.0) -> Array:
   """The block ``i`` (0-based) of each frequency: ``max_d |k_d| in [L_i, L_{i+1})`` with ``L_0 = 0``.
 
   Args:
@@ -172,10 +172,10 @@ def block_index(omega: Any, limits: Sequence[float], *, period: float = 2.0) -> 
     [0, 1, 2]
   """
   period = _validation.check_positive_float("period", period)
-  limits = jnp.asarray(np.asarray(limits, np.float64).reshape(-1), jnp.float32)
+  limits_f32 = jnp.asarray(np.asarray(limits, np.float64).reshape(-1), jnp.float32)
   level = jnp.max(jnp.abs(jnp.asarray(omega)), axis=0) * (period / (2.0 * math.pi))
   # A tiny slack so that an integer frequency computed in float32 lands in its own block.
-  return jnp.searchsorted(limits, level + 1e-4, side="right").astype(jnp.int32)
+  return jnp.searchsorted(limits_f32, level + 1e-4, side="right").astype(jnp.int32)
 
 
 def bound_params(params: Params, bound: Any) -> Params:
@@ -966,7 +966,7 @@ def grow_loop(
     key, k_freq, k_phi = jax.random.split(key, 3)
     # Most important block first (ties: the lower block); a block with no room left passes to the next.
     block = next((int(b) for b in np.argsort(-importance, kind="stable")
-                  if _ring_candidates(*rings[b], dim, period, params["omega"]).shape[0] >= n_add), None)
+                  if _ring_candidates(*rings[int(b)], dim, period, params["omega"]).shape[0] >= n_add), None)
     if block is None:
       raise ValueError(f"no block has {n_add} unused integer frequencies left; lower `n_add` or `total_add`.")
     new = band_frequencies(k_freq, n_add, *rings[block], dim=dim, period=period, exclude=params["omega"])

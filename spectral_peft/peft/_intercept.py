@@ -36,15 +36,15 @@ def _contracted_axes(module: nn.Module, ndim: int) -> int | None:
     if module.batch_dims:
       return None
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-    axis = sorted(a % ndim for a in axis)
-    if axis != list(range(ndim - len(axis), ndim)):
+    contracted = sorted(a % ndim for a in axis)
+    if contracted != list(range(ndim - len(contracted), ndim)):
       return None
-    return len(axis)
+    return len(contracted)
   return None
 
 
 def _dense_with_adapter(module: nn.Module, adapter: Adapter, x: Array) -> Array:
-  kernel = module.get_variable("params", "kernel")
+  kernel: Array = module.get_variable("params", "kernel")
   bias = module.get_variable("params", "bias") if module.use_bias else None
   x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
   y = adapter.apply(x, kernel).astype(x.dtype)
@@ -116,7 +116,8 @@ def apply_factored(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
     model: a Linen module.
     params: the base parameters (the ``params`` collection, unmerged).
     adapters: ``{path: Adapter}`` for ``params``.
-    *args, **kwargs: passed to ``model.apply``.
+    *args: positional arguments of ``model.apply``.
+    **kwargs: keyword arguments of ``model.apply``.
   """
   with factored(adapters):
     return model.apply({"params": params}, *args, **kwargs)

@@ -97,6 +97,7 @@ def select_paths(params: PyTree, targets: Target) -> list[str]:
 
 
 def _resolve_method(method: MethodChoice, path: str, shape: tuple[int, ...]) -> AdapterMethod:
+  chosen: Any
   if isinstance(method, AdapterMethod):
     chosen = method
   elif isinstance(method, Mapping):
@@ -257,7 +258,7 @@ def switch_adapters(merged: PyTree, current: Adapters, new: Adapters) -> PyTree:
   return merge(unmerge(merged, current), new)
 
 
-def delta_tree(params: PyTree, adapters: Adapters) -> Adapters:
+def delta_tree(params: PyTree, adapters: Adapters) -> dict[str, Array]:
   """``{path: Delta W}`` (in each weight's own shape) for every adapter."""
   paths = leaf_paths(params)
   _check_adapters(adapters)
