@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import inspect
 import json
+import re
 import os
 import subprocess
 import sys
@@ -104,3 +105,31 @@ def test_version_is_single_sourced():
   except importlib.metadata.PackageNotFoundError:
     pytest.skip("spectral_peft is not installed, only on the path")
   assert installed == spectral_peft.__version__
+
+
+def test_readme_method_table_names_resolve():
+  """The README's method table names real functions, specs and modules, and lists every method spec."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  table = readme[readme.index("## Methods"):]
+  table = table[: table.index("\n\n", table.index("| --- |"))]
+  rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")][1:]
+  assert len(rows) >= 10, rows
+  missing = []
+  for name in sorted(set(re.findall(r"`(sp\.[\w.]+)`", table))):
+    obj = spectral_peft
+    for part in name.split(".")[1:]:
+      obj = getattr(obj, part, None)
+    if obj is None:
+      missing.append(name)
+  for row in rows:
+    modules = row.split("|")[4]
+    for name in re.findall(r"`(\w+)`", modules):
+      if not (hasattr(spectral_peft.nnx, name) or hasattr(spectral_peft.linen, name)):
+        missing.append(f"module {name}")
+  assert not missing, f"README names that do not resolve: {missing}"
+  specs = {n for n in spectral_peft.peft.__all__ if isinstance(getattr(spectral_peft.peft, n), type)
+           and issubclass(getattr(spectral_peft.peft, n), spectral_peft.peft.AdapterMethod)
+           and getattr(spectral_peft.peft, n) is not spectral_peft.peft.AdapterMethod}
+  unlisted = sorted(s for s in specs if f"`sp.peft.{s}`" not in table)
+  assert not unlisted, f"method specs missing from the README table: {unlisted}"
