@@ -22,7 +22,7 @@ copyright = "spectral_peft developers, Apache-2.0"  # noqa: A001
 release = version = spectral_peft.__version__
 
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax", "sphinx.ext.viewcode"]
-exclude_patterns = ["_build", "api/_generated_*"]
+exclude_patterns = ["_build"]
 html_theme = "alabaster"
 html_theme_options = {"page_width": "1180px", "sidebar_width": "260px"}
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}

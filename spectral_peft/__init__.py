@@ -6,10 +6,8 @@ Pure functions of arrays at the top level, adapters over parameter pytrees in
 usual), so that ``import spectral_peft`` does not pay for Flax, optax or orbax.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from typing import TYPE_CHECKING
 
 from spectral_peft._version import __version__
 from spectral_peft._diagnostics import SineRankBound
@@ -115,11 +113,11 @@ if TYPE_CHECKING:
   from spectral_peft import peft
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
   module_name = _LAZY.get(name)
   if module_name is None:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  module = importlib.import_module(module_name)
+  module = _importlib.import_module(module_name)
   value = module if module_name == f"{__name__}.{name}" else getattr(module, name)
   globals()[name] = value  # Later accesses are plain attribute reads.
   return value

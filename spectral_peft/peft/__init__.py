@@ -10,10 +10,8 @@ Typical use::
   grads = jax.grad(lambda ad: loss(sp.peft.merge(params, ad), batch))(adapters)
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from typing import TYPE_CHECKING
 
 from spectral_peft.peft._checkpoint import load_adapters
 from spectral_peft.peft._checkpoint import save_adapters
@@ -66,11 +64,11 @@ if TYPE_CHECKING:
   from spectral_peft.peft._intercept import factored
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
   module_name = _LAZY.get(name)
   if module_name is None:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  value = getattr(importlib.import_module(module_name), name)
+  value = getattr(_importlib.import_module(module_name), name)
   globals()[name] = value  # Later accesses are plain attribute reads.
   return value
 
