@@ -39,7 +39,7 @@ typecheck: $(STAMP)
 # --no-isolation: build with the environment's setuptools (no download at build time).
 dist: $(STAMP)
 	rm -rf dist
-	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/python -m build --quiet --no-isolation --outdir dist .
 	$(BIN)/python -m twine check --strict dist/*
 
 docs: $(STAMP)
