@@ -2,12 +2,14 @@
 
 Pure functions of arrays at the top level, adapters over parameter pytrees in
 :mod:`spectral_peft.peft`, thin Flax modules in :mod:`spectral_peft.nnx` and
-:mod:`spectral_peft.linen`.
+:mod:`spectral_peft.linen`. The three subpackages load on first use (``sp.nnx.LRNN`` works as
+usual), so that ``import spectral_peft`` does not pay for Flax, optax or orbax.
 """
 
-from spectral_peft import linen
-from spectral_peft import nnx
-from spectral_peft import peft
+import importlib as _importlib
+from typing import TYPE_CHECKING
+
+from spectral_peft._version import __version__
 from spectral_peft._diagnostics import SineRankBound
 from spectral_peft._diagnostics import numerical_rank
 from spectral_peft._diagnostics import sine_rank_lower_bound
@@ -95,7 +97,35 @@ from spectral_peft._wavelets import dwt2
 from spectral_peft._wavelets import idwt2
 from spectral_peft._wavelets import wavelet_coefficient_shape
 
-__version__ = "0.1.0"
+# Lazy names (PEP 562): served on first access because their modules import Flax, optax or orbax,
+# and ``import spectral_peft`` should cost little more than ``import jax``. Pure-JAX names are
+# imported above, one per line. To add a name whose module is heavy: an entry here
+# (name -> module) and the same import in the ``TYPE_CHECKING`` block, which type checkers read.
+_LAZY: dict[str, str] = {
+    "linen": "spectral_peft.linen",
+    "nnx": "spectral_peft.nnx",
+    "peft": "spectral_peft.peft",
+}
+
+if TYPE_CHECKING:
+  from spectral_peft import linen
+  from spectral_peft import nnx
+  from spectral_peft import peft
+
+
+def __getattr__(name: str) -> object:
+  module_name = _LAZY.get(name)
+  if module_name is None:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  module = _importlib.import_module(module_name)
+  value = module if module_name == f"{__name__}.{name}" else getattr(module, name)
+  globals()[name] = value  # Later accesses are plain attribute reads.
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = (
     "FitResult",

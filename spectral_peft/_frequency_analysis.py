@@ -257,7 +257,7 @@ class SubPeriod(NamedTuple):
   """
 
   has_sub_period: bool
-  index: Optional[int]
+  index: Optional[int]  # type: ignore[assignment]  # the field shadows tuple.index, as the paper's name
   rank: int
   shifts: tuple[tuple[float, ...], ...]
   axis_periods: tuple[float, ...]

@@ -325,7 +325,7 @@ def product_activation(
   shared = _check_components(components, rank, width)
   gamma = default_gamma(width) if gamma is None else _validation.check_positive_float("gamma", gamma)
   omega = _validation.check_positive_float("omega", omega)
-  fn = functools.partial(_product, activation=resolve_activation(activation), omega=omega, gamma=gamma, shared=shared)
+  fn: Callable[..., Array] = functools.partial(_product, activation=resolve_activation(activation), omega=omega, gamma=gamma, shared=shared)
   if remat:
     fn = jax.checkpoint(fn)
   return fn(z, components)
@@ -432,7 +432,9 @@ def layer_norm(x: Array, scale: Array, bias: Array, *, epsilon: float = 1e-5) ->
 
 
 def _as_widths(name: str, value: Union[int, Sequence[int]], n: int) -> tuple[int, ...]:
-  if isinstance(value, int) and not isinstance(value, bool):
+  if isinstance(value, bool):
+    raise TypeError(f"`{name}` must be an int or have one int per layer ({n}), got {value!r}.")
+  if isinstance(value, int):
     return (_validation.check_positive_int(name, value),) * n
   values = tuple(value)
   if len(values) != n:

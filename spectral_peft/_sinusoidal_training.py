@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from spectral_peft import _sinusoidal
 from spectral_peft import _validation
+
+if TYPE_CHECKING:
+  import optax  # Imported where used: `import spectral_peft` stays free of optax's start-up cost.
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -153,7 +155,7 @@ def block_bounds(omega: Any, limits: Sequence[float], bounds: Sequence[float], *
   return jnp.asarray(bounds_np, jnp.float32)[block]
 
 
-def block_index(omega: Any, limits: Sequence[float], *, period: float = 2.0) -> Array:
+def block_index(omega: Any, limits: Sequence[float] | np.ndarray, *, period: float = 2.0) -> Array:
   """The block ``i`` (0-based) of each frequency: ``max_d |k_d| in [L_i, L_{i+1})`` with ``L_0 = 0``.
 
   Args:
@@ -170,10 +172,10 @@ def block_index(omega: Any, limits: Sequence[float], *, period: float = 2.0) -> 
     [0, 1, 2]
   """
   period = _validation.check_positive_float("period", period)
-  limits = jnp.asarray(np.asarray(limits, np.float64).reshape(-1), jnp.float32)
+  limits_f32 = jnp.asarray(np.asarray(limits, np.float64).reshape(-1), jnp.float32)
   level = jnp.max(jnp.abs(jnp.asarray(omega)), axis=0) * (period / (2.0 * math.pi))
   # A tiny slack so that an integer frequency computed in float32 lands in its own block.
-  return jnp.searchsorted(limits, level + 1e-4, side="right").astype(jnp.int32)
+  return jnp.searchsorted(limits_f32, level + 1e-4, side="right").astype(jnp.int32)
 
 
 def bound_params(params: Params, bound: Any) -> Params:
@@ -241,6 +243,8 @@ def bounding(bound: Any) -> optax.GradientTransformation:
     u = updates["hidden"][0]["kernel"]
     target = bound_matrix(a + u, bound)
     return _with_hidden_kernel(updates, (target - a).astype(u.dtype)), state
+
+  import optax
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -520,6 +524,8 @@ def _train_step(params, opt_state, x, y, alpha, weights, bound, key, *, optimize
 
   (_, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   grads = {**grads, "omega": jnp.zeros_like(grads["omega"])}
+  import optax
+
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = {**optax.apply_updates(params, updates), "omega": params["omega"]}  # omega stays frozen.
   if bounded:
@@ -960,7 +966,7 @@ def grow_loop(
     key, k_freq, k_phi = jax.random.split(key, 3)
     # Most important block first (ties: the lower block); a block with no room left passes to the next.
     block = next((int(b) for b in np.argsort(-importance, kind="stable")
-                  if _ring_candidates(*rings[b], dim, period, params["omega"]).shape[0] >= n_add), None)
+                  if _ring_candidates(*rings[int(b)], dim, period, params["omega"]).shape[0] >= n_add), None)
     if block is None:
       raise ValueError(f"no block has {n_add} unused integer frequencies left; lower `n_add` or `total_add`.")
     new = band_frequencies(k_freq, n_add, *rings[block], dim=dim, period=period, exclude=params["omega"])

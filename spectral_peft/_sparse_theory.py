@@ -27,7 +27,7 @@ Array = jax.Array
 
 def _check_shape(shape: Any) -> tuple[int, int]:
   if (not isinstance(shape, (tuple, list)) or len(shape) != 2
-      or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape)):
+      or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) > 0 for d in shape)):
     raise ValueError(f"`shape` must be a pair of positive ints (m, n), got {shape!r}.")
   return int(shape[0]), int(shape[1])
 

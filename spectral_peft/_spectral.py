@@ -41,7 +41,7 @@ PATHS = ("auto", "dense", "factored")
 # -- checks -------------------------------------------------------------------------------------
 def _check_shape(name: str, shape: Any) -> tuple[int, int]:
   if (not isinstance(shape, (tuple, list)) or len(shape) != 2
-      or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape)):
+      or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) > 0 for d in shape)):
     raise ValueError(f"`{name}` must be a pair of positive ints (m, n), got {shape!r}.")
   return int(shape[0]), int(shape[1])
 

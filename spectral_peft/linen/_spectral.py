@@ -1,7 +1,8 @@
 """Flax Linen Dense layers with a sparse/spectral adapter (WaveFT, SHiRA, FourierFT, LFMA), thin over the core.
 
 Variables: ``params/kernel: (in, features)`` and ``params/bias`` (the base layer; freeze them in the
-optimizer), ``params/values: (p,)`` (the adapter's trainable coefficients, complex for LFMA) and
+optimizer), ``params/values: (p,)`` (the adapter's trainable coefficients; for LFMA ``(k, 2)`` float32
+(real, imaginary) pairs) and
 ``adapter/indices: (p,)`` int32 (their positions, in the ``"adapter"`` collection: pass it to
 ``apply`` with the params, never to the optimizer). The forward pass is the method's ``apply``.
 """

@@ -67,12 +67,13 @@ class LowRankDense(nnx.Module):
 class SineLowRankDense(LowRankDense):
   """Drop-in ``nnx.Linear`` whose kernel is ``sin(omega a @ b) / gain`` (Ji et al., eq. 3).
 
+  Takes the arguments of :class:`LowRankDense` and:
+
   Args:
     omega: fixed frequency; ``gain``: fixed divisor (``None``: ``sqrt(in_features)``).
     memory_lean: compute ``x @ kernel`` in column blocks with rematerialisation
       (:func:`spectral_peft.sine_lowrank_matmul`) so the ``(in, out)`` kernel is never held.
     block_size: column block for ``memory_lean``.
-    Other arguments as in :class:`LowRankDense`.
   """
 
   def __init__(

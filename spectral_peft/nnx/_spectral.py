@@ -2,8 +2,9 @@
 
 Each layer holds the base ``kernel: (in_features, out_features)`` and ``bias`` (``nnx.Param``, to
 be frozen by the caller's optimizer filter, e.g. ``nnx.Optimizer(model, tx, wrt=nnx.All(nnx.Param,
-nnx.PathContains("values")))``), the trainable coefficients ``values: (p,)`` (``nnx.Param``; complex
-for LFMA) and their positions ``indices: (p,)`` int32 (:class:`AdapterIndices`, not a ``Param``).
+nnx.PathContains("values")))``), the trainable coefficients ``values: (p,)`` (``nnx.Param``; for LFMA
+``(k, 2)`` float32, the (real, imaginary) pairs of its ``k`` Fourier coefficients) and their
+positions ``indices: (p,)`` (LFMA: ``(k,)``) int32 (:class:`AdapterIndices`, not a ``Param``).
 The forward pass is the method's ``apply`` (:mod:`spectral_peft.peft`): ``x @ W0 + x @ Delta W``
 with the factored product where it is cheaper (``path``).
 """
@@ -107,6 +108,12 @@ class LFMADense(_AdaptedDense):
 
   ``delta_init`` is ``"random"`` or ``"weight"`` (the layer's own initial kernel); for given or
   gradient masks use :func:`sp.peft.init_lfma_adapters` on a model's parameters.
+
+  The layer holds ``values: (k, 2)`` (``nnx.Param``, ``param_dtype``, float32 by default): the real
+  and imaginary parts of the ``k = floor(top_k_ratio * in_features * out_features)`` trainable
+  Fourier coefficients, stored as real pairs (optax would step complex parameters along the
+  conjugate direction), and ``indices: (k,)`` int32, their flat positions in the
+  ``(in_features, out_features)`` spectrum (:class:`AdapterIndices`).
   """
 
   def __init__(self, in_features: int, out_features: int, *, top_k_ratio: float, alpha: float = 120.0,

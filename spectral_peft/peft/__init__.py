@@ -10,11 +10,13 @@ Typical use::
   grads = jax.grad(lambda ad: loss(sp.peft.merge(params, ad), batch))(adapters)
 """
 
+import importlib as _importlib
+from typing import TYPE_CHECKING
+
 from spectral_peft.peft._checkpoint import load_adapters
 from spectral_peft.peft._checkpoint import save_adapters
 from spectral_peft.peft._combination import WeightedSum
 from spectral_peft.peft._combination import weighted_combination
-from spectral_peft.peft._intercept import apply_factored
 from spectral_peft.peft._interop import TrainableSummary
 from spectral_peft.peft._interop import export_peft
 from spectral_peft.peft._interop import from_peft_config
@@ -22,7 +24,6 @@ from spectral_peft.peft._interop import import_peft
 from spectral_peft.peft._interop import merge_modules
 from spectral_peft.peft._interop import modules_to_save
 from spectral_peft.peft._interop import trainable_summary
-from spectral_peft.peft._intercept import factored
 from spectral_peft.peft._lowrank_methods import DoRA
 from spectral_peft.peft._lowrank_methods import LoRA
 from spectral_peft.peft._lowrank_methods import SineDoRA
@@ -31,7 +32,6 @@ from spectral_peft.peft._method import Adapter
 from spectral_peft.peft._method import AdapterMethod
 from spectral_peft.peft._method import method_from_config
 from spectral_peft.peft._method import method_registry
-from spectral_peft.peft._runtime_linen import apply_adapters
 from spectral_peft.peft._sharding import adapter_partition_specs
 from spectral_peft.peft._sharding import adapter_shardings
 from spectral_peft.peft._sharding import data_model_mesh
@@ -57,6 +57,34 @@ from spectral_peft.peft._tree import select_paths
 from spectral_peft.peft._tree import switch_adapters
 from spectral_peft.peft._tree import trainable_mask
 from spectral_peft.peft._tree import unmerge
+
+# Lazy names (PEP 562): served on first access because their modules import Flax, optax or orbax
+# (here ``flax.linen``); everything imported above is pure JAX. To add a name whose module is heavy:
+# an entry here (name -> module) and the same import in the ``TYPE_CHECKING`` block.
+_LAZY: dict[str, str] = {
+    "apply_adapters": "spectral_peft.peft._runtime_linen",
+    "apply_factored": "spectral_peft.peft._intercept",
+    "factored": "spectral_peft.peft._intercept",
+}
+
+if TYPE_CHECKING:
+  from spectral_peft.peft._runtime_linen import apply_adapters
+  from spectral_peft.peft._intercept import apply_factored
+  from spectral_peft.peft._intercept import factored
+
+
+def __getattr__(name: str) -> object:
+  module_name = _LAZY.get(name)
+  if module_name is None:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(_importlib.import_module(module_name), name)
+  globals()[name] = value  # Later accesses are plain attribute reads.
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = (
     "Adapter",

@@ -126,6 +126,12 @@ class _PlainUpdate:
 class _SineUpdate:
   """``Delta = scale * sin(omega a @ b) / gain``."""
 
+  # Fields of the dataclasses that mix this in (declared here for type checkers; not fields of their own).
+  scale: float
+  omega: float
+  gain: Optional[float]
+  block_size: Optional[int]
+
   def _check_sine_fields(self) -> None:
     _validation.check_positive_float("omega", self.omega)
     if self.gain is not None:

@@ -43,6 +43,7 @@ from spectral_peft.peft._tree import Adapters, _check_adapters, path_to_str
 
 PyTree = Any
 SpecEntry = Union[None, str, tuple[str, ...]]
+AnyMesh = Union[Mesh, jax.sharding.AbstractMesh]  # a NamedSharding may hold either
 BaseSharding = Union[None, PartitionSpec, NamedSharding, jax.Array]
 
 
@@ -158,7 +159,7 @@ def path_shardings(
 
 
 # -- adapter layouts ------------------------------------------------------------------------------
-def _mesh_size(entry: SpecEntry, mesh: Optional[Mesh]) -> int:
+def _mesh_size(entry: SpecEntry, mesh: Optional[AnyMesh]) -> int:
   if entry is None or mesh is None:
     return 1
   names = entry if isinstance(entry, tuple) else (entry,)
@@ -181,7 +182,7 @@ def _flattened_entry(entries: Sequence[SpecEntry], dims: Sequence[int]) -> SpecE
   return entries[first]
 
 
-def _array_spec(x: Any, adapter: Adapter, base: list[SpecEntry], mesh: Optional[Mesh]) -> PartitionSpec:
+def _array_spec(x: Any, adapter: Adapter, base: list[SpecEntry], mesh: Optional[AnyMesh]) -> PartitionSpec:
   shape = tuple(np.shape(x))
   if not jnp.issubdtype(jnp.result_type(x), jnp.inexact) or not shape:
     return PartitionSpec()
@@ -209,7 +210,7 @@ def _array_spec(x: Any, adapter: Adapter, base: list[SpecEntry], mesh: Optional[
   return PartitionSpec(*entries)
 
 
-def _base_layouts(adapters: Adapters, base: PyTree, mesh: Optional[Mesh]) -> dict[str, tuple[PartitionSpec, Optional[Mesh]]]:
+def _base_layouts(adapters: Adapters, base: PyTree, mesh: Optional[Mesh]) -> dict[str, tuple[PartitionSpec, Optional[AnyMesh]]]:
   """``{path: (spec, mesh)}`` of every adapted weight, from specs, shardings or sharded arrays."""
   _check_adapters(adapters)
   flat, _ = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_sharding_leaf)
@@ -222,7 +223,7 @@ def _base_layouts(adapters: Adapters, base: PyTree, mesh: Optional[Mesh]) -> dic
           f"The base shardings have no entry for adapter path {path!r}. Available paths: "
           f"{list(found)[:12]}."
       )
-    leaf_mesh = mesh
+    leaf_mesh: Optional[AnyMesh] = mesh
     if isinstance(leaf, jax.Array):
       if not isinstance(leaf.sharding, NamedSharding):
         raise TypeError(

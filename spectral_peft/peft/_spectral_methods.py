@@ -101,11 +101,11 @@ class _SparseRealBase(AdapterMethod):
     _spectral.check_path(self.path)
     object.__setattr__(self, "param_dtype", _check_param_dtype(self.param_dtype))
 
-  def grid(self, shape: tuple[int, int]) -> tuple[int, int]:
+  def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     """``(M, N)``: the coefficient grid of an ``(m, n)`` weight."""
     return tuple(shape)
 
-  def check_shape(self, shape: tuple[int, int]) -> None:
+  def check_shape(self, shape: tuple[int, ...]) -> None:
     big_m, big_n = self.grid(tuple(shape))
     if self.n_params > big_m * big_n:
       raise ValueError(
@@ -584,7 +584,7 @@ def proportional_allocation(
   total = _validation.check_positive_int("total", total)
   _check_choice("by", by, ("m+n", "mn"))
   field = {"FourierFT": "n_frequency"}.get(type(method).__name__, "n_params")
-  if not any(f.name == field for f in dataclasses.fields(method)):
+  if not dataclasses.is_dataclass(method) or not any(f.name == field for f in dataclasses.fields(method)):
     raise TypeError(f"`method` must be a WaveFT, SHiRA or FourierFT spec, got {type(method).__name__}.")
   paths = leaf_paths(params)
   sizes = {}
@@ -695,12 +695,10 @@ def lfma_gradient_init(
   chosen = select_paths(params, targets)
   grad_fn = jax.jit(jax.grad(loss_fn))
   total = None
-  count = 0
   for batch in batches:
     grads = leaf_paths(grad_fn(params, batch))
     picked = {p: grads[p] for p in chosen}
     total = picked if total is None else {p: total[p] + picked[p] for p in chosen}
-    count += 1
-  if count == 0:
+  if total is None:
     raise ValueError("`batches` must hold at least one batch.")
   return total

@@ -171,6 +171,7 @@ def _resolve_method(method: MethodChoice, path: str, shape: tuple[int, ...]) -> 
         f"`method` must be an adapter spec instance such as {method.__name__}(...) (e.g. sp.peft.LoRA(rank=8)), "
         f"got the class {method.__name__} itself."
     )
+  chosen: Any
   if isinstance(method, AdapterMethod):
     chosen = method
   elif isinstance(method, Mapping):
@@ -439,7 +440,7 @@ def switch_adapters(merged: PyTree, current: Adapters, new: Adapters, *, safe: O
   return merge(unmerge(merged, current, safe=safe), new, safe=safe)
 
 
-def delta_tree(params: PyTree, adapters: Adapters) -> Adapters:
+def delta_tree(params: PyTree, adapters: Adapters) -> dict[str, Array]:
   """``{path: Delta W}`` (in each weight's own shape) for every adapter.
 
   Raises:
