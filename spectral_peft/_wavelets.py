@@ -36,7 +36,6 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pywt
 
 from spectral_peft import _validation
 
@@ -46,11 +45,15 @@ Array = jax.Array
 # -- checks -----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _discrete_wavelets() -> tuple[str, ...]:
+  import pywt  # Imported where used (filter banks only): `import spectral_peft` stays light.
+
   return tuple(pywt.wavelist(kind="discrete"))
 
 
 @functools.lru_cache(maxsize=None)
 def _filters(wavelet: str) -> tuple[tuple[float, ...], ...]:
+  import pywt
+
   w = pywt.Wavelet(wavelet)
   return tuple(tuple(float(v) for v in f) for f in (w.dec_lo, w.dec_hi, w.rec_lo, w.rec_hi))
 
@@ -60,6 +63,8 @@ def check_wavelet(wavelet: Any) -> str:
   if not isinstance(wavelet, str):
     raise TypeError(f"`wavelet` must be the name of a discrete PyWavelets wavelet (e.g. 'haar', 'db2'), got {wavelet!r}.")
   if wavelet not in _discrete_wavelets():
+    import pywt
+
     families = ", ".join(f"{f}*" for f in pywt.families(short=True) if pywt.wavelist(f, kind="discrete"))
     raise ValueError(
         f"`wavelet` must be a discrete PyWavelets wavelet such as 'haar', 'db2', 'sym3', 'coif1' "
@@ -75,6 +80,8 @@ def filter_length(wavelet: str) -> int:
 
 def max_level(shape: Sequence[int], wavelet: str = "haar") -> int:
   """Deepest level PyWavelets allows for ``shape``: ``pywt.dwt_max_level(min(shape), K)``."""
+  import pywt
+
   return int(pywt.dwt_max_level(int(min(shape)), filter_length(wavelet)))
 
 
