@@ -226,6 +226,22 @@ def _tie(params: Any, anchor: Any) -> Any:
   return jax.tree.map(tie, params)
 
 
+def split_call_arguments(args: tuple, kwargs: dict) -> tuple[list, Callable[[list], tuple[tuple, dict]]]:
+  """``(arrays, rebuild)``: the array leaves of a call's arguments, and ``rebuild(arrays) -> (args, kwargs)``.
+
+  Arrays travel into :func:`merged_call` as operands (they may be traced and differentiated); every
+  other leaf (flags, ``None``, strings) stays static.
+  """
+  flat, treedef = jax.tree.flatten((args, kwargs))
+  is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in flat]
+
+  def rebuild(arrays: list) -> tuple[tuple, dict]:
+    it = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(it) if a else leaf for leaf, a in zip(flat, is_array)])
+
+  return [leaf for leaf, a in zip(flat, is_array) if a], rebuild
+
+
 def _split_floats(tree: Any):
   """``(floating leaves, rebuild)``: ``rebuild(floats)`` puts them back among the other leaves.
 

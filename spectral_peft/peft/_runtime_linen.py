@@ -193,19 +193,16 @@ def _merged_call(module: nn.Module, method_name: str, found, args, kwargs):
     params.pop(key)
   clone = module.clone(parent=None)
   method = getattr(type(clone), method_name)
-  # Arrays among the call's arguments travel as operands; everything else (flags, None, strings) is static.
-  flat, treedef = jax.tree.flatten((args, kwargs))
-  is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in flat]
-  operands = ([leaf for leaf, a in zip(flat, is_array) if a], variables)
+  arrays, rebuild = _runtime.split_call_arguments(args, kwargs)
 
   def call(merged, operands):
     arrays, other = operands
-    it = iter(arrays)
-    call_args, call_kwargs = jax.tree.unflatten(treedef, [next(it) if a else leaf for leaf, a in zip(flat, is_array)])
+    call_args, call_kwargs = rebuild(arrays)
     new_vars = {col: dict(vals) for col, vals in other.items()}
     new_vars.setdefault("params", {}).update(merged)
     return clone.apply(new_vars, *call_args, method=method, **call_kwargs)
 
+  operands = (arrays, variables)
   return _runtime.merged_call(weights, call, operands)
 
 

@@ -118,19 +118,17 @@ def _adapted_call(self, *args, **kwargs):
   for name, (slot, adapter) in found.items():
     w0 = getattr(self, name)[...]
     weights[name] = (adapter.for_weight(w0), w0)
-  flat, treedef = jax.tree.flatten((args, kwargs))
-  is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in flat]
-  operands = ([leaf for leaf, a in zip(flat, is_array) if a], state)
+  arrays, rebuild = _runtime.split_call_arguments(args, kwargs)
 
   def call(merged, operands):
     arrays, module_state = operands
-    it = iter(arrays)
-    call_args, call_kwargs = jax.tree.unflatten(treedef, [next(it) if a else leaf for leaf, a in zip(flat, is_array)])
+    call_args, call_kwargs = rebuild(arrays)
     module = nnx.merge(graphdef, module_state)
     for name, value in merged.items():
       getattr(module, name)[...] = value
     return base.__call__(module, *call_args, **call_kwargs)
 
+  operands = (arrays, state)
   return _runtime.merged_call(weights, call, operands)
 
 
