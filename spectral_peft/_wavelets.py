@@ -100,7 +100,7 @@ def check_level(shape: Sequence[int], wavelet: str, level: Any) -> int:
 
 def _check_shape(name: str, shape: Any) -> tuple[int, int]:
   if (not isinstance(shape, (tuple, list)) or len(shape) != 2
-      or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape)):
+      or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) > 0 for d in shape)):
     raise ValueError(f"`{name}` must be a pair of positive ints (m, n), got {shape!r}.")
   return int(shape[0]), int(shape[1])
 
@@ -144,6 +144,7 @@ def _analysis_last(x: Array, wavelet: str) -> Array:
     xs = jnp.roll(x, -(k_len // 2 - j), axis=-1)[..., ::2]
     lo = dec_lo[j] * xs if lo is None else lo + dec_lo[j] * xs
     hi = dec_hi[j] * xs if hi is None else hi + dec_hi[j] * xs
+  assert lo is not None and hi is not None  # every wavelet has at least two taps
   return jnp.concatenate([lo, hi], axis=-1)
 
 
@@ -194,6 +195,7 @@ def _synthesis_adjoint_last(y: Array, wavelet: str) -> Array:
     ys = jnp.roll(y, -(1 - k_len // 2 + j), axis=-1)[..., ::2]
     lo = rec_lo[j] * ys if lo is None else lo + rec_lo[j] * ys
     hi = rec_hi[j] * ys if hi is None else hi + rec_hi[j] * ys
+  assert lo is not None and hi is not None  # every wavelet has at least two taps
   return jnp.concatenate([lo, hi], axis=-1)
 
 
@@ -349,6 +351,7 @@ def sparse_idwt2_matmul(
     if out is not None:
       block = block.at[..., : out.shape[-1]].add(out)
     out = _synthesis_last(block, wavelet)
+  assert out is not None  # level >= 1
   return out[..., :n]
 
 
@@ -461,6 +464,7 @@ def _zero_synthesis_last(c: Array, wavelet: str, out_len: int) -> Array:
   for j in range(k_len):
     term = jnp.pad(rec_lo[j] * up_lo + rec_hi[j] * up_hi, pad + [(j, k_len - 1 - j)])[..., :full_len]
     full = term if full is None else full + term
+  assert full is not None  # every wavelet has at least two taps
   return full[..., k_len - 2 : k_len - 2 + out_len]
 
 
@@ -476,6 +480,7 @@ def _zero_synthesis_adjoint_last(y: Array, wavelet: str, coeff_len: int) -> Arra
     ys = full[..., j : j + 2 * half : 2]
     lo = rec_lo[j] * ys if lo is None else lo + rec_lo[j] * ys
     hi = rec_hi[j] * ys if hi is None else hi + rec_hi[j] * ys
+  assert lo is not None and hi is not None  # every wavelet has at least two taps
   return jnp.concatenate([lo, hi], axis=-1)
 
 

@@ -188,7 +188,8 @@ def peft_positions(kind: str, shape: tuple[int, int], k: int, seed: int, grid: O
   if kind == "fourierft":
     return cols_t * n + rows_t
   if kind == "waveft":
-    return _waveft_relabel(rows_t, cols_t, (m, n), tuple(grid))
+    assert grid is not None  # WaveFT positions live in its coefficient grid
+    return _waveft_relabel(rows_t, cols_t, (m, n), (int(grid[0]), int(grid[1])))
   raise ValueError(f"`kind` must be 'fourierft' or 'waveft', got {kind!r}.")
 
 
@@ -225,7 +226,7 @@ def _default_module(path: str) -> str:
   return path[: -len("/kernel")].replace("/", ".")
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any, *, style: str = "suffix") -> Any:
+def _pattern_value(patterns: Optional[Mapping[str, Any]], module: str, default: Any, *, style: str = "suffix") -> Any:
   """PEFT's lookup of a ``*_pattern`` dict: the value of the first key that matches ``module``.
 
   ``style="suffix"`` (LoRA's ``rank_pattern``/``alpha_pattern``, WaveFT's ``n_frequency_pattern``):

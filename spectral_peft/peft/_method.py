@@ -143,7 +143,7 @@ class Constants:
     self.abstract = False
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     digest = hashlib.sha1()
-    converted = []
+    converted: list[Any] = []
     for leaf in leaves:
       if isinstance(leaf, jax.core.Tracer):  # Made under eval_shape/jit: only its structure is known.
         leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
@@ -199,7 +199,7 @@ class Adapter:
 
   params: PyTree
   frozen: PyTree
-  method: "AdapterMethod"
+  method: Any  # An AdapterMethod spec; callers read the fields of its concrete class.
   shape: tuple[int, ...]
   dtype: str
   in_axes: int
@@ -217,15 +217,19 @@ class Adapter:
   def __eq__(self, other: Any) -> bool:
     if not isinstance(other, Adapter):
       return NotImplemented
-    mine, theirs = jax.tree_util.tree_flatten(self), jax.tree_util.tree_flatten(other)
-    if mine[1] != theirs[1]:
+    mine, mine_def = jax.tree_util.tree_flatten(self)
+    theirs, theirs_def = jax.tree_util.tree_flatten(other)
+    if str(mine_def) != str(theirs_def) or self.tree_flatten()[1] != other.tree_flatten()[1]:
       return False
-    return all(_leaf_equal(a, b) for a, b in zip(mine[0], theirs[0]))
+    return all(_leaf_equal(a, b) for a, b in zip(mine, theirs))
 
   __hash__ = None  # type: ignore[assignment]
 
+  def _constants_holder(self) -> Constants:
+    return getattr(self, "_constants")
+
   def tree_flatten(self):
-    aux = (self._constants, self.method, self.shape, self.dtype, self.in_axes, self.layout, self.stack_axes)
+    aux = (self._constants_holder(), self.method, self.shape, self.dtype, self.in_axes, self.layout, self.stack_axes)
     return (self.params,), aux
 
   @classmethod
@@ -242,7 +246,7 @@ class Adapter:
     """A copy with some fields changed (``params``, ``frozen``, ``method``, ...)."""
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     if "frozen" not in changes:
-      fields["frozen"] = self._constants
+      fields["frozen"] = self._constants_holder()
     fields.update(changes)
     return Adapter(**fields)
 
@@ -282,7 +286,7 @@ class Adapter:
 
   def check_concrete(self) -> None:
     """Raises ``TypeError`` when the constants are abstract (the adapter was made under ``jit``/``eval_shape``)."""
-    if self._constants.abstract:
+    if self._constants_holder().abstract:
       raise TypeError(
           f"This {type(self.method).__name__} adapter's constants (positions, masks, norms) are abstract shapes "
           "because it was created under `jit`/`jax.eval_shape`; such adapters only describe shapes (e.g. for "

@@ -153,9 +153,10 @@ def _input(args, kwargs):
   return None
 
 
-def _factored_call(module: nn.Module, adapter: _runtime.LayerAdapter, x: Array) -> Array:
-  kernel = module.scope.variables()["params"]["kernel"]
-  bias = module.scope.variables()["params"].get("bias") if module.use_bias else None
+def _factored_call(module: Any, adapter: _runtime.LayerAdapter, x: Array) -> Array:
+  variables = module.scope.variables()["params"]
+  kernel = variables["kernel"]
+  bias = variables.get("bias") if module.use_bias else None
   x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
   y = adapter.apply(x, kernel).astype(x.dtype)
   if bias is not None:
@@ -183,7 +184,7 @@ def _check_layer_in_axes(module: nn.Module, name: str, adapter: _runtime.LayerAd
         f"{adapter.shell.slice_shape}; build it with in_axes={expected}.")
 
 
-def _merged_call(module: nn.Module, method_name: str, found, args, kwargs):
+def _merged_call(module: Any, method_name: str, found, args, kwargs):
   variables = {col: dict(vals) for col, vals in module.scope.variables().items()}
   params = variables.get("params", {})
   weights = {}

@@ -87,7 +87,7 @@ def _layer_adapter(module: nnx.Module, slot: _Slot) -> _runtime.LayerAdapter:
   return _runtime.LayerAdapter(params, frozen, slot.shell(), slot.path)
 
 
-def _factored_ok(module: nnx.Module, slot: _Slot, adapter: _runtime.LayerAdapter, kernel: Array, args, kwargs) -> bool:
+def _factored_ok(module: Any, slot: _Slot, adapter: _runtime.LayerAdapter, kernel: Array, args, kwargs) -> bool:
   if type(module).__mro__[1] is not nnx.Linear or slot.name != "kernel" or len(args) != 1 or kwargs:
     return False
   if slot.layout != "in_out" or not _runtime.uses_factored_product(adapter):
@@ -226,7 +226,7 @@ def adapt(model: nnx.Module, method: Any, targets: Any, *, key: Array, in_axes: 
 
 def _adapted_owners(model: nnx.Module):
   for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module) and getattr(node, _SLOTS, ()):
+    if isinstance(node, nnx.Module) and len(getattr(node, _SLOTS, ())) > 0:
       yield node
 
 
