@@ -187,7 +187,7 @@ def fourier_delta(values: Array, indices: Array, shape: Sequence[int]) -> Array:
 
   Raises:
     ValueError: bad shapes, or concrete ``indices`` outside the ``(m, n)`` grid (a negative or
-    too large frequency; under ``jit`` such positions are dropped, as in :func:`scatter_coefficients`).
+      too large frequency; under ``jit`` such positions are dropped, as in :func:`scatter_coefficients`).
 
   Example:
     >>> import jax.numpy as jnp, spectral_peft as sp
@@ -205,8 +205,9 @@ def fourier_delta(values: Array, indices: Array, shape: Sequence[int]) -> Array:
   rows, cols = flat // n, flat % n
   mirror_rows, mirror_cols = (-rows) % m, (-cols) % n
   half = n // 2 + 1
-  keep = cols < half
-  keep_mirror = mirror_cols < half
+  valid = flat < m * n  # flat_indices marks positions outside the grid (under jit) with m * n: drop them
+  keep = valid & (cols < half)
+  keep_mirror = valid & (mirror_cols < half)
   positions = jnp.concatenate([jnp.where(keep, rows * half + cols, m * half),
                                jnp.where(keep_mirror, mirror_rows * half + mirror_cols, m * half)])
   contributions = 0.5 * jnp.concatenate([values, jnp.conj(values)])
