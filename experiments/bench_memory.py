@@ -17,7 +17,8 @@ Paths:
 The target: temp memory <= LoRA's runtime figure + 3 x (the largest adapted m x n in bytes).
 
 Run:
-  python -m experiments.bench_memory --preset quick
+  python -m experiments.bench_memory --preset full    # the 2048-wide stack of the target
+  python -m experiments.bench_memory --preset quick   # the same at width 1024 (the report's preset)
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class Config:
 
 
 PRESETS = {
-    "quick": Config(),
-    "full": Config(repeats=10),
+    "quick": Config(width=1024),  # the report's preset: the same stack at half the width
+    "full": Config(repeats=5),  # the 2048-wide stack of the design target
     "tiny": Config(width=256, layers=4, batch=32, repeats=2),  # a smoke run
 }
 
