@@ -316,3 +316,25 @@ def test_nnx_scanned_stack_gets_one_adapter_per_layer(case):
 
   merged = nnx.merge(graphdef, sp.peft.merge(base, adapters), rest)
   np.testing.assert_allclose(nnx.jit(run)(blocks, x), run(merged, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_cls, kwargs", [(sp.nnx.SHiRADense, {"n_params": 10}),
+                                               (sp.nnx.WaveFTDense, {"n_params": 10, "scale": 1.0}),
+                                               (sp.nnx.FourierFTDense, {"n_frequency": 10}),
+                                               (sp.nnx.LFMADense, {"top_k_ratio": 0.2, "alpha": 1.0})])
+def test_nnx_adapter_layers_wrap_an_existing_linear(layer_cls, kwargs):
+  base = nnx.Linear(D, 6, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, D))
+  layer = layer_cls(D, 6, base_module=base, rngs=nnx.Rngs(2), **kwargs)
+  assert layer.kernel is base.kernel and layer.bias is base.bias  # shared, not copied
+  np.testing.assert_allclose(layer(x), base(x), rtol=1e-6, atol=1e-6)  # identity at init
+  layer.values[...] = _perturb(layer.values[...], 0.5)
+  want = x @ (base.kernel[...] + layer.delta()) + base.bias[...]
+  np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-5)
+  grad = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.PathContains("values")))(layer)
+  def dense_loss(values):
+    delta = layer.method.delta({"values": values}, base.kernel[...], {"indices": layer.indices[...]})
+    return jnp.sum((x @ (base.kernel[...] + delta) + base.bias[...]) ** 2)
+  _assert_relative(grad["values"][...], jax.grad(dense_loss)(layer.values[...]))
+  with pytest.raises(ValueError, match="`base_module` maps 8 -> 6"):
+    layer_cls(D, 7, base_module=base, rngs=nnx.Rngs(2), **kwargs)

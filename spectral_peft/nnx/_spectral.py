@@ -5,8 +5,10 @@ be frozen by the caller's optimizer filter, e.g. ``nnx.Optimizer(model, tx, wrt=
 nnx.PathContains("values")))``), the trainable coefficients ``values: (p,)`` (``nnx.Param``; for LFMA
 ``(k, 2)`` float32, the (real, imaginary) pairs of its ``k`` Fourier coefficients) and their
 positions ``indices: (p,)`` (LFMA: ``(k,)``) int32 (:class:`AdapterIndices`, not a ``Param``).
-The forward pass is the method's ``apply`` (:mod:`spectral_peft.peft`): ``x @ W0 + x @ Delta W``
-with the factored product where it is cheaper (``path``).
+The forward pass is the adapter runtime's per-layer product (:mod:`spectral_peft.peft`): ``x @ (W0 +
+Delta W)`` with ``Delta W`` built for this layer and rebuilt in the backward pass, or the method's
+factored product when its spec asks for it (``path="factored"``). ``base_module=`` wraps an existing
+``nnx.Linear`` (its kernel and bias variables are shared, not copied).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spectral_peft import _validation
+from spectral_peft.peft import _runtime
 from spectral_peft.peft import _spectral_methods as methods
+from spectral_peft.peft._method import Adapter
 
 Array = jax.Array
 
@@ -30,15 +34,24 @@ class AdapterIndices(nnx.Variable):
 class _AdaptedDense(nnx.Module):
   """Shared body: base kernel and bias, one adapter spec, its values and indices."""
 
-  def _build(self, in_features, out_features, method, *, use_bias, dtype, param_dtype, kernel_init, bias_init, rngs):
+  def _build(self, in_features, out_features, method, *, use_bias, dtype, param_dtype, kernel_init, bias_init,
+             base_module, rngs):
     _validation.check_float_dtype("param_dtype", param_dtype, allow_none=False)
     in_features = _validation.check_positive_int("in_features", in_features)
     out_features = _validation.check_positive_int("out_features", out_features)
     method.check_shape((in_features, out_features))
     self.in_features, self.out_features, self.method = in_features, out_features, method
     self.dtype, self.param_dtype = dtype, param_dtype
-    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
-    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+    if base_module is not None:  # Wrap an existing (pretrained) layer: share its kernel and bias variables.
+      if not isinstance(base_module, nnx.Linear):
+        raise TypeError(f"`base_module` must be an nnx.Linear, got {type(base_module).__name__}.")
+      if (base_module.in_features, base_module.out_features) != (in_features, out_features):
+        raise ValueError(f"`base_module` maps {base_module.in_features} -> {base_module.out_features} features, but "
+                         f"the layer was asked for {in_features} -> {out_features}.")
+      self.kernel, self.bias = base_module.kernel, base_module.bias
+    else:
+      self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
     params, frozen = method.init_both(rngs.params(), rngs.params(), self.kernel[...])
     self.values = nnx.Param(params["values"])
     self.indices = AdapterIndices(frozen["indices"])
@@ -50,7 +63,12 @@ class _AdaptedDense(nnx.Module):
   def __call__(self, x: Array) -> Array:
     bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
-    y = self.method.apply({"values": self.values[...]}, x, kernel, {"indices": self.indices[...]}).astype(x.dtype)
+    adapter = _runtime.LayerAdapter({"values": self.values[...]}, {"indices": self.indices[...]},
+                                    Adapter({}, {}, self.method, tuple(kernel.shape), str(kernel.dtype), 1), "kernel")
+    if _runtime.uses_factored_product(adapter):
+      y = adapter.apply(x, kernel).astype(x.dtype)
+    else:  # The adapter runtime's product: Delta W built for this layer and rebuilt in the backward pass.
+      y = _runtime.merged_call({"kernel": (adapter, kernel)}, lambda merged, ops: ops[0] @ merged["kernel"], (x,))
     return y if bias is None else y + bias
 
 
@@ -71,10 +89,11 @@ class WaveFTDense(_AdaptedDense):
                wavelet: str = "haar", level: int = 1, value_init: str = "zeros", path: str = "auto",
                use_bias: bool = True, dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
                kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
-               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):
+               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], base_module: Optional[nnx.Linear] = None,
+               rngs: nnx.Rngs):
     method = methods.WaveFT(n_params, scale=scale, wavelet=wavelet, level=level, value_init=value_init, path=path)
     self._build(in_features, out_features, method, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+                kernel_init=kernel_init, bias_init=bias_init, base_module=base_module, rngs=rngs)
 
 
 class SHiRADense(_AdaptedDense):
@@ -84,10 +103,11 @@ class SHiRADense(_AdaptedDense):
                value_init: str = "zeros", path: str = "auto", use_bias: bool = True,
                dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
                kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
-               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):
+               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], base_module: Optional[nnx.Linear] = None,
+               rngs: nnx.Rngs):
     method = methods.SHiRA(n_params, scale=scale, value_init=value_init, path=path)
     self._build(in_features, out_features, method, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+                kernel_init=kernel_init, bias_init=bias_init, base_module=base_module, rngs=rngs)
 
 
 class FourierFTDense(_AdaptedDense):
@@ -97,10 +117,11 @@ class FourierFTDense(_AdaptedDense):
                value_init: str = "zeros", path: str = "auto", use_bias: bool = True,
                dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
                kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
-               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):
+               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], base_module: Optional[nnx.Linear] = None,
+               rngs: nnx.Rngs):
     method = methods.FourierFT(n_frequency, scale=scale, value_init=value_init, path=path)
     self._build(in_features, out_features, method, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+                kernel_init=kernel_init, bias_init=bias_init, base_module=base_module, rngs=rngs)
 
 
 class LFMADense(_AdaptedDense):
@@ -120,9 +141,10 @@ class LFMADense(_AdaptedDense):
                delta_init: str = "random", value_init: str = "zeros", path: str = "auto",
                use_bias: bool = True, dtype: Optional[jnp.dtype] = None, param_dtype: jnp.dtype = jnp.float32,
                kernel_init: nnx.Initializer = _DEFAULTS["kernel_init"],
-               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], rngs: nnx.Rngs):
+               bias_init: nnx.Initializer = _DEFAULTS["bias_init"], base_module: Optional[nnx.Linear] = None,
+               rngs: nnx.Rngs):
     if delta_init not in ("random", "weight"):
       raise ValueError(f"`delta_init` of LFMADense must be 'random' or 'weight', got {delta_init!r}.")
     method = methods.LFMA(top_k_ratio, alpha, delta_init=delta_init, value_init=value_init, path=path)
     self._build(in_features, out_features, method, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+                kernel_init=kernel_init, bias_init=bias_init, base_module=base_module, rngs=rngs)
