@@ -533,6 +533,22 @@ def _train_step(params, opt_state, x, y, alpha, weights, bound, key, *, optimize
   return params, opt_state, mse
 
 
+@functools.partial(jax.jit, static_argnames=("optimizer", "penalty", "bounded", "batch_size"))
+def _train_chunk(params, opt_state, x, y, alphas, weights, bound, keys, *, optimizer, penalty, bounded, batch_size):
+  """``len(alphas)`` steps of :func:`_train_step` in one ``lax.scan`` (one dispatch per chunk)."""
+
+  def body(carry, inputs):
+    params, opt_state = carry
+    alpha, key = inputs
+    params, opt_state, mse = _train_step(
+        params, opt_state, x, y, alpha, weights, bound, key,
+        optimizer=optimizer, penalty=penalty, bounded=bounded, batch_size=batch_size)
+    return (params, opt_state), mse
+
+  (params, opt_state), mses = jax.lax.scan(body, (params, opt_state), (alphas, keys))
+  return params, opt_state, mses
+
+
 def fit_periodic_siren(
     params: Params,
     x: Array,
@@ -572,7 +588,8 @@ def fit_periodic_siren(
       (e.g. ``lambda t: sp.alpha_schedule(t, steps)``).
     batch_size: ``None`` for full-batch steps, else the number of points drawn (with replacement) per step.
     key: a ``jax.random`` key, required with ``batch_size``.
-    progress: optional wrapper of the step iterable (a tqdm progress bar).
+    progress: optional wrapper of the iterable of chunk starts (a tqdm progress bar; steps run in
+      scanned chunks of 50, or of ``check_every`` with ``until``).
     until: optional host predicate on the parameters, checked every ``check_every`` steps; training
       stops early (with the optimizer state kept until then) once it returns True.
     check_every: how often ``until`` is checked (positive int).
@@ -625,16 +642,21 @@ def fit_periodic_siren(
   check_every = _validation.check_positive_int("check_every", check_every)
   opt_state = optimizer.init(params)
   losses = np.zeros(steps, np.float32)
-  iterator = range(steps) if progress is None else progress(range(steps))
+  # Steps run in scanned chunks (one dispatch each); ``until`` is checked between chunks.
+  chunk = check_every if until is not None else 50
+  starts = range(0, steps, chunk)
+  iterator = starts if progress is None else progress(starts)
   done = steps
-  for t in iterator:
-    params, opt_state, mse = _train_step(
-        params, opt_state, x, y, alphas[t], weights, bound_arr, keys[t],
+  alphas = jnp.asarray(alphas)
+  for t0 in iterator:
+    t1 = min(t0 + chunk, steps)
+    params, opt_state, mses = _train_chunk(
+        params, opt_state, x, y, alphas[t0:t1], weights, bound_arr, keys[t0:t1],
         optimizer=optimizer, penalty=penalty, bounded=bounded, batch_size=batch_size,
     )
-    losses[t] = mse
-    if until is not None and (t + 1) % check_every == 0 and until(params):
-      done = t + 1
+    losses[t0:t1] = np.asarray(mses)
+    if until is not None and t1 % check_every == 0 and until(params):
+      done = t1
       break
   return FitResult(params, losses[:done])
 
