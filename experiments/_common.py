@@ -106,3 +106,30 @@ def cli(main, presets: dict[str, Any], doc: str) -> None:
   result = main(parser.parse_args().preset)
   print(result["table"])
   print(result.get("verdict", ""))
+
+
+def spread_verdict(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+  """Mean +- std (ddof = 1) of two samples over seeds, their paired difference, and whether the
+  difference is larger than the spread.
+
+  "Larger than the spread" means the intervals ``mean +- std`` of ``a`` and ``b`` do not overlap
+  (``|mean_a - mean_b| > std_a + std_b``); one seed is never beyond the spread. With equal-length samples the paired difference
+  ``a_i - b_i`` (same seed) is reported too. One seed gives std 0 and is flagged in ``text``.
+
+  Returns:
+    ``{"n", "mean_a", "std_a", "mean_b", "std_b", "diff_mean", "diff_std", "beyond_spread", "text"}``.
+  """
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  std = lambda v: float(np.std(v, ddof=1)) if v.size > 1 else 0.0  # noqa: E731
+  paired = a.shape == b.shape
+  diff = a - b if paired else np.asarray([a.mean() - b.mean()])
+  out = {"n": int(min(a.size, b.size)), "mean_a": float(a.mean()), "std_a": std(a), "mean_b": float(b.mean()),
+         "std_b": std(b), "diff_mean": float(diff.mean()), "diff_std": std(diff)}
+  out["beyond_spread"] = bool(out["n"] > 1 and abs(out["mean_a"] - out["mean_b"]) > out["std_a"] + out["std_b"])
+  seeds = f"{out['n']} seed{'s' if out['n'] != 1 else ''}"
+  out["text"] = (f"{out['mean_a']:.4g} +- {out['std_a']:.2g} vs {out['mean_b']:.4g} +- {out['std_b']:.2g} "
+                 f"({seeds}{', paired difference ' + format(out['diff_mean'], '.3g') + ' +- ' + format(out['diff_std'], '.2g') if paired else ''}); "
+                 f"the difference is {'larger' if out['beyond_spread'] else 'not larger'} than the spread"
+                 f"{' (one seed: no spread measured)' if out['n'] == 1 else ''}")
+  return out

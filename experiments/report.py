@@ -37,7 +37,8 @@ class Claim:
 # The report keeps this order (issue order: paper 000, 002/004, 001, 003).
 CLAIMS = (
     Claim("sine_rank_spectrum", "Rank and spectrum of sin(omega U V^T)",
-          "The rank of sin(omega U V^T) rises with omega (Theorem 1); Prop. 1 bounds it below.",
+          "The rank of sin(omega U V^T) rises with omega (Theorem 1); Prop. 1 bounds it below (as corrected by "
+          "the factor 1/4 its eq. 8 drops, the bound never exceeds pi/12, so the rise is measured, not implied).",
           "Paper 000, Fig. 2-3: a rank-k product becomes (near) full rank as omega grows; the normalised "
           "spectrum flattens."),
     Claim("lowrank_pretraining", "Low-rank vs sine low-rank vs full-rank pretraining",

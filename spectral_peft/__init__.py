@@ -31,6 +31,7 @@ from spectral_peft._lowrank import lowrank
 from spectral_peft._lowrank import lowrank_dense
 from spectral_peft._lowrank import sine_lowrank
 from spectral_peft._lowrank import sine_lowrank_dense
+from spectral_peft._lowrank import sine_lowrank_factor_init
 from spectral_peft._lowrank import sine_lowrank_matmul
 from spectral_peft._lrnn import component_apply
 from spectral_peft._lrnn import component_init
@@ -201,6 +202,7 @@ __all__ = (
     "shrink_params",
     "sine_lowrank",
     "sine_lowrank_dense",
+    "sine_lowrank_factor_init",
     "sine_lowrank_matmul",
     "siren_frequencies",
     "sparse_least_squares",

@@ -64,6 +64,43 @@ def default_sine_gain(in_features: int) -> float:
   return math.sqrt(in_features)
 
 
+DEFAULT_SINE_OMEGA = 100.0
+"""Default frequency of the from-scratch sine low-rank layers: the low end of the paper's range.
+
+Paper 000 uses omega = 100 to 1400 (Tab. 5, 8, 9: ViT-Small 300-500, ViT-Base 150-1000, LLM
+fine-tuning 100-1400) and 20-200 for the occupancy MLP (Tab. 13). With
+:func:`sine_lowrank_factor_init` the entries of ``a @ b`` have standard deviation
+``1 / (3 sqrt(in_features))``, so omega = 100 puts ``omega a @ b`` at about ``33 / sqrt(in)``
+radians (2 for in = 256): outside the sine's linear regime, where the rank gain appears (Remark 2).
+"""
+
+
+def sine_lowrank_factor_init() -> jax.nn.initializers.Initializer:
+  """The reference code's factor initialiser: PyTorch's ``kaiming_uniform_(a=sqrt(5))``, ``U(+-1/sqrt(fan_in))``.
+
+  The authors' code keeps ``nn.Linear``'s default init for both factors, Kaiming uniform with
+  ``a = sqrt(5)``: bound ``gain * sqrt(3 / fan_in)`` with ``gain = sqrt(2 / (1 + a^2)) = sqrt(1/3)``,
+  i.e. ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, variance ``1 / (3 fan_in)``. With Flax's fan-in axis
+  (``-2``) that is ``fan_in = in_features`` for ``a: (in, k)`` and ``fan_in = k`` for ``b: (k, out)``,
+  the same fan-ins as the torch factors. Compared with LeCun normal (variance ``1 / fan_in``) each
+  factor is ``sqrt 3`` smaller, so ``a @ b`` and hence the effective omega are 3x smaller.
+
+  References:
+    Ji et al., "Efficient Learning with Sine-Activated Low-Rank Matrices", App. A.2 and the public
+    code (factors initialised like ``torch.nn.Linear``).
+
+  Returns:
+    A ``jax.nn.initializers`` initializer ``(key, shape, dtype) -> array``.
+
+  Example:
+    >>> import jax, spectral_peft as sp
+    >>> a = sp.sine_lowrank_factor_init()(jax.random.key(0), (256, 4))
+    >>> bool(abs(a).max() <= 1 / 16)
+    True
+  """
+  return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
 def _resolve_gain(gain: Optional[float], in_features: int) -> float:
   if gain is None:
     return default_sine_gain(in_features)

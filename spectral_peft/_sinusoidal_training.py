@@ -354,15 +354,21 @@ def regularized_loss(mse: Array, penalty: Array, alpha: Any) -> Array:
 def pruning_selection(
     a: Array, threshold: float, groups: str = "frequencies", *, max_groups: Optional[int] = None
 ) -> np.ndarray:
-  """The largest set of groups whose summed L1 norm stays below ``threshold`` (sec. 7.1, step 2).
+  """The largest set of groups holding less than a fraction ``T_p`` of ``A``'s total L1 (sec. 7.1, step 2).
 
   References:
-    Aldana, Novello, Velho, TR-24-02, Def. 3.4 and sec. 7.1: the greatest ``I`` with
-    ``sum_{i in I} ||A^i||_1 < T_p``. The largest such set takes the groups in increasing order of norm.
+    Aldana, Novello, Velho, TR-24-02, sec. 3.2.2 (the pruning criterion: the least-informative
+    rows/columns "such that their added information constitutes less or equal to P% of the total
+    information") and sec. 7.1 (``T_p in [0, 1]``, the greatest ``I`` with
+    ``sum_{i in I} ||A^i||_1 < T_p``). The largest such set takes the groups in increasing order of norm.
+
+  ``threshold`` is a fraction of the total ``||A||_1``, as in the paper. (Before 0.2 it was an
+  absolute L1 budget; values outside ``[0, 1]`` now raise.)
 
   Args:
     a: ``(m, n)`` hidden matrix.
-    threshold: ``T_p`` (non-negative; ``inf`` selects everything, capped by ``max_groups``).
+    threshold: ``T_p`` in ``[0, 1]``: the selection's summed L1 norm stays below ``T_p * ||A||_1``.
+      ``1`` selects every group but the largest (and every group only if ``max_groups`` caps first).
     groups: ``"frequencies"`` (the paper's columns) or ``"neurons"`` (rows).
     max_groups: optional cap on the size of the set (the smallest-norm groups are kept first).
 
@@ -370,21 +376,21 @@ def pruning_selection(
     Host boolean mask ``(m,)`` or ``(n,)``, ``True`` for the selected (to be pruned) groups.
 
   Raises:
-    ValueError: on a negative threshold or ``max_groups``.
+    ValueError: on a threshold outside ``[0, 1]`` or a negative ``max_groups``.
 
   Example:
     >>> import jax.numpy as jnp, spectral_peft as sp
     >>> a = jnp.array([[0.1, 0.0], [3.0, 1.0], [0.2, 0.2], [0.5, 0.0]])
-    >>> sp.pruning_selection(a, 1.0).tolist()  # norms 0.1, 4, 0.4, 0.5: 0.1 + 0.4 < 1, + 0.5 is not
+    >>> sp.pruning_selection(a, 0.2).tolist()  # norms 0.1, 4, 0.4, 0.5 (total 5): 0.1 + 0.4 < 1, + 0.5 is not
     [True, False, True, False]
   """
   threshold = float(threshold)
-  if not threshold >= 0.0:
-    raise ValueError(f"`threshold` must be non-negative, got {threshold}.")
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f"`threshold` (T_p) must be a fraction of the total L1 norm in [0, 1], got {threshold}.")
   norms = np.asarray(group_l1_norms(a, groups), np.float64)
   order = np.argsort(norms, kind="stable")
   cumulative = np.cumsum(norms[order])
-  count = int(np.sum(cumulative < threshold))
+  count = int(np.sum(cumulative < threshold * norms.sum()))
   if max_groups is not None:
     if isinstance(max_groups, bool) or int(max_groups) != max_groups or max_groups < 0:
       raise ValueError(f"`max_groups` must be a non-negative int or None, got {max_groups!r}.")
@@ -533,6 +539,22 @@ def _train_step(params, opt_state, x, y, alpha, weights, bound, key, *, optimize
   return params, opt_state, mse
 
 
+@functools.partial(jax.jit, static_argnames=("optimizer", "penalty", "bounded", "batch_size"))
+def _train_chunk(params, opt_state, x, y, alphas, weights, bound, keys, *, optimizer, penalty, bounded, batch_size):
+  """``len(alphas)`` steps of :func:`_train_step` in one ``lax.scan`` (one dispatch per chunk)."""
+
+  def body(carry, inputs):
+    params, opt_state = carry
+    alpha, key = inputs
+    params, opt_state, mse = _train_step(
+        params, opt_state, x, y, alpha, weights, bound, key,
+        optimizer=optimizer, penalty=penalty, bounded=bounded, batch_size=batch_size)
+    return (params, opt_state), mse
+
+  (params, opt_state), mses = jax.lax.scan(body, (params, opt_state), (alphas, keys))
+  return params, opt_state, mses
+
+
 def fit_periodic_siren(
     params: Params,
     x: Array,
@@ -548,6 +570,8 @@ def fit_periodic_siren(
     batch_size: Optional[int] = None,
     key: Optional[Array] = None,
     progress: Optional[Callable[[Any], Any]] = None,
+    until: Optional[Callable[[Params], bool]] = None,
+    check_every: int = 25,
 ) -> FitResult:
   """Full-batch training of a periodic SIREN on ``(x, y)``, with optional bounding and regularisation.
 
@@ -570,11 +594,15 @@ def fit_periodic_siren(
       (e.g. ``lambda t: sp.alpha_schedule(t, steps)``).
     batch_size: ``None`` for full-batch steps, else the number of points drawn (with replacement) per step.
     key: a ``jax.random`` key, required with ``batch_size``.
-    progress: optional wrapper of the step iterable (a tqdm progress bar).
+    progress: optional wrapper of the iterable of chunk starts (a tqdm progress bar; steps run in
+      scanned chunks of 50, or of ``check_every`` with ``until``).
+    until: optional host predicate on the parameters, checked every ``check_every`` steps; training
+      stops early (with the optimizer state kept until then) once it returns True.
+    check_every: how often ``until`` is checked (positive int).
 
   Returns:
-    :class:`FitResult` with the final parameters and the MSE of every step (before its update, on the
-    step's batch).
+    :class:`FitResult` with the final parameters and the MSE of every step run (before its update, on
+    the step's batch); fewer than ``steps`` entries when ``until`` stopped it.
 
   Raises:
     ValueError: on a negative ``steps``, ``penalty`` or ``targeted`` without ``alpha``, or a bad mask.
@@ -617,25 +645,49 @@ def fit_periodic_siren(
   bound_arr = jnp.asarray(_check_bound("bound", bound) if bounded else 0.0, a.dtype)
   if bounded:
     _row_bound(bound_arr, a.shape[0])
+  check_every = _validation.check_positive_int("check_every", check_every)
   opt_state = optimizer.init(params)
   losses = np.zeros(steps, np.float32)
-  iterator = range(steps) if progress is None else progress(range(steps))
-  for t in iterator:
-    params, opt_state, mse = _train_step(
-        params, opt_state, x, y, alphas[t], weights, bound_arr, keys[t],
+  # Steps run in scanned chunks (one dispatch each); ``until`` is checked between chunks.
+  chunk = check_every if until is not None else 50
+  starts = range(0, steps, chunk)
+  iterator = starts if progress is None else progress(starts)
+  done = steps
+  alphas = jnp.asarray(alphas)
+  for t0 in iterator:
+    t1 = min(t0 + chunk, steps)
+    params, opt_state, mses = _train_chunk(
+        params, opt_state, x, y, alphas[t0:t1], weights, bound_arr, keys[t0:t1],
         optimizer=optimizer, penalty=penalty, bounded=bounded, batch_size=batch_size,
     )
-    losses[t] = mse
-  return FitResult(params, losses)
+    losses[t0:t1] = np.asarray(mses)
+    if until is not None and t1 % check_every == 0 and until(params):
+      done = t1
+      break
+  return FitResult(params, losses[:done])
 
 
 class PruningRound(NamedTuple):
-  """One round of the pruning loop: groups selected, groups removed, MSE after fine-tuning."""
+  """One round of the pruning loop.
+
+  Attributes:
+    selected: groups in ``I`` (step 2).
+    pruned: groups removed (step 4: the selected ones whose norm fell below ``T_n``).
+    remaining: groups left after the round.
+    mse: full-data MSE after fine-tuning (step 5).
+    targeted_steps: targeted-decay steps run (step 3 stops once the selection is near zero).
+    decayed_fraction: ``max_{i in I} ||A^i||_1 / ||A^i||_1(selection)`` after step 3 (the largest norm
+      left on a selected group, relative to its norm when selected; ``<= T_n`` means all were pruned).
+    steps: all optimiser steps of the round (decay, targeted decay, fine-tuning).
+  """
 
   selected: int
   pruned: int
   remaining: int
   mse: float
+  targeted_steps: int = 0
+  decayed_fraction: float = float("nan")
+  steps: int = 0
 
 
 def structured_pruning(
@@ -649,9 +701,10 @@ def structured_pruning(
     decay_steps: int,
     targeted_steps: int,
     finetune_steps: int,
-    prune_below: float = math.inf,
+    prune_below: float = 0.05,
     alpha_scale: float = 1e-6,
-    targeted_alpha: float = 1e-3,
+    targeted_alpha: float = 1e-2,
+    check_every: int = 25,
     max_groups_per_round: Optional[int] = None,
     target_pruned: Optional[int] = None,
     max_rounds: int = 100,
@@ -660,28 +713,43 @@ def structured_pruning(
     key: Optional[Array] = None,
     progress: Optional[Callable[[Any], Any]] = None,
 ) -> tuple[Params, list[PruningRound]]:
-  """The pruning loop of sec. 7.2.4 with a real shrink after every round.
+  """The pruning loop of sec. 7.2.4 (targeted weight decay, then prune, then fine-tune), with a real shrink.
 
   References:
-    Aldana, Novello, Velho, TR-24-02, sec. 7.1 and 7.2.4: (1) train ``e_wd`` steps with
+    Aldana, Novello, Velho, TR-24-02, sec. 3.2.2, 7.1 and 7.2.4: (1) train ``e_wd`` steps with
     ``(1 - alpha) MSE + alpha ||A||_1`` (alpha from :func:`alpha_schedule`); (2) select the largest set
-    ``I`` with summed L1 norm ``< T_p``; (3) targeted weight decay over ``I`` for ``e_twd`` steps; (4) prune
-    the groups of ``I`` whose norm is ``< T_n``; (5) fine-tune with the MSE ``e_rec`` steps; repeat until
-    ``I`` is empty, nothing was pruned, ``max_rounds`` or ``target_pruned`` groups are reached.
+    ``I`` of groups whose summed L1 norm is below a fraction ``T_p in [0, 1]`` of ``||A||_1``;
+    (3) targeted weight decay ``(1 - alpha) MSE + alpha sum_{i in I} ||A^i||_1`` over ``I``; (4) prune the
+    groups whose norm fell below ``T_n``; (5) fine-tune with the MSE ``e_rec`` steps; repeat until ``I`` is
+    empty, nothing was pruned, ``max_rounds`` or ``target_pruned`` groups are reached.
 
-  Pruned groups are removed with :func:`shrink_params` (with ``groups="frequencies"``, the unused input
-  frequencies go too), so the returned network is genuinely smaller. The optimizer restarts each round.
+  Step 3 runs until every selected group is near zero (its L1 norm below ``T_n`` times its norm when
+  selected, checked every ``check_every`` steps) or ``targeted_steps`` steps have run, so pruning removes
+  groups that carry almost nothing rather than cutting live ones. Step 4 is a real guard: a selected group
+  the MSE keeps alive (its norm stays above ``T_n`` of where it started) is an essential one and is not
+  pruned. Pruned groups are removed with :func:`shrink_params` (with ``groups="frequencies"``, the input
+  frequencies go too), so the returned network is genuinely smaller. The optimizer restarts each phase.
+
+  Changed semantics (0.2): ``threshold`` is the paper's fraction ``T_p`` (it was an absolute L1 budget),
+  ``prune_below`` is ``T_n`` relative to each group's norm at selection (it was an absolute norm that
+  defaulted to infinity, which pruned every selected group), and targeted decay stops early once the
+  selection is near zero.
 
   Args:
     params: a trained periodic SIREN dict.
     x, y: training data, ``(N, dim)`` and ``(N, out)``.
     optimizer: the optax transformation used in every phase.
-    threshold: ``T_p``, the L1 budget of a selection.
+    threshold: ``T_p in [0, 1]``, the fraction of ``||A||_1`` a round may remove.
     groups: ``"frequencies"`` (the paper's columns) or ``"neurons"`` (rows).
-    decay_steps, targeted_steps, finetune_steps: ``e_wd``, ``e_twd``, ``e_rec``.
-    prune_below: ``T_n``; selected groups whose L1 norm is still above it after targeted decay survive.
+    decay_steps: ``e_wd`` (0 skips step 1).
+    targeted_steps: the most steps of targeted decay per round (``e_twd``).
+    finetune_steps: ``e_rec``.
+    prune_below: ``T_n`` in ``[0, 1]``: a selected group is pruned once its L1 norm is at most ``T_n``
+      times its norm at selection. ``1`` prunes every selected group (an abrupt cut, no decay needed),
+      ``0`` only groups decayed exactly to zero.
     alpha_scale: ``alpha_s`` of the weight decay phase.
-    targeted_alpha: the constant ``alpha`` of the targeted decay phase.
+    targeted_alpha: the constant ``alpha`` of the targeted decay phase, in ``[0, 1]``.
+    check_every: how often step 3 checks whether the selection is near zero.
     max_groups_per_round: cap on ``|I|`` per round.
     target_pruned: stop once this many groups are removed in total (caps the last selection).
     max_rounds: at most this many rounds.
@@ -693,11 +761,27 @@ def structured_pruning(
     ``(shrunk_params, rounds)``; ``rounds[i].mse`` is the full-data MSE after round ``i``.
 
   Raises:
-    ValueError: on bad ``groups``, a negative threshold, or a per-frequency (vector) ``bound``.
+    ValueError: on bad ``groups``, a ``threshold`` or ``prune_below`` outside ``[0, 1]``, or a
+      per-frequency (vector) ``bound``.
+
+  Example:
+    >>> import jax, optax, spectral_peft as sp
+    >>> p = sp.periodic_siren_init(jax.random.key(1), sp.integer_frequencies(jax.random.key(0), 8, 3), 10, 1)
+    >>> x = jax.random.uniform(jax.random.key(2), (48, 2), minval=-1, maxval=1)
+    >>> small, rounds = sp.structured_pruning(p, x, x[:, :1] ** 2, optax.adam(1e-2), threshold=0.3,
+    ...     decay_steps=4, targeted_steps=40, finetune_steps=4, prune_below=1.0, max_rounds=1)
+    >>> small["omega"].shape[1] == 8 - rounds[0].pruned
+    True
   """
   groups = _check_groups(groups)
   if bound is not None and np.shape(bound) != ():
     raise ValueError(f"`bound` must be a scalar here (groups are removed between rounds), got shape {np.shape(bound)}.")
+  threshold = float(threshold)
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f"`threshold` (T_p) must be a fraction of the total L1 norm in [0, 1], got {threshold}.")
+  prune_below = float(prune_below)
+  if not 0.0 <= prune_below <= 1.0:
+    raise ValueError(f"`prune_below` (T_n, relative to each group's norm at selection) must lie in [0, 1], got {prune_below}.")
   max_rounds = _validation.check_positive_int("max_rounds", max_rounds)
   rounds: list[PruningRound] = []
   total = 0
@@ -705,11 +789,13 @@ def structured_pruning(
   fit_kw = dict(bound=bound, batch_size=batch_size, progress=progress)
   for _ in range(max_rounds):
     key, k_decay, k_targeted, k_finetune = jax.random.split(key, 4)
+    steps = 0
     if decay_steps:
       params = fit_periodic_siren(
           params, x, y, optimizer, decay_steps, alpha=lambda t: alpha_schedule(t, decay_steps, scale=alpha_scale),
           key=k_decay, **fit_kw,
       ).params
+      steps += decay_steps
     cap = max_groups_per_round
     if target_pruned is not None:
       cap = target_pruned - total if cap is None else min(cap, target_pruned - total)
@@ -719,13 +805,25 @@ def structured_pruning(
     selected = pruning_selection(a, threshold, groups, max_groups=cap)
     if not selected.any():
       break
-    if targeted_steps:
-      params = fit_periodic_siren(
+    start_norms = np.asarray(group_l1_norms(a, groups), np.float64)
+    scale = np.where(selected, np.maximum(start_norms, np.finfo(np.float32).tiny), 1.0)
+
+    def relative_norms(p, scale=scale):
+      return np.asarray(group_l1_norms(_hidden_kernel(p), groups), np.float64) / scale
+
+    def near_zero(p, selected=selected):
+      return bool(np.all(relative_norms(p)[selected] <= prune_below))
+
+    run = 0
+    if targeted_steps and not near_zero(params):
+      fit = fit_periodic_siren(
           params, x, y, optimizer, targeted_steps, targeted=selected, groups=groups, alpha=targeted_alpha,
-          key=k_targeted, **fit_kw,
-      ).params
-    norms = np.asarray(group_l1_norms(_hidden_kernel(params), groups))
-    pruned = selected & (norms < prune_below)
+          key=k_targeted, until=near_zero, check_every=check_every, **fit_kw,
+      )
+      params, run = fit.params, len(fit.losses)
+    steps += run
+    rel = relative_norms(params)
+    pruned = selected & (rel <= prune_below)
     if pruned.any():
       params = prune_params(params, jnp.asarray(pruned), groups)
       if groups == "frequencies":
@@ -735,9 +833,11 @@ def structured_pruning(
     total += int(pruned.sum())
     fit = fit_periodic_siren(params, x, y, optimizer, finetune_steps, key=k_finetune, **fit_kw)
     params = fit.params
+    steps += finetune_steps
     mse = float(_mse_loss(params, x, y))
     a = _hidden_kernel(params)
-    rounds.append(PruningRound(int(selected.sum()), int(pruned.sum()), a.shape[0 if groups == "frequencies" else 1], mse))
+    rounds.append(PruningRound(int(selected.sum()), int(pruned.sum()), a.shape[0 if groups == "frequencies" else 1],
+                               mse, run, float(np.max(rel[selected])), steps))
     if not pruned.any() or (target_pruned is not None and total >= target_pruned):
       break
   return params, rounds

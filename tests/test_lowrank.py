@@ -127,8 +127,9 @@ def test_prop1_bound_is_a_lower_bound_inside_its_range_and_flagged_outside():
   result = sp.sine_rank_lower_bound(w, 0.5 * float(sp.sine_rank_lower_bound(w, 1.0).omega_max))
   assert bool(result.valid)
   min_abs = float(jnp.min(jnp.abs(w)))
-  expected = 0.5 * math.pi / (3 * min_abs) * (min_abs / np.linalg.norm(np.sqrt(np.abs(np.asarray(w))), 2)) ** 2
-  np.testing.assert_allclose(result.bound, expected, rtol=1e-4)
+  printed = 0.5 * math.pi / (3 * min_abs) * (min_abs / np.linalg.norm(np.sqrt(np.abs(np.asarray(w))), 2)) ** 2
+  np.testing.assert_allclose(result.paper_eq5_value, printed, rtol=1e-4)
+  np.testing.assert_allclose(result.bound, printed / 4, rtol=1e-4)  # eq. 15: sin(x) >= x / 2, squared
   omega = 0.5 * float(result.omega_max)
   assert float(result.bound) <= int(sp.numerical_rank(jnp.sin(omega * w)))
   outside = sp.sine_rank_lower_bound(w, 2.0 * float(result.omega_max))

@@ -64,3 +64,37 @@ def test_modules_reject_bad_hyperparameters():
     sp.linen.LowRankDense(features=2, rank=3).init(jax.random.key(0), X)
   with pytest.raises(ValueError, match="`x` must have shape"):
     sp.nnx.LowRankDense(5, 10, rank=2, rngs=nnx.Rngs(0))(X)
+
+
+def test_sine_layers_default_to_the_reference_init_and_a_paper_range_omega():
+  """Kaiming-uniform(a = sqrt 5) factors, U(+-1/sqrt(fan_in)), and omega outside the linear regime."""
+  in_features, out_features, rank = 256, 192, 8
+  linen_p = sp.linen.SineLowRankDense(features=out_features, rank=rank).init(
+      jax.random.key(0), jnp.ones((1, in_features)))["params"]
+  nnx_layer = sp.nnx.SineLowRankDense(in_features, out_features, rank=rank, rngs=nnx.Rngs(0))
+  for a, b in ((linen_p["a"], linen_p["b"]), (nnx_layer.a[...], nnx_layer.b[...])):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.abs(a).max() <= 1 / np.sqrt(in_features) and np.abs(b).max() <= 1 / np.sqrt(rank)
+    # Uniform on [-c, c]: variance c^2 / 3 = 1 / (3 fan_in); the extremes come close to the bound.
+    np.testing.assert_allclose(a.var(), 1 / (3 * in_features), rtol=0.1)
+    np.testing.assert_allclose(b.var(), 1 / (3 * rank), rtol=0.1)
+    assert np.abs(a).max() > 0.95 / np.sqrt(in_features)
+  assert sp.linen.SineLowRankDense(features=4, rank=1).omega == nnx_layer.omega == 100.0
+  # Remark 2: at omega = 1 the sine is linear (no rank gain); the default omega raises the rank.
+  a, b = nnx_layer.a[...], nnx_layer.b[...]
+  assert int(sp.numerical_rank(sp.sine_lowrank(a, b, omega=1.0), rtol=1e-3)) <= rank
+  assert int(sp.numerical_rank(sp.sine_lowrank(a, b, omega=nnx_layer.omega), rtol=1e-3)) > 4 * rank
+  # The plain low-rank layer keeps LeCun normal (variance 1 / fan_in, like nnx.Linear).
+  plain = sp.nnx.LowRankDense(in_features, out_features, rank=rank, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(np.var(np.asarray(plain.a[...])), 1 / in_features, rtol=0.1)
+
+
+def test_sine_layer_with_explicit_inits_still_equals_core():
+  init = nnx.initializers.normal(0.3)
+  layer = sp.nnx.SineLowRankDense(12, 10, rank=3, a_init=init, b_init=init, rngs=nnx.Rngs(4))
+  np.testing.assert_allclose(np.std(np.asarray(layer.a[...])), 0.3, rtol=0.5)
+  np.testing.assert_array_equal(layer(X), sp.sine_lowrank_dense(X, layer.a[...], layer.b[...], layer.bias[...], omega=100.0))
+  module = sp.linen.SineLowRankDense(features=10, rank=3, a_init=init, b_init=init)
+  v = module.init(jax.random.key(5), X)
+  p = v["params"]
+  np.testing.assert_array_equal(module.apply(v, X), sp.sine_lowrank_dense(X, p["a"], p["b"], p["bias"], omega=100.0))

@@ -107,22 +107,26 @@ def test_decay_functionals_and_alpha_schedule():
   assert float(sp.regularized_loss(2.0, 10.0, 0.25)) == 0.75 * 2.0 + 2.5
 
 
-def test_pruning_selection_is_the_largest_set_under_threshold():
+def test_pruning_selection_is_the_largest_set_under_a_fraction_of_the_total():
   rng = np.random.default_rng(0)
   for _ in range(20):
     a = rng.normal(size=(6, 4)) * rng.uniform(0.01, 2.0, size=(6, 1))
-    threshold = rng.uniform(0.0, 10.0)
+    fraction = rng.uniform(0.0, 1.0)
     for groups, axis in (("frequencies", 1), ("neurons", 0)):
-      mask = sp.pruning_selection(jnp.asarray(a, jnp.float32), threshold, groups)
+      mask = sp.pruning_selection(jnp.asarray(a, jnp.float32), fraction, groups)
       norms = np.abs(a).sum(axis=axis)
-      # Brute force: the largest subset size whose sum stays below the threshold.
-      best = max(size for size in range(len(norms) + 1) if np.sort(norms)[:size].sum() < threshold)
+      budget = fraction * norms.sum()  # sec. 3.2.2 / 7.1: T_p in [0, 1] of the total information
+      # Brute force: the largest subset size whose sum stays below the budget.
+      best = max(size for size in range(len(norms) + 1) if np.sort(norms)[:size].sum() < budget)
       assert mask.sum() == best
-      assert norms[mask].sum() < threshold
+      assert norms[mask].sum() < budget
   a = jnp.array([[0.1, 0.0], [3.0, 1.0], [0.2, 0.2], [0.5, 0.0]])
-  assert sp.pruning_selection(a, math.inf, max_groups=2).tolist() == [True, False, True, False]
-  with pytest.raises(ValueError, match="threshold"):
-    sp.pruning_selection(a, -1.0)
+  assert sp.pruning_selection(a, 1.0, max_groups=2).tolist() == [True, False, True, False]
+  assert sp.pruning_selection(a, 1.0).tolist() == [True, False, True, True]  # all but the largest
+  assert not sp.pruning_selection(a, 0.0).any()
+  for bad in (-1.0, 1.5, math.inf):
+    with pytest.raises(ValueError, match="threshold"):
+      sp.pruning_selection(a, bad)
 
 
 @pytest.mark.parametrize("hidden", [12, (12, 5)])
@@ -151,14 +155,54 @@ def test_structured_pruning_loop_removes_columns_for_real():
   x, y = _data(48)
   params = sp.fit_periodic_siren(params, x, y, optax.adam(1e-2), 30).params
   small, rounds = sp.structured_pruning(
-      params, x, y, optax.adam(1e-2), threshold=math.inf, decay_steps=4, targeted_steps=4, finetune_steps=4,
-      max_groups_per_round=2, target_pruned=4, alpha_scale=1e-3,
+      params, x, y, optax.adam(1e-2), threshold=1.0, decay_steps=4, targeted_steps=400, finetune_steps=4,
+      max_groups_per_round=2, target_pruned=4, alpha_scale=1e-3, targeted_alpha=0.5, prune_below=0.05,
+      check_every=5,
   )
   assert small["omega"].shape == (2, 4) and small["hidden"][0]["kernel"].shape == (4, 10)
   assert sum(r.pruned for r in rounds) == 4 and rounds[-1].remaining == 4
+  # Targeted decay ran until the selection was near zero, and stopped early.
+  assert all(r.decayed_fraction <= 0.05 and 0 < r.targeted_steps < 400 for r in rounds)
+  assert all(r.steps == 4 + r.targeted_steps + 4 for r in rounds)
   kept = {tuple(c) for c in sp.frequencies_as_integers(small["omega"]).T}
   assert kept <= {tuple(c) for c in sp.frequencies_as_integers(params["omega"]).T}
   assert np.isfinite([r.mse for r in rounds]).all()
+
+
+def test_structured_pruning_guard_protects_groups_that_did_not_decay():
+  params = _network(m=8, n=10, bandwidth=3)
+  x, y = _data(48)
+  # No targeted decay: every selected group keeps its norm, so the T_n guard prunes none and the loop stops.
+  same, rounds = sp.structured_pruning(params, x, y, optax.adam(1e-2), threshold=0.5, decay_steps=0,
+                                       targeted_steps=0, finetune_steps=2, prune_below=0.5)
+  assert rounds[0].selected > 0 and rounds[0].pruned == 0 and len(rounds) == 1
+  assert same["omega"].shape == params["omega"].shape
+  # T_n = 1 is the abrupt cut: every selected group goes without any decay.
+  cut, rounds = sp.structured_pruning(params, x, y, optax.adam(1e-2), threshold=0.5, decay_steps=0,
+                                      targeted_steps=0, finetune_steps=2, prune_below=1.0, max_rounds=1)
+  assert rounds[0].pruned == rounds[0].selected > 0
+  assert cut["omega"].shape[1] == 8 - rounds[0].pruned
+  selected = sp.pruning_selection(params["hidden"][0]["kernel"], 0.5)
+  np.testing.assert_array_equal(np.asarray(cut["omega"]), np.asarray(params["omega"])[:, ~selected])
+  for kw in ({"threshold": 2.0}, {"threshold": 0.5, "prune_below": -0.1}):
+    with pytest.raises(ValueError, match="threshold|prune_below"):
+      sp.structured_pruning(params, x, y, optax.adam(1e-2), decay_steps=0, targeted_steps=0, finetune_steps=0,
+                            **{"prune_below": 0.05, **kw})
+
+
+def test_fit_stops_when_the_predicate_holds():
+  params = _network()
+  x, y = _data()
+  calls = []
+
+  def until(p):
+    calls.append(1)
+    return len(calls) == 2
+
+  fit = sp.fit_periodic_siren(params, x, y, optax.adam(1e-2), 50, until=until, check_every=5)
+  assert len(fit.losses) == 10 and len(calls) == 2
+  with pytest.raises(ValueError, match="check_every"):
+    sp.fit_periodic_siren(params, x, y, optax.adam(1e-2), 5, until=until, check_every=0)
 
 
 def test_fit_reduces_the_loss_and_keeps_omega():

@@ -54,13 +54,28 @@ class LowRankDense(nn.Module):
 class SineLowRankDense(LowRankDense):
   """Drop-in ``nn.Dense`` whose kernel is ``sin(omega a @ b) / gain`` (Ji et al., eq. 3).
 
+  Defaults follow the paper and its reference code: both factors start from
+  :func:`spectral_peft.sine_lowrank_factor_init` (PyTorch's Kaiming uniform with ``a = sqrt(5)``) and
+  ``omega = 100`` (:data:`DEFAULT_SINE_OMEGA`, the low end of the paper's 100-1400), which puts the
+  sine outside its linear regime at init (Remark 2: a small omega only rescales ``a @ b`` and adds no
+  rank). Before 0.2 the defaults were LeCun normal and ``omega = 1.0`` (a near-linear layer).
+
   Attributes:
     omega: fixed frequency; ``gain``: fixed divisor (``None``: ``sqrt(in_features)``).
     memory_lean: use the blocked, rematerialised product that never holds the kernel.
     block_size: column block for ``memory_lean``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> layer = sp.linen.SineLowRankDense(features=64, rank=2)
+    >>> p = layer.init(jax.random.key(0), jnp.ones((1, 64)))["params"]
+    >>> int(sp.numerical_rank(sp.sine_lowrank(p["a"], p["b"], omega=layer.omega))) > 2
+    True
   """
 
-  omega: float = 1.0
+  a_init: Initializer = _lowrank.sine_lowrank_factor_init()
+  b_init: Initializer = _lowrank.sine_lowrank_factor_init()
+  omega: float = _lowrank.DEFAULT_SINE_OMEGA
   gain: Optional[float] = None
   memory_lean: bool = False
   block_size: Optional[int] = None

@@ -67,6 +67,12 @@ class LowRankDense(nnx.Module):
 class SineLowRankDense(LowRankDense):
   """Drop-in ``nnx.Linear`` whose kernel is ``sin(omega a @ b) / gain`` (Ji et al., eq. 3).
 
+  Defaults follow the paper and its reference code: both factors start from
+  :func:`spectral_peft.sine_lowrank_factor_init` (PyTorch's Kaiming uniform with ``a = sqrt(5)``,
+  ``U(+-1/sqrt(fan_in))``) and ``omega = 100`` (the low end of the paper's 100-1400), which puts the
+  sine outside its linear regime at init (Remark 2). Before 0.2 the factors used LeCun normal (an
+  effective omega 3x larger) and ``omega`` had no default.
+
   Takes the arguments of :class:`LowRankDense` and:
 
   Args:
@@ -82,7 +88,7 @@ class SineLowRankDense(LowRankDense):
       out_features: int,
       *,
       rank: int,
-      omega: float,
+      omega: float = _lowrank.DEFAULT_SINE_OMEGA,
       gain: Optional[float] = None,
       memory_lean: bool = False,
       block_size: Optional[int] = None,
@@ -93,6 +99,8 @@ class SineLowRankDense(LowRankDense):
     self.gain = None if gain is None else _validation.check_positive_float("gain", gain)
     self.memory_lean = bool(memory_lean)
     self.block_size = None if block_size is None else _validation.check_positive_int("block_size", block_size)
+    kwargs.setdefault("a_init", _lowrank.sine_lowrank_factor_init())
+    kwargs.setdefault("b_init", _lowrank.sine_lowrank_factor_init())
     super().__init__(in_features, out_features, rank=rank, rngs=rngs, **kwargs)
 
   def __call__(self, x: Array) -> Array:
