@@ -653,11 +653,11 @@ def fit_periodic_siren(
   starts = range(0, steps, chunk)
   iterator = starts if progress is None else progress(starts)
   done = steps
-  alphas = jnp.asarray(alphas)
+  alpha_steps = jnp.asarray(alphas)
   for t0 in iterator:
     t1 = min(t0 + chunk, steps)
     params, opt_state, mses = _train_chunk(
-        params, opt_state, x, y, alphas[t0:t1], weights, bound_arr, keys[t0:t1],
+        params, opt_state, x, y, alpha_steps[t0:t1], weights, bound_arr, keys[t0:t1],
         optimizer=optimizer, penalty=penalty, bounded=bounded, batch_size=batch_size,
     )
     losses[t0:t1] = np.asarray(mses)
