@@ -148,7 +148,7 @@ def spread_verdict(
     show = lambda m, s: f"{m:.4g} +- {s:.2g}{unit}"  # noqa: E731
     diff_txt = f"difference {diff:+.3g}{unit}, spread {spread:.2g}{unit}"
   ref_txt = f"{names[1]} {10**mean_b:.2g}" if (scalar and log10) else (
-      f"{names[1]} {mean_b:.4g}{unit}" if scalar else f"{names[1]} {show(mean_b, std_b)} ({b.size} seeds)")
+      f"{names[1]} {mean_b:.4g}{unit}" if scalar else f"{names[1]} {show(mean_b, std_b)} ({b.size} seed{'s' if b.size > 1 else ''})")
   seeds = f"{a.size} seed{'s' if a.size > 1 else ''}"
   judged = ("beyond the spread" if beyond else
             "within the spread" if a.size > 1 else "one seed, spread unknown")

@@ -7,7 +7,10 @@ eq. 3) and a ReLU MLP [40, 100, 100, 10] (15.2k parameters, Table 14's MLP count
 Adam for the same steps over several seeds; the shuffled variant applies one fixed random
 permutation to the 40 positions of every sequence. Table 14 gives the LRNN 46.3k parameters but not
 its ranks, width, component activation or omega, nor the training schedule; we take ranks (66, 66)
-and d = 6 (46.1k parameters), sine components at omega = 1, and the same Adam schedule for both.
+and d = 6 (46.1k parameters), sine components at omega = 1. Both models train for the same steps
+on batches of 100 (MNIST-1D's reference; 6000 steps in ``full``, 2000 in ``quick``), the MLP with
+its reference Adam lr 1e-2, the LRNN with the paper's LRNN lr 1e-3 (at lr 1e-2, 2000 steps, it reached 52% test
+accuracy and 95% train accuracy, three seeds).
 
 Run:
   python -m experiments.lrnn_mnist1d --preset quick
@@ -37,9 +40,10 @@ class Config:
   projection_width: int = 6
   omega: float = 1.0
   mlp_width: int = 100
-  steps: int = 1000
-  batch: int = 128
-  lr: float = 1e-3
+  steps: int = 2000
+  batch: int = 100
+  lr: float = 1e-2  # MLP: MNIST-1D's reference training (Greydanus & Kobak): Adam lr 1e-2, batch 100, 6000 steps.
+  lrnn_lr: float = 1e-3  # LRNN: the paper's LRNN learning rate elsewhere (App. E, G); at 1e-2 it fits worse.
   seeds: int = 3
 
 
@@ -57,10 +61,10 @@ class MLP(nn.Module):
     return nn.Dense(10)(x)
 
 
-def train_eval(init, apply, data, config, seed, desc):
+def train_eval(init, apply, data, config, seed, desc, lr):
   x, y = jnp.asarray(data["x"]), jnp.asarray(data["y"])
   params = init(jax.random.key(seed))
-  tx = optax.adam(config.lr)
+  tx = optax.adam(lr)
 
   @jax.jit
   def step(params, state, key):
@@ -93,7 +97,9 @@ def main(preset: str = "quick") -> dict:
   rows, tests = [], {}
   for variant, dataset in (("plain", data), ("shuffled", shuffled)):
     for name, (init, apply) in models.items():
-      results = [train_eval(init, apply, dataset, config, s, f"{name} {variant} seed {s}") for s in range(config.seeds)]
+      lr = config.lrnn_lr if name == "LRNN" else config.lr
+      results = [train_eval(init, apply, dataset, config, s, f"{name} {variant} seed {s}", lr)
+                 for s in range(config.seeds)]
       train, test = np.array([r[0] for r in results]), np.array([r[1] for r in results])
       tests[(name, variant)] = test
       rows.append({"model": name, "data": variant, "params": results[0][2], "train_mean": float(train.mean()),
@@ -106,7 +112,8 @@ def main(preset: str = "quick") -> dict:
         f"{r['paper_test']:.3f}"] for r in rows])
   table += ("\nWhat differs from the paper: Table 14's LRNN ranks, width, component activation, omega and training "
             f"schedule are not given (ours: ranks {config.ranks}, d = {config.projection_width}, sine components at "
-            f"omega = {config.omega}, Adam lr {config.lr}, batch {config.batch}, {config.steps} steps for both models); "
+            f"omega = {config.omega}, Adam lr {config.lrnn_lr} (MLP: {config.lr}), batch {config.batch}, {config.steps} "
+            "steps for both models); "
             f"{config.seeds} seeds (the paper: 5); our MNIST-1D is generated with the package's default settings; "
             "the ConvLRNN and CNN rows of Table 14 are not run.\n")
   comparisons = {v: _common.spread_verdict(tests[("LRNN", v)], tests[("MLP", v)], names=(f"LRNN ({v})", "MLP"))
