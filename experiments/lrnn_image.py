@@ -261,7 +261,7 @@ def main(preset: str = "quick") -> dict:
   _common.write_json(os.path.join(out, f"results_{preset}.json"), payload)
   plot = _plot(first + legacy, target, out, preset)
   print(table)
-  head = _common.agreement(wins, len(comparisons))
+  head = _common.agreement(wins, len(comparisons)) if len(config.seeds) > 1 else "Not established (one seed)"
   verdict = (f"{head} ('matches' needs the LRNN above every baseline beyond the seed spread; spread = sum of the "
              f"two stds): at {lrnn_count} parameters (baselines {summary['baseline_params']}), {config.steps} "
              f"steps of {'full images' if config.batch <= 0 else f'{config.batch}-pixel batches'} on "

@@ -119,7 +119,7 @@ def main(preset: str = "quick") -> dict:
   comparisons = {v: _common.spread_verdict(tests[("LRNN", v)], tests[("MLP", v)], names=(f"LRNN ({v})", "MLP"))
                  for v in ("plain", "shuffled")}
   wins = sum(c["sign"] > 0 for c in comparisons.values())
-  verdict = (_common.agreement(wins, 2) + " ('matches' needs LRNN above MLP beyond the seed spread, test accuracy): "
+  verdict = ((_common.agreement(wins, 2) if config.seeds > 1 else "Not established (one seed)") + " ('matches' needs LRNN above MLP beyond the seed spread, test accuracy): "
              + "; ".join(c["text"] for c in comparisons.values()) + ". Paper: +0.022 (plain), +0.021 (shuffled), "
              "5 seeds, stds 0.008-0.014.")
 
