@@ -108,7 +108,7 @@ def cli(main, presets: dict[str, Any], doc: str) -> None:
   print(result.get("verdict", ""))
 
 
-def spread_verdict(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+def paired_spread_verdict(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
   """Mean +- std (ddof = 1) of two samples over seeds, their paired difference, and whether the
   difference is larger than the spread.
 
@@ -133,3 +133,53 @@ def spread_verdict(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
                  f"the difference is {'larger' if out['beyond_spread'] else 'not larger'} than the spread"
                  f"{' (one seed: no spread measured)' if out['n'] == 1 else ''}")
   return out
+
+
+def spread_verdict(
+    ours: Sequence[float],
+    reference: "Sequence[float] | float",
+    *,
+    names: tuple[str, str] = ("ours", "reference"),
+    unit: str = "",
+    log10: bool = False,
+) -> dict[str, Any]:
+  """Mean +- std of two sets of runs and whether their difference is larger than the spread.
+
+  ``ours`` holds one value per seed; ``reference`` holds one per seed too, or is a single number
+  (a paper's figure, whose spread is unknown and taken as 0). With ``log10`` the comparison is made
+  on ``log10`` of the values (errors spanning orders of magnitude), and means are geometric.
+  The std is the sample standard deviation (``ddof=1``); the spread is ``std_ours + std_reference``
+  and the difference is *beyond the spread* when ``|mean_ours - mean_reference| > spread`` and
+  ``ours`` has at least two seeds (with one seed the spread is unknown and nothing is beyond it).
+
+  Returns:
+    A dict with ``mean``/``std``/``n`` for both sides (in log10 units when ``log10``), ``difference``
+    (ours minus reference), ``spread``, ``beyond_spread`` (bool), ``sign`` (+1, 0 or -1, that of the
+    difference when beyond the spread, else 0) and ``text``, one sentence for a verdict line.
+  """
+  a = np.asarray(ours, np.float64).ravel()
+  scalar = np.ndim(reference) == 0
+  b = np.asarray([reference] if scalar else reference, np.float64).ravel()
+  if a.size == 0 or b.size == 0:
+    raise ValueError(f"`ours` and `reference` must hold at least one value, got {a.size} and {b.size}.")
+  if log10:
+    a, b = np.log10(a), np.log10(b)
+  std = lambda x: float(np.std(x, ddof=1)) if x.size > 1 else 0.0  # noqa: E731
+  mean_a, mean_b, std_a, std_b = float(a.mean()), float(b.mean()), std(a), std(b)
+  diff, spread = mean_a - mean_b, std_a + std_b
+  beyond = a.size > 1 and abs(diff) > spread
+  if log10:
+    show = lambda m, s: f"{10**m:.2g} (x/ {10**s:.2g})"  # noqa: E731
+    diff_txt = f"ratio {10**diff:.3g}, spread x/ {10**spread:.2g}"
+  else:
+    show = lambda m, s: f"{m:.4g} +- {s:.2g}{unit}"  # noqa: E731
+    diff_txt = f"difference {diff:+.3g}{unit}, spread {spread:.2g}{unit}"
+  ref_txt = f"{names[1]} {10**mean_b:.2g}" if (scalar and log10) else (
+      f"{names[1]} {mean_b:.4g}{unit}" if scalar else f"{names[1]} {show(mean_b, std_b)} ({b.size} seed{'s' if b.size > 1 else ''})")
+  seeds = f"{a.size} seed{'s' if a.size > 1 else ''}"
+  judged = ("beyond the spread" if beyond else
+            "within the spread" if a.size > 1 else "one seed, spread unknown")
+  text = f"{names[0]} {show(mean_a, std_a)} ({seeds}) vs {ref_txt}: {diff_txt}, {judged}"
+  return {"mean": mean_a, "std": std_a, "n": int(a.size), "reference_mean": mean_b, "reference_std": std_b,
+          "reference_n": int(b.size), "difference": diff, "spread": spread, "beyond_spread": bool(beyond),
+          "sign": int(np.sign(diff)) if beyond else 0, "log10": log10, "text": text}

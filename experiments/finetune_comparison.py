@@ -255,7 +255,7 @@ def main(preset: str = "quick") -> dict:
     for better, worse in (("SineLoRA", "LoRA"), ("WaveFT", "SHiRA"), ("LFMA", "FourierFT")):
       a, b = seeds_of(better, budget), seeds_of(worse, budget)
       if a is not None and b is not None:
-        spread = _common.spread_verdict(a, b)
+        spread = _common.paired_spread_verdict(a, b)
         ok = spread["beyond_spread"] and spread["diff_mean"] > 0
         held += ok
         checks.append(f"{better} vs {worse} at {budget}: {spread['diff_mean']:+.3f} +- {spread['diff_std']:.3f} paired "

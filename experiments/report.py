@@ -71,18 +71,21 @@ CLAIMS = (
           "Growing the network with new frequencies in the most important band beats a fixed wide band.",
           "Paper 001, Fig. 20: the grown network reaches a higher PSNR than the fixed-band one."),
     Claim("lrnn_image", "LRNN image fit against SIREN, SPDER and ReLU MLP",
-          "At matched parameter counts an LRNN fits the cameraman image better than SIREN, SPDER and a ReLU MLP.",
-          "Paper 003, Fig. 2-3 (cameraman, ~197k parameters, 1000 steps: LRNN highest PSNR); the paper's "
-          "per-iteration time is 2.6x SIREN's."),
+          "At matched parameter counts and steps an LRNN fits the cameraman image better than SIREN, SPDER and a "
+          "ReLU MLP.",
+          "Paper 003, Fig. 3 and App. E Table 6 (cameraman 256 x 256, ~197k parameters, 1000 steps, one run: "
+          "LRNN-SPDER 107.9 dB, SPDER 49.0 dB next best); Table 8: LRNN's step 2.6x SIREN's."),
     Claim("lrnn_poisson", "LRNN Poisson solver",
-          "LRNN solves the 2-D Poisson problem of App. G to small relative l2 error.",
-          "Paper 003, Tab. 11: LRNN [2,16,16,1] l2 error 1.5e-5 (n = 2)."),
+          "LRNN [2,16,16,1] solves the 2-D Poisson problem of App. G to Table 11's error at n = 1, 2, 4 in 1000 Adam "
+          "steps, the error growing with n.",
+          "Paper 003, Tab. 11: LRNN [2,16,16,1] 'l2 error' 8.9e-7 / 1.5e-5 / 3.7e-3 for n = 1 / 2 / 4, which we read "
+          "as pykan's mean squared error on the collocation points."),
     Claim("lrnn_product_function", "LRNN on a product-structured function",
           "LRNN's error on a product-structured test function stays low as the dimension grows, unlike an MLP's.",
           "Paper 003, App. D."),
     Claim("lrnn_mnist1d", "LRNN on MNIST-1D",
-          "LRNN classifies MNIST-1D at least as well as an MLP of the same size.",
-          "Paper 003, Tab. 14."),
+          "LRNN (46k parameters) classifies MNIST-1D better than an MLP (15k), plain and with shuffled positions.",
+          "Paper 003, Tab. 14 (5 seeds): test accuracy LRNN 67.2 / 67.3 %, MLP 65.0 / 65.2 % (plain / shuffled)."),
     Claim("lfma_vs_fourierft", "LFMA vs FourierFT and LFMA's mask strategies",
           "At equal or smaller budgets LFMA matches or beats FourierFT; informed masks beat random ones.",
           "Paper 004, Tab. 1-3 (e.g. ViT-B: LFMA above FourierFT with fewer parameters)."),

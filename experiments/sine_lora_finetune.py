@@ -157,7 +157,7 @@ def main(preset: str = "quick") -> dict:
   for rank in config.ranks:
     lora = get(rank, "LoRA")
     for r in [x for x in runs if x["rank"] == rank]:
-      diff = _common.spread_verdict(r["test"], lora["test"])
+      diff = _common.paired_spread_verdict(r["test"], lora["test"])
       rows.append([r["rank"], r["method"], "-" if r["paper_omega"] is None else f"{r['omega']:.3g} ({r['paper_omega']:g})",
                    r["trainable"], f"{r['learning_rate']:.3g}{'' if r['interior'] else ' (edge)'}",
                    f"{np.mean(r['test']):.4f} +- {np.std(r['test'], ddof=1):.4f}",
@@ -166,8 +166,8 @@ def main(preset: str = "quick") -> dict:
     sines = [x for x in runs if x["rank"] == rank and x["method"] == "sine LoRA"]
     best = max(sines, key=lambda x: np.mean(x["val"]))  # omega chosen on validation, like the lr
     control = get(rank, "LoRA x omega/g (control)", best["paper_omega"])
-    vs_lora = _common.spread_verdict(best["test"], lora["test"])
-    vs_control = _common.spread_verdict(best["test"], control["test"])
+    vs_lora = _common.paired_spread_verdict(best["test"], lora["test"])
+    vs_control = _common.paired_spread_verdict(best["test"], control["test"])
     checks.append(vs_lora["beyond_spread"] and vs_lora["diff_mean"] > 0)
     verdict_parts.append(
         f"rank {rank}, sine LoRA (val-chosen omega {best['omega']:.3g}, paper-scale {best['paper_omega']:g}) vs LoRA: "

@@ -188,8 +188,8 @@ def main(preset: str = "quick") -> dict:
   by = lambda name, level, key: [r[key] for r in rows if r["init"] == name and r.get("target", 0.0) == level]  # noqa: E731
   first = config.levels[0]
   integer = CUSTOM if CUSTOM in config.inits else RANDOM
-  to_control = _common.spread_verdict(by(integer, first, "relative_to_control"), by(SIREN, first, "relative_to_control"))
-  to_base = _common.spread_verdict(by(integer, first, "relative"), by(SIREN, first, "relative"))
+  to_control = _common.paired_spread_verdict(by(integer, first, "relative_to_control"), by(SIREN, first, "relative_to_control"))
+  to_base = _common.paired_spread_verdict(by(integer, first, "relative"), by(SIREN, first, "relative"))
   integer_ok = to_control["mean_a"] - to_control["std_a"] >= 0.97
   holds = integer_ok and to_control["beyond_spread"] and to_control["diff_mean"] > 0
   part = integer_ok or (to_control["beyond_spread"] and to_control["diff_mean"] > 0)

@@ -19,14 +19,31 @@ Layouts (Flax kernel layout, inputs first):
   * a component evaluates ``a_0 = act(omega z)``, ``a_{i+1} = act(omega (a_i w_i + b_i))`` for the
     hidden layers and ``g = a_L w_L`` (no bias).
 
+Where omega goes (a choice; App. B.1 writes the first stage as ``sigma(z)``): ``omega`` multiplies
+the argument of *every* component activation, the SIREN convention ``sin(omega (W x + b))`` that the
+paper's "SIREN-style initialization" (App. C.2) and its "omega_0 = 30 ... with omega = 30" (App. E)
+presuppose. ``act(omega z)`` with ``z = x W + b`` is the paper's ``sigma(z')`` with ``z' = x (omega W)
++ omega b``, so the two readings are the same family of functions; they differ in the scale of the
+trainable projection (and hence in Adam's effective step on it), and our projection initialisation
+(:func:`lrnn_projection_init`) is SIREN's for exactly this ``omega``-scaled argument.
+
+Initialisation (Lemma 1, App. C.2): the components are initialised SIREN-style, the bias-free output
+weight of each component included, ``U(+-sqrt(6/h_L)/omega)``. This gives ``E[g] = 0`` and
+``Var[g] = 2 E[a_L^2] / omega^2`` (about ``1/omega^2`` for sine components), so Lemma 1 bounds
+``Var[phi] <= e^{Var g} - 1``, close to ``Var g``: the product starts near 1 and LayerNorm (App. C.2)
+rescales it. An earlier default of this library, ``U(+-sqrt(6/h_L))`` (``Var[g] ~= 1`` for sine
+components, ``~15`` for SPDER at ``omega = 30``, where ``|phi|`` reached ``~1.5e4`` in 8k draws at
+``d = 16``), is kept only as ``output_init="unit_variance"``.
+
 Network parameters (:func:`lrnn_init`) are a plain dict of arrays::
 
   {"layers": [{"kernel", "bias", "components", ["norm": {"scale", "bias"}]}, ...],
-   "output": {"kernel": (r_L, out_features), "bias": (out_features,)}}
+   "output": {"kernel": (r_L, out_features), ["bias": (out_features,)]}}
 
-A layer has a ``"norm"`` entry exactly when LayerNorm follows it, so the architecture is read
-from the parameters; only how to evaluate the components (activation, frequencies, gamma,
-rematerialisation) is passed to :func:`lrnn_apply`.
+A layer has a ``"norm"`` entry exactly when LayerNorm follows it, and the output map has a
+``"bias"`` exactly when it was asked for (eq. 3's ``S_out`` has none, the default), so the
+architecture is read from the parameters; only how to evaluate the components (activation,
+frequencies, gamma, rematerialisation) is passed to :func:`lrnn_apply`.
 """
 
 from __future__ import annotations
@@ -56,7 +73,7 @@ def _sin_arctan(u: Array) -> Array:
   return jnp.sin(u) * jnp.arctan(u)
 
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {  # "spder", "sin_arctan": Shah & Sitawarin (2024).
     "sine": jnp.sin,
     "spder": _spder,
     "sin_arctan": _sin_arctan,
@@ -64,7 +81,15 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": jnp.tanh,
     "gelu": jax.nn.gelu,
 }
-"""Named component activations. Each is applied as ``act(omega * u)`` (SIREN convention)."""
+"""Named component activations. Each is applied as ``act(omega * u)`` (SIREN convention).
+
+``"sine"`` is SIREN's (Sitzmann et al., 2020); ``"spder"`` (``sin(u) sqrt|u|``) and ``"sin_arctan"``
+(``sin(u) arctan(u)``) are the SPDER activations of Shah & Sitawarin, "SPDER: Semiperiodic
+Damping-Enabled Object Representation", ICLR 2024, which the LRNN paper uses in its components.
+"""
+
+OUTPUT_INITS = ("siren", "unit_variance")
+"""Schemes for the bias-free output weight of the component MLPs (see :func:`component_init`)."""
 
 
 def resolve_activation(activation: Activation) -> Callable[[Array], Array]:
@@ -202,6 +227,12 @@ def _uniform(key: Array, shape: tuple[int, ...], bound: float, dtype: Any) -> Ar
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _check_output_init(output_init: Any) -> str:
+  if output_init not in OUTPUT_INITS:
+    raise ValueError(f"`output_init` must be one of {OUTPUT_INITS}, got {output_init!r}.")
+  return output_init
+
+
 def component_init(
     key: Array,
     rank: int,
@@ -210,19 +241,26 @@ def component_init(
     *,
     omega: float = 30.0,
     shared: bool = False,
+    output_init: str = "siren",
     dtype: Any = jnp.float32,
 ) -> Params:
   """SIREN-style initialisation of the ``r * d`` component MLPs of one LRNN layer.
 
   References:
-    LRNN paper, App. B.1, App. C.2 ("SIREN-style initialization for each component function");
-    Sitzmann et al. (2020), SIREN initialisation.
+    LRNN paper, App. B.1, App. C.2 ("we use SIREN-style initialization for each individual
+    component function g_j"), Lemma 1; Sitzmann et al. (2020), SIREN initialisation.
 
-  Hidden weights ``w_i: (.., h_i, h_{i+1})`` are ``U(-sqrt(6/h_i)/omega, sqrt(6/h_i)/omega)`` and
-  hidden biases ``U(-1/sqrt(h_i), 1/sqrt(h_i))`` (SIREN's hidden layers, whose pre-activation is
-  multiplied by ``omega``). The bias-free output weight is ``U(-sqrt(6/h_L), sqrt(6/h_L))``, which
-  gives ``Var[g] ~= 1`` for sine components, so Lemma 1 bounds ``Var[phi] <= e - 1``. The weights
-  are symmetric, so ``E[g] = 0`` over draws (Lemma 1's assumption).
+  Every layer that follows an activation is initialised as a SIREN hidden layer whose input is
+  ``act(omega u)``: weights ``w_i: (.., h_i, h_{i+1})`` are ``U(-sqrt(6/h_i)/omega, sqrt(6/h_i)/omega)``,
+  hidden biases ``U(-1/sqrt(h_i), 1/sqrt(h_i))``. That includes the bias-free output weight ``w_L``
+  (``output_init="siren"``, the default), so ``E[g] = 0`` and
+  ``Var[g] = h_L Var[w_L] E[a_L^2] = 2 E[a_L^2] / omega^2``: about ``1/omega^2`` for sine components.
+  Lemma 1 then bounds ``Var[phi] <= e^{Var g} - 1`` and
+  ``sum_k Var[d phi / d z_k] <= Var[g'] e^{Var g}`` at initialisation.
+
+  ``output_init="unit_variance"`` keeps this library's earlier scheme ``w_L ~ U(+-sqrt(6/h_L))``
+  (``omega`` times larger, ``Var[g] ~= 1`` for sine components, ``~15`` for SPDER at ``omega = 30``),
+  outside the regime where Lemma 1's bound is small; it is not the paper's.
 
   Args:
     key: a ``jax.random`` key.
@@ -232,18 +270,27 @@ def component_init(
       The paper's image and PDE runs use ``(1,)`` (3 parameters per component).
     omega: the frequency the components are evaluated with.
     shared: one set of ``d`` components shared by all neurons of the layer (eq. 5).
+    output_init: ``"siren"`` (the paper's, ``U(+-sqrt(6/h_L)/omega)``) or ``"unit_variance"``
+      (``U(+-sqrt(6/h_L))``) for the output weight ``w_L``.
     dtype: parameter dtype.
 
   Returns:
     ``{"weights": tuple, "biases": tuple}`` as described in :func:`component_apply`.
 
   Raises:
-    ValueError / TypeError: on non-positive sizes or ``omega``.
+    ValueError / TypeError: on non-positive sizes or ``omega``, or an unknown ``output_init``.
+
+  Example:
+    >>> import jax, spectral_peft as sp
+    >>> comps = sp.component_init(jax.random.key(0), 8, 4, hidden=(1,), omega=30.0)
+    >>> [w.shape for w in comps["weights"]], float(abs(comps["weights"][-1]).max()) <= 6**0.5 / 30
+    ([(8, 4, 1, 1), (8, 4, 1, 1)], True)
   """
   rank = _validation.check_positive_int("rank", rank)
   width = _validation.check_positive_int("projection_width", projection_width)
   hidden = tuple(_validation.check_positive_int("hidden", h) for h in hidden)
   omega = _validation.check_positive_float("omega", omega)
+  output_init = _check_output_init(output_init)
   lead = (width,) if shared else (rank, width)
   sizes = (1,) + hidden + (1,)
   keys = jax.random.split(key, 2 * len(sizes))
@@ -251,7 +298,9 @@ def component_init(
   for i in range(len(sizes) - 1):
     h_in, h_out = sizes[i], sizes[i + 1]
     last = i == len(sizes) - 2
-    bound = math.sqrt(6.0 / h_in) if last else math.sqrt(6.0 / h_in) / omega
+    bound = math.sqrt(6.0 / h_in) / omega  # SIREN: the layer's input is act(omega * u).
+    if last and output_init == "unit_variance":
+      bound = math.sqrt(6.0 / h_in)
     weights.append(_uniform(keys[2 * i], lead + (h_in, h_out), bound, dtype))
     if not last:
       biases.append(_uniform(keys[2 * i + 1], lead + (h_out,), 1.0 / math.sqrt(h_in), dtype))
@@ -454,6 +503,8 @@ def lrnn_init(
     first_omega: Optional[float] = None,
     layer_norm: bool = True,
     shared_components: bool = False,
+    output_init: str = "siren",
+    output_bias: bool = False,
     dtype: Any = jnp.float32,
 ) -> Params:
   """Initialises a shallow (eq. 1, one layer) or deep (eq. 3-4) LRNN.
@@ -464,6 +515,11 @@ def lrnn_init(
   Architecture ``[in_features, *ranks, out_features]``, e.g. the paper's PDE network
   ``LRNN [2, 16, 16, 1]`` is ``lrnn_init(key, 2, (16, 16), 1, projection_width=12)``. A shallow
   LRNN (eq. 1) is ``ranks=(r,)`` with ``layer_norm=False``.
+
+  The projections and components are initialised SIREN-style (:func:`lrnn_projection_init`,
+  :func:`component_init`); the output map ``S_out`` (eq. 3) is SIREN's last layer,
+  ``U(+-sqrt(6/r_L)/omega)``, and has no bias unless ``output_bias=True`` (with LayerNorm after the
+  last layer, a constant offset is already representable through LayerNorm's bias).
 
   Args:
     key: a ``jax.random`` key.
@@ -476,13 +532,17 @@ def lrnn_init(
     first_omega: ``omega_0`` of the first layer; ``None`` means ``omega``.
     layer_norm: LayerNorm (learnable scale and bias) after every layer.
     shared_components: share the ``d`` components across the neurons of each layer (eq. 5).
+    output_init: the component output-weight scheme, ``"siren"`` (the paper's) or
+      ``"unit_variance"`` (see :func:`component_init`).
+    output_bias: give the output map a (zero-initialised) bias, ``y = h S_out + c``; eq. 3 has none.
     dtype: parameter dtype.
 
   Returns:
     The parameter dict described in the module docstring.
 
   Raises:
-    ValueError / TypeError: on non-positive sizes or frequencies, or an empty ``ranks``.
+    ValueError / TypeError: on non-positive sizes or frequencies, an empty ``ranks`` or an unknown
+    ``output_init``.
 
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
@@ -506,14 +566,17 @@ def lrnn_init(
     kernel, bias = lrnn_projection_init(
         keys[2 * k], fan_in, rank, width, omega=layer_omega, first_layer=k == 0, dtype=dtype
     )
-    comps = component_init(keys[2 * k + 1], rank, width, hidden, omega=layer_omega, shared=shared_components, dtype=dtype)
+    comps = component_init(keys[2 * k + 1], rank, width, hidden, omega=layer_omega, shared=shared_components,
+                           output_init=output_init, dtype=dtype)
     layer = {"kernel": kernel, "bias": bias, "components": comps}
     if layer_norm:
       layer["norm"] = {"scale": jnp.ones((rank,), dtype), "bias": jnp.zeros((rank,), dtype)}
     layers.append(layer)
     fan_in = rank
   bound = math.sqrt(6.0 / fan_in) / omega
-  output = {"kernel": _uniform(keys[-1], (fan_in, out_features), bound, dtype), "bias": jnp.zeros((out_features,), dtype)}
+  output = {"kernel": _uniform(keys[-1], (fan_in, out_features), bound, dtype)}
+  if output_bias:
+    output["bias"] = jnp.zeros((out_features,), dtype)
   return {"layers": layers, "output": output}
 
 
@@ -536,7 +599,9 @@ def _forward(params, x, *, gamma, activation, omega, first_omega, remat, epsilon
       h = layer_norm(h, layer["norm"]["scale"], layer["norm"]["bias"], epsilon=epsilon)
   out = params["output"]
   _check_x(h, out["kernel"].shape[0])
-  y = jnp.matmul(h, out["kernel"]) + out["bias"]
+  y = jnp.matmul(h, out["kernel"])
+  if "bias" in out:
+    y = y + out["bias"]
   return y, collected
 
 
@@ -551,7 +616,7 @@ def lrnn_apply(
     remat: bool = False,
     epsilon: float = 1e-5,
 ) -> Array:
-  """Evaluates an LRNN ``y = S_out (phi^(L) o ... o phi^(1))(x) + c`` (eq. 1, 3-4).
+  """Evaluates an LRNN ``y = S_out (phi^(L) o ... o phi^(1))(x)`` (eq. 1, 3-4), ``+ c`` if it has an output bias.
 
   References:
     LRNN paper, eq. 1, 3-5; App. C.2 (LayerNorm after each layer); App. B.2 (checkpointing).

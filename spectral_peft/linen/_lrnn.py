@@ -35,6 +35,8 @@ class LRNNLayer(nn.Module):
     activation, omega, gamma, remat: as in :func:`spectral_peft.product_activation`.
     first_layer: initialise the projection as a first (input) layer.
     shared_components: one set of ``d`` components for all neurons (eq. 5).
+    output_init: component output-weight scheme (``"siren"``, the paper's; see
+      :func:`spectral_peft.component_init`).
     dtype: computation dtype (``None``: promote); ``param_dtype``: of the parameters.
 
   Example:
@@ -53,6 +55,7 @@ class LRNNLayer(nn.Module):
   gamma: Optional[float] = None
   first_layer: bool = False
   shared_components: bool = False
+  output_init: str = "siren"
   remat: bool = False
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
@@ -78,7 +81,7 @@ class LRNNLayer(nn.Module):
         "components",
         lambda key: _lrnn.component_init(
             key, self.rank, self.projection_width, tuple(self.hidden), omega=self.omega,
-            shared=self.shared_components, dtype=self.param_dtype,
+            shared=self.shared_components, output_init=self.output_init, dtype=self.param_dtype,
         ),
     )
     x, (kernel, bias, components) = _promote(x, (kernel, bias, components), self.dtype)
@@ -99,7 +102,7 @@ class LRNN(nn.Module):
 
   Attributes:
     ranks, out_features, projection_width, hidden, omega, first_omega, layer_norm,
-      shared_components: as in :func:`spectral_peft.lrnn_init` (``in_features`` is read from the
+      shared_components, output_init, output_bias: as in :func:`spectral_peft.lrnn_init` (``in_features`` is read from the
       input).
     activation, gamma, remat, epsilon: as in :func:`spectral_peft.lrnn_apply`.
     dtype: computation dtype (``None``: promote); ``param_dtype``: of the parameters.
@@ -122,6 +125,8 @@ class LRNN(nn.Module):
   gamma: Optional[float] = None
   layer_norm: bool = True
   shared_components: bool = False
+  output_init: str = "siren"
+  output_bias: bool = False
   remat: bool = False
   epsilon: float = 1e-5
   dtype: Optional[Any] = None
@@ -131,7 +136,8 @@ class LRNN(nn.Module):
     return _lrnn.lrnn_init(
         key, in_features, tuple(self.ranks), self.out_features, projection_width=self.projection_width,
         hidden=tuple(self.hidden), omega=self.omega, first_omega=self.first_omega, layer_norm=self.layer_norm,
-        shared_components=self.shared_components, dtype=self.param_dtype,
+        shared_components=self.shared_components, output_init=self.output_init, output_bias=self.output_bias,
+        dtype=self.param_dtype,
     )
 
   @nn.compact

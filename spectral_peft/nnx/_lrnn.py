@@ -49,6 +49,8 @@ class LRNNLayer(nnx.Module):
     activation, omega, gamma, remat: as in :func:`spectral_peft.product_activation`.
     first_layer: initialise the projection as a first (input) layer.
     shared_components: one set of ``d`` components for all neurons (eq. 5).
+    output_init: component output-weight scheme (``"siren"``, the paper's; see
+      :func:`spectral_peft.component_init`).
     dtype: computation dtype (``None``: promote inputs and parameters); ``param_dtype``: of the
       parameters; ``rngs``: an ``nnx.Rngs`` with a ``params`` stream.
 
@@ -71,6 +73,7 @@ class LRNNLayer(nnx.Module):
       gamma: Optional[float] = None,
       first_layer: bool = False,
       shared_components: bool = False,
+      output_init: str = "siren",
       remat: bool = False,
       dtype: Optional[Any] = None,
       param_dtype: Any = jnp.float32,
@@ -91,7 +94,8 @@ class LRNNLayer(nnx.Module):
     self.kernel, self.bias = nnx.Param(kernel), nnx.Param(bias)
     self.components = _wrap(
         _lrnn.component_init(
-            rngs.params(), rank, projection_width, hidden, omega=omega, shared=shared_components, dtype=param_dtype
+            rngs.params(), rank, projection_width, hidden, omega=omega, shared=shared_components,
+            output_init=output_init, dtype=param_dtype,
         )
     )
 
@@ -113,9 +117,8 @@ class LRNN(nnx.Module):
   ``model(x) == sp.lrnn_apply(model.params_dict(), x, **model.apply_kwargs())``.
 
   Args:
-    in_features, ranks, out_features: as in :func:`spectral_peft.lrnn_init`.
-    projection_width, hidden, omega, first_omega: as in :func:`spectral_peft.lrnn_init`.
-    layer_norm, shared_components: as in :func:`spectral_peft.lrnn_init`.
+    in_features, ranks, out_features, projection_width, hidden, omega, first_omega, layer_norm,
+      shared_components, output_init, output_bias: as in :func:`spectral_peft.lrnn_init`.
     activation, gamma, remat, epsilon: as in :func:`spectral_peft.lrnn_apply`.
     dtype: computation dtype (``None``: promote); ``param_dtype``; ``rngs``: ``nnx.Rngs``.
 
@@ -140,6 +143,8 @@ class LRNN(nnx.Module):
       gamma: Optional[float] = None,
       layer_norm: bool = True,
       shared_components: bool = False,
+      output_init: str = "siren",
+      output_bias: bool = False,
       remat: bool = False,
       epsilon: float = 1e-5,
       dtype: Optional[Any] = None,
@@ -149,7 +154,7 @@ class LRNN(nnx.Module):
     params = _lrnn.lrnn_init(
         rngs.params(), in_features, ranks, out_features, projection_width=projection_width, hidden=hidden,
         omega=omega, first_omega=first_omega, layer_norm=layer_norm, shared_components=shared_components,
-        dtype=param_dtype,
+        output_init=output_init, output_bias=output_bias, dtype=param_dtype,
     )
     _lrnn.resolve_activation(activation)  # Validates the name (raises early).
     self.activation = activation
