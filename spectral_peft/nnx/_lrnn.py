@@ -117,8 +117,9 @@ class LRNN(nnx.Module):
   ``model(x) == sp.lrnn_apply(model.params_dict(), x, **model.apply_kwargs())``.
 
   Args:
-    in_features, ranks, out_features, projection_width, hidden, omega, first_omega, layer_norm,
-      shared_components, output_init, output_bias: as in :func:`spectral_peft.lrnn_init`.
+    in_features, ranks, out_features: as in :func:`spectral_peft.lrnn_init`.
+    projection_width, hidden, omega, first_omega: as in :func:`spectral_peft.lrnn_init`.
+    layer_norm, shared_components, output_init, output_bias: as in :func:`spectral_peft.lrnn_init`.
     activation, gamma, remat, epsilon: as in :func:`spectral_peft.lrnn_apply`.
     dtype: computation dtype (``None``: promote); ``param_dtype``; ``rngs``: ``nnx.Rngs``.
 
