@@ -127,11 +127,19 @@ def _zeros_after(values: Array, size: int) -> Array:
   such copies to the start of the program: with one per adapted layer, every layer's ``(m, n)``
   buffer would be alive at once. Deriving it from the data keeps each buffer in its layer.
   """
+  return jnp.broadcast_to(zero_from(values), (size,))
+
+
+def zero_from(values: Array) -> Array:
+  """A scalar ``0`` of ``values``' dtype computed from ``values`` (never a compile-time constant).
+
+  Adding it to an array makes that array's copy depend on ``values``: XLA then builds it where it is
+  used instead of hoisting it (with every other layer's) to the start of the program.
+  """
   if values.shape[0] == 0:
-    return jnp.zeros(size, values.dtype)
+    return jnp.zeros((), values.dtype)
   first = values[0]
-  zero = jnp.where(jnp.isfinite(first), first, jnp.zeros((), first.dtype)) * 0
-  return jnp.broadcast_to(zero, (size,))
+  return jnp.where(jnp.isfinite(first), first, jnp.zeros((), first.dtype)) * 0
 
 
 def waveft_delta(values: Array, indices: Array, shape: Sequence[int], *, wavelet: str = "haar", level: int = 1) -> Array:
@@ -164,8 +172,66 @@ def waveft_delta(values: Array, indices: Array, shape: Sequence[int], *, wavelet
   shape = _check_shape("shape", tuple(shape))
   values = _check_values(values, real=True)
   grid = _wavelets.wavelet_coefficient_shape(shape, wavelet=wavelet, level=level)
+  if level == 1:
+    return _waveft_delta_one_level(values, indices, shape, wavelet)
   coeffs = scatter_coefficients(values, indices, grid)
   return _wavelets.idwt2(coeffs, wavelet, level, shape=shape)
+
+
+def _synthesis_spread(index: Array, length: int, wavelet: str) -> tuple[Array, Array]:
+  """Where one level of periodised 1-D synthesis sends coefficient ``index`` (``[lo, hi]`` layout).
+
+  ``lo[i]`` (``hi[i]``) adds ``rec_lo[j]`` (``rec_hi[j]``) to output sample ``(2 i + s_j) mod length``,
+  ``s_j = 1 - K // 2 + j`` (see :func:`spectral_peft._wavelets._synthesis_axis`).
+
+  Returns:
+    ``(positions, weights)``, each ``(p, K)``.
+  """
+  _, _, rec_lo, rec_hi = _wavelets._filters(wavelet)
+  k_len = len(rec_lo)
+  half = length // 2
+  high = index >= half
+  i = jnp.where(high, index - half, index)
+  shifts = jnp.arange(k_len) + 1 - k_len // 2
+  positions = (2 * i[:, None] + shifts[None, :]) % length
+  weights = jnp.where(high[:, None], jnp.asarray(rec_hi)[None, :], jnp.asarray(rec_lo)[None, :])
+  return positions, weights
+
+
+def waveft_terms(values: Array, indices: Array, shape: Sequence[int], *, wavelet: str = "haar") -> tuple[Array, Array]:
+  """One-level periodised ``IDWT2`` of a sparse coefficient matrix as ``p K^2`` weighted entries.
+
+  The synthesis is separable, so coefficient ``(u, v)`` adds ``c * r_a * c_b`` at ``(a, b)`` for the
+  ``K`` rows ``a`` and ``K`` columns ``b`` it reaches along each axis:
+  ``waveft_delta(values, indices, shape, wavelet=w, level=1)`` is the scatter-add of ``terms`` at the
+  flat positions ``positions`` of the ``(m, n)`` output (positions ``m * n`` are cropped away).
+
+  Args:
+    values: ``(p,)`` real coefficients; indices: positions in the padded grid
+      ``wavelet_coefficient_shape(shape, wavelet=wavelet, level=1)``.
+    shape: ``(m, n)``; wavelet: a discrete PyWavelets wavelet of filter length ``K``.
+
+  Returns:
+    ``(positions, terms)``: ``(p K^2,)`` int32 flat positions in ``[0, m n]`` and ``(p K^2,)`` values.
+  """
+  m, n = _check_shape("shape", tuple(shape))
+  values = _check_values(values, real=True)
+  big_m, big_n = _wavelets.wavelet_coefficient_shape((m, n), wavelet=wavelet, level=1)
+  flat = flat_indices(indices, (big_m, big_n), values.shape[0])
+  rows, cols = flat // big_n, flat % big_n
+  row_pos, row_w = _synthesis_spread(rows, big_m, wavelet)
+  col_pos, col_w = _synthesis_spread(cols, big_n, wavelet)
+  inside = (flat < big_m * big_n)[:, None, None] & (row_pos < m)[:, :, None] & (col_pos < n)[:, None, :]
+  positions = jnp.where(inside, row_pos[:, :, None] * n + col_pos[:, None, :], m * n).reshape(-1)
+  terms = (values[:, None, None] * (row_w[:, :, None] * col_w[:, None, :]).astype(values.dtype)).reshape(-1)
+  return positions.astype(jnp.int32), terms
+
+
+def _waveft_delta_one_level(values: Array, indices: Array, shape: tuple[int, int], wavelet: str) -> Array:
+  """``waveft_delta`` at level 1 as one scatter (no coefficient grid, no intermediate ``(m, n)`` passes)."""
+  m, n = shape
+  positions, terms = waveft_terms(values, indices, shape, wavelet=wavelet)
+  return _zeros_after(terms, m * n).at[positions].add(terms, mode="drop").reshape(m, n)
 
 
 def fourier_delta(values: Array, indices: Array, shape: Sequence[int]) -> Array:

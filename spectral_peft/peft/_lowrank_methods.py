@@ -354,6 +354,9 @@ class SineDoRA(_MagnitudeDirection, _SineUpdate, _LowRankBase):
   block_size: Optional[int] = None
   stop_norm_gradient: bool = True
 
+  # Its column norms need the whole (m, n) update: the runtime rebuilds it per layer instead.
+  runtime_factored = False
+
   def __post_init__(self) -> None:
     super().__post_init__()
     self._check_sine_fields()

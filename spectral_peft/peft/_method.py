@@ -82,6 +82,10 @@ class AdapterMethod:
     """``(init(params_key, w0), init_frozen(frozen_key, w0))``; override when both share a random draw."""
     return self.init(params_key, w0), self.init_frozen(frozen_key, w0)
 
+  def merge(self, params: PyTree, w0: Array, frozen: PyTree = None) -> Array:
+    """``w0 + Delta W`` in ``w0``'s dtype; override when the sum can be formed without ``Delta W``."""
+    return w0 + self.delta(params, w0, frozen).astype(w0.dtype)
+
   def unmerge(self, params: PyTree, w: Array, frozen: PyTree = None) -> Array:
     """Recovers ``w0`` from ``w = w0 + delta(params, w0, frozen)``."""
     if self.delta_depends_on_w0:
@@ -314,7 +318,9 @@ class Adapter:
 
   def merge(self, w0: Array) -> Array:
     """``w0 + Delta W`` in the shape and dtype of ``w0``."""
-    return w0 + self.delta(w0)
+    def one(params, frozen, w):
+      return self.from_matrix(self.method.merge(params, self.to_matrix(w), frozen)).astype(w.dtype)
+    return self.map_slices(one, w0)
 
   def unmerge(self, w: Array) -> Array:
     """Recovers ``w0`` from a merged weight."""

@@ -91,25 +91,25 @@ class LayerAdapter:
   def _is_slice(self, w0: Array) -> bool:
     return self.shell.stack_axes > 0 and tuple(w0.shape) == self.shell.slice_shape
 
-  def delta(self, w0: Array) -> Array:
-    """``Delta W`` of the weight ``w0`` (the whole stack or one slice), in ``w0``'s shape and dtype."""
+  def _map(self, fn, w0: Array) -> Array:
+    """``fn(params, frozen, w0)`` on the whole stack (vmapped) or on one slice."""
     self.for_weight(w0)
-    shell = self.shell
-    method = shell.method
-
-    def one(params, frozen, w):
-      update = method.delta(params, shell.to_matrix(w), frozen)
-      return shell.from_matrix(update).astype(w.dtype)
-
-    if shell.stack_axes == 0 or self._is_slice(w0):
-      return one(self.params, self.frozen, w0)
-    mapped = one
-    for _ in range(shell.stack_axes):
+    if self.shell.stack_axes == 0 or self._is_slice(w0):
+      return fn(self.params, self.frozen, w0)
+    mapped = fn
+    for _ in range(self.shell.stack_axes):
       mapped = jax.vmap(mapped)
     return mapped(self.params, self.frozen, w0)
 
+  def delta(self, w0: Array) -> Array:
+    """``Delta W`` of the weight ``w0`` (the whole stack or one slice), in ``w0``'s shape and dtype."""
+    shell = self.shell
+    return self._map(lambda p, f, w: shell.from_matrix(shell.method.delta(p, shell.to_matrix(w), f)).astype(w.dtype), w0)
+
   def merge(self, w0: Array) -> Array:
-    return w0 + self.delta(w0)
+    """``w0 + Delta W`` (the method's own merge: scatter methods add into a copy of ``w0``)."""
+    shell = self.shell
+    return self._map(lambda p, f, w: shell.from_matrix(shell.method.merge(p, shell.to_matrix(w), f)).astype(w.dtype), w0)
 
   def apply(self, x: Array, w0: Array) -> Array:
     """The factored product ``x @ (W0 + Delta W)`` over the trailing input axes of ``x`` (one slice)."""
@@ -191,8 +191,12 @@ def merged_call(adapters: Mapping[str, tuple[LayerAdapter, Array]],
     params = _tie(params, cotangent)
     float_ops, rebuild = _split_floats(operands)
     merged, merge_vjp = jax.vjp(lambda p, w: merge_all(list(zip(p, frozen)), w), params, weights)
-    _, call_vjp = jax.vjp(lambda m, f: call(m, rebuild(f)), merged, float_ops)
-    d_merged, d_float_ops = call_vjp(cotangent)
+    # The input gradient first (it needs the merged weights), then the weight gradient (it does not):
+    # tying the second to the first lets XLA free the merged weights before dW and its adjoint exist.
+    _, inputs_vjp = jax.vjp(lambda f: call(merged, rebuild(f)), float_ops)
+    (d_float_ops,) = inputs_vjp(cotangent)
+    _, weights_vjp = jax.vjp(lambda m: call(m, rebuild(float_ops)), merged)
+    (d_merged,) = weights_vjp(_tie(cotangent, d_float_ops))
     d_params, d_weights = merge_vjp(d_merged)
     d_weights = [_cotangent_like(w, d) for w, d in zip(weights, d_weights)]
     d_frozen = jax.tree.map(lambda f: np.zeros(jnp.shape(f), jax.dtypes.float0), frozen)

@@ -138,6 +138,25 @@ class _SparseRealBase(AdapterMethod):
   def delta(self, params, w0, frozen=None):
     return self.scale * self.synthesis(_up(params["values"]), frozen["indices"], tuple(w0.shape))
 
+  def scatter_terms(self, values: Array, indices: Array, shape: tuple[int, int]) -> Optional[tuple[Array, Array]]:
+    """``(positions, terms)`` with ``Delta W / scale`` = their scatter-add into ``(m, n)``, or None."""
+    return None
+
+  def merge(self, params, w0, frozen=None):
+    """Adds the update's entries into a copy of ``w0`` (no separate ``Delta W``) when the method is a scatter.
+
+    Weights below float32 take ``w0 + Delta W`` (the update summed in float32 first, then rounded once).
+    """
+    terms = None
+    if jnp.dtype(w0.dtype).itemsize >= 4 and jnp.issubdtype(w0.dtype, jnp.floating):
+      terms = self.scatter_terms(_up(params["values"]), frozen["indices"], tuple(w0.shape))
+    if terms is None:
+      return super().merge(params, w0, frozen)
+    positions, values = terms
+    values = (self.scale * values).astype(w0.dtype)
+    start = w0.reshape(-1) + _spectral.zero_from(values)  # the copy of w0, built where it is used
+    return start.at[positions].add(values, mode="drop").reshape(w0.shape)
+
   @property
   def runtime_factored(self) -> bool:  # type: ignore[override]
     """Only when forced: the factored product's gathers over ``batch x p`` cost more than a rebuilt ``Delta W``."""
@@ -242,6 +261,11 @@ class WaveFT(_SparseRealBase):
     flat = _interop.peft_positions("waveft", tuple(w0.shape), self.n_params, self.random_loc_seed, self.grid(tuple(w0.shape)))
     return {"indices": jnp.asarray(np.sort(flat), jnp.int32)}
 
+  def scatter_terms(self, values, indices, shape):
+    if self.boundary != "periodic" or self.level != 1:
+      return None
+    return _spectral.waveft_terms(values, indices, shape, wavelet=self.wavelet)
+
   def synthesis(self, values, indices, shape):
     if self.boundary == "zero":
       coeffs = _spectral.scatter_coefficients(_spectral._check_values(values, real=True), indices, self.grid(shape))
@@ -289,6 +313,10 @@ class SHiRA(_SparseRealBase):
 
   def synthesis(self, values, indices, shape):
     return _spectral.scatter_coefficients(_spectral._check_values(values, real=True), indices, shape)
+
+  def scatter_terms(self, values, indices, shape):
+    values = _spectral._check_values(values, real=True)
+    return _spectral.flat_indices(indices, tuple(shape), values.shape[0]), values
 
   def synthesis_matmul(self, x, values, indices, shape):
     return _spectral.sparse_matmul(x, values, indices, shape, path=self.path)
