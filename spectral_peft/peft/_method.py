@@ -317,10 +317,13 @@ class Adapter:
     return self.map_slices(one, w0)
 
   def merge(self, w0: Array) -> Array:
-    """``w0 + Delta W`` in the shape and dtype of ``w0``."""
-    def one(params, frozen, w):
-      return self.from_matrix(self.method.merge(params, self.to_matrix(w), frozen)).astype(w.dtype)
-    return self.map_slices(one, w0)
+    """``w0 + Delta W`` in the shape and dtype of ``w0``.
+
+    The sum is taken in ``w0``'s own shape, so a sharded ``w0`` gives a merged weight of the same
+    sharding. (The adapter runtime instead uses ``method.merge`` on the matrix view, which for the
+    scatter methods adds into a copy of ``w0`` and saves one ``(m, n)`` buffer per layer.)
+    """
+    return w0 + self.delta(w0)
 
   def unmerge(self, w: Array) -> Array:
     """Recovers ``w0`` from a merged weight."""
