@@ -180,11 +180,12 @@ def test_killing_an_overwriting_save_always_leaves_a_complete_checkpoint(tmp_pat
   assert not [e for e in os.listdir(fresh) if e.startswith(".")]  # No staging leftovers accumulate.
 
 
-def test_two_process_save_and_load(tmp_path):
+def _two_processes(mode, tmp_path):
+  """Runs the checkpoint worker in ``mode`` as two jax.distributed processes; returns (procs, logs, path)."""
   if not loopback_available():
     pytest.skip("no TCP loopback interface (127.0.0.1) to run jax.distributed's coordinator on")
   port, path = free_port(), tmp_path / "ckpt"
-  procs = [subprocess.Popen([sys.executable, WORKER, "multihost", "--process-id", str(i), "--port", str(port),
+  procs = [subprocess.Popen([sys.executable, WORKER, mode, "--process-id", str(i), "--port", str(port),
                              "--path", str(path)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   try:
@@ -193,6 +194,11 @@ def test_two_process_save_and_load(tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
+  return procs, logs, path
+
+
+def test_two_process_save_and_load(tmp_path):
+  procs, logs, path = _two_processes("multihost", tmp_path)
   for i, (proc, log) in enumerate(zip(procs, logs)):
     assert proc.returncode == 0, log[-4000:]
     assert f"process {i} loaded tag 3.0" in log and f"process {i} loaded tag 5.0" in log
@@ -348,18 +354,7 @@ def test_format_1_checkpoints_are_named_and_may_be_overwritten(tmp_path):
 
 
 def test_a_save_on_one_process_only_raises_instead_of_hanging(tmp_path):
-  if not loopback_available():
-    pytest.skip("no TCP loopback interface (127.0.0.1) to run jax.distributed's coordinator on")
-  port, path = free_port(), tmp_path / "ckpt"
-  procs = [subprocess.Popen([sys.executable, WORKER, "alone", "--process-id", str(i), "--port", str(port),
-                             "--path", str(path)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  try:
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  procs, logs, path = _two_processes("alone", tmp_path)
   # Process 0 gets a clear error after the (shortened) barrier timeout; the coordination service then
   # reports the failed barrier to process 1 too (JAX aborts it), so the job stops instead of hanging.
   assert "process 0 RuntimeError: save_adapters is collective under jax.distributed" in logs[0], logs[0][-3000:]
