@@ -37,20 +37,22 @@ napoleon_use_ivar = True  # "Attributes:" sections as field lists, not a second 
 napoleon_custom_sections = [("References", "notes_style"), ("Example", "example")]
 default_role = "code"
 
-# One section per defining module, in this order; a module not listed gets its own name as title.
+# One section per defining module (its path below the package), in this order; a module not listed
+# gets its own name as title. The core's modules sit in one private subpackage per paper family, and
+# its page groups the sections under FAMILIES.
 SECTIONS = {
     "spectral_peft": {
-        "_lowrank": "Low rank and sine low rank",
-        "_spectral": "Sparse spectral updates: wavelet, Fourier, scatter, top-k masks",
-        "_wavelets": "Wavelet analysis and synthesis",
-        "_sparse_theory": "Sparse updates: positions, rank and coverage",
-        "_sparse_interpolation": "Sparse least squares",
-        "_diagnostics": "Rank and spectrum diagnostics",
-        "_lrnn": "LRNN: product-separated neurons",
-        "_sinusoidal": "Sinusoidal networks: periodic SIREN and integer frequencies",
-        "_sinusoidal_training": "Sinusoidal networks: bounding, decay, pruning, growing",
-        "_frequency_analysis": "Sinusoidal networks: frequency analysis",
-        "_pde": "PDE: Poisson problem",
+        "_lowrank.matrices": "Low rank and sine low rank",
+        "_lowrank.diagnostics": "Rank and spectrum diagnostics",
+        "_sparse.deltas": "Sparse coefficient updates: scatter, wavelet and Fourier syntheses, top-k masks",
+        "_sparse.wavelets": "Wavelet analysis and synthesis",
+        "_sparse.theory": "Sparse updates: positions, rank and coverage",
+        "_sparse.interpolation": "Sparse least squares",
+        "_sinusoidal.siren": "Periodic SIREN and integer frequencies",
+        "_sinusoidal.frequency_analysis": "Frequency analysis",
+        "_sinusoidal.training": "Bounding, decay, pruning, growing",
+        "_lrnn.lrnn": "Product-separated neurons, layers and networks",
+        "_lrnn.pde": "PDE: Poisson problem",
     },
     "spectral_peft.peft": {
         "_lowrank_methods": "Low-rank methods",
@@ -65,12 +67,28 @@ SECTIONS = {
     "spectral_peft.nnx": {},
     "spectral_peft.linen": {},
 }
+FAMILIES = {
+    "spectral_peft": {
+        "_lowrank": "Sine-activated low rank",
+        "_sparse": "Sparse spectral updates: WaveFT, SHiRA, FourierFT, LFMA",
+        "_sinusoidal": "Sinusoidal networks",
+        "_lrnn": "LRNN: product-structured activations",
+    },
+}
 TITLES = {
     "spectral_peft": "Core functions (``spectral_peft``)",
     "spectral_peft.peft": "Adapters (``spectral_peft.peft``)",
     "spectral_peft.nnx": "Flax NNX modules (``spectral_peft.nnx``)",
     "spectral_peft.linen": "Flax Linen modules (``spectral_peft.linen``)",
 }
+
+
+def _section_key(package: str, obj: object) -> str:
+  """The defining module below ``package`` (``"_sparse.deltas"``), else the module's last component."""
+  module = getattr(obj, "__module__", package)
+  if module.startswith(package + "."):
+    return module[len(package) + 1:]
+  return module.rsplit(".", 1)[-1]
 
 
 def _page(package: str) -> str:
@@ -80,17 +98,29 @@ def _page(package: str) -> str:
     obj = getattr(module, name)
     if type(obj).__name__ == "module":
       continue
-    groups.setdefault(getattr(obj, "__module__", package).rsplit(".", 1)[-1], []).append(name)
+    groups.setdefault(_section_key(package, obj), []).append(name)
   order = list(SECTIONS[package]) + sorted(set(groups) - set(SECTIONS[package]))
+  families = FAMILIES.get(package, {})
+  if families:  # an unlisted module joins the end of its family
+    rank = {f: i for i, f in enumerate(dict.fromkeys(key.split(".")[0] for key in order))}
+    order.sort(key=lambda key: rank[key.split(".")[0]])
   title = TITLES[package]
   lines = [title, "=" * len(title), "", f".. currentmodule:: {package}", ""]
   doc = (module.__doc__ or "").strip().split("\n\n")[0]
   lines += [doc, ""]
+  family = None
   for key in order:
     if key not in groups:
       continue
-    heading = SECTIONS[package].get(key, key.lstrip("_").replace("_", " ").capitalize())
-    lines += [heading, "-" * len(heading), ""]
+    underline = "-"
+    if families:
+      underline = "~"
+      if key.split(".")[0] != family:
+        family = key.split(".")[0]
+        heading = families.get(family, family.lstrip("_").replace("_", " ").capitalize())
+        lines += [heading, "-" * len(heading), ""]
+    heading = SECTIONS[package].get(key, key.rsplit(".", 1)[-1].lstrip("_").replace("_", " ").capitalize())
+    lines += [heading, underline * len(heading), ""]
     for name in groups[key]:
       obj = getattr(module, name)
       directive = "autoclass" if isinstance(obj, type) else "autofunction"

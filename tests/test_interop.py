@@ -19,7 +19,7 @@ import pywt
 from safetensors.numpy import load_file
 
 import spectral_peft as sp
-from spectral_peft import _wavelets
+from spectral_peft._sparse import wavelets
 from spectral_peft.peft import _interop
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "peft")
@@ -433,9 +433,9 @@ def test_waveft_zero_boundary_checks():
     sp.peft.WaveFT(4, wavelet="db2", boundary="zero", level=2)
   with pytest.raises(ValueError, match="`boundary` must be one of"):
     sp.peft.WaveFT(4, boundary="reflect")
-  assert _wavelets.zero_boundary_coefficient_shape((5, 8), wavelet="db2") == (8, 10)
+  assert wavelets.zero_boundary_coefficient_shape((5, 8), wavelet="db2") == (8, 10)
   with pytest.raises(ValueError, match="even sides"):
-    _wavelets.idwt2_zero(jnp.ones((5, 8)), "db2")
+    wavelets.idwt2_zero(jnp.ones((5, 8)), "db2")
 
 
 # -- PEFT habits ---------------------------------------------------------------------------------------

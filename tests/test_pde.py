@@ -1,4 +1,4 @@
-"""Tests for the forward-mode Laplacian and the Poisson benchmark (spectral_peft._pde)."""
+"""Tests for the forward-mode Laplacian and the Poisson benchmark (spectral_peft._lrnn.pde)."""
 
 from __future__ import annotations
 

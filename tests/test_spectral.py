@@ -109,10 +109,10 @@ class TestFactoredEqualsDense(chex.TestCase):
 
 
 def test_auto_path_prefers_factored_for_small_batches_and_sparse_budgets():
-  from spectral_peft import _spectral
-  costs = _spectral.matmul_costs("wavelet", 8, (768, 768), 100, filter_length=2)
+  from spectral_peft._sparse import deltas
+  costs = deltas.matmul_costs("wavelet", 8, (768, 768), 100, filter_length=2)
   assert costs["factored"] < costs["dense"]
-  costs = _spectral.matmul_costs("fourier", 10_000, (64, 64), 4000)
+  costs = deltas.matmul_costs("fourier", 10_000, (64, 64), 4000)
   assert costs["factored"] > costs["dense"]
 
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spectral_peft import _lowrank
+from spectral_peft._lowrank import matrices
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -48,7 +48,7 @@ class LowRankDense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x, a, b, bias = self._params(x)
-    return _lowrank.lowrank_dense(x, a, b, bias)
+    return matrices.lowrank_dense(x, a, b, bias)
 
 
 class SineLowRankDense(LowRankDense):
@@ -73,9 +73,9 @@ class SineLowRankDense(LowRankDense):
     True
   """
 
-  a_init: Initializer = _lowrank.sine_lowrank_factor_init()
-  b_init: Initializer = _lowrank.sine_lowrank_factor_init()
-  omega: float = _lowrank.DEFAULT_SINE_OMEGA
+  a_init: Initializer = matrices.sine_lowrank_factor_init()
+  b_init: Initializer = matrices.sine_lowrank_factor_init()
+  omega: float = matrices.DEFAULT_SINE_OMEGA
   gain: Optional[float] = None
   memory_lean: bool = False
   block_size: Optional[int] = None
@@ -83,6 +83,6 @@ class SineLowRankDense(LowRankDense):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x, a, b, bias = self._params(x)
-    return _lowrank.sine_lowrank_dense(
+    return matrices.sine_lowrank_dense(
         x, a, b, bias, omega=self.omega, gain=self.gain, memory_lean=self.memory_lean, block_size=self.block_size
     )

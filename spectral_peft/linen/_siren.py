@@ -1,4 +1,4 @@
-"""Flax Linen periodic sinusoidal network (a thin wrapper over :mod:`spectral_peft._sinusoidal`)."""
+"""Flax Linen periodic sinusoidal network (a thin wrapper over :mod:`spectral_peft._sinusoidal.siren`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spectral_peft import _sinusoidal
 from spectral_peft import _validation
+from spectral_peft._sinusoidal import siren
 
 Array = jax.Array
 
@@ -72,7 +72,7 @@ class PeriodicSiren(nn.Module):
     params = {"omega": omega, "phi": phi, "hidden": tuple(hidden), "output": {"kernel": out_kernel, "bias": out_bias}}
     leaves, tree = jax.tree.flatten(params)
     x, *leaves = nn.dtypes.promote_dtype(x, *leaves, dtype=self.dtype)
-    return _sinusoidal.periodic_siren_apply(jax.tree.unflatten(tree, leaves), x)
+    return siren.periodic_siren_apply(jax.tree.unflatten(tree, leaves), x)
 
 
 def periodic_siren_dict(variables: Any) -> dict[str, Any]:

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectral_peft import _lowrank
 from spectral_peft import _validation
+from spectral_peft._lowrank import matrices
 
 Array = jax.Array
 default_a_init = nnx.initializers.lecun_normal()
@@ -61,7 +61,7 @@ class LowRankDense(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     x, a, b, bias = self._promoted(x)
-    return _lowrank.lowrank_dense(x, a, b, bias)
+    return matrices.lowrank_dense(x, a, b, bias)
 
 
 class SineLowRankDense(LowRankDense):
@@ -88,7 +88,7 @@ class SineLowRankDense(LowRankDense):
       out_features: int,
       *,
       rank: int,
-      omega: float = _lowrank.DEFAULT_SINE_OMEGA,
+      omega: float = matrices.DEFAULT_SINE_OMEGA,
       gain: Optional[float] = None,
       memory_lean: bool = False,
       block_size: Optional[int] = None,
@@ -99,12 +99,12 @@ class SineLowRankDense(LowRankDense):
     self.gain = None if gain is None else _validation.check_positive_float("gain", gain)
     self.memory_lean = bool(memory_lean)
     self.block_size = None if block_size is None else _validation.check_positive_int("block_size", block_size)
-    kwargs.setdefault("a_init", _lowrank.sine_lowrank_factor_init())
-    kwargs.setdefault("b_init", _lowrank.sine_lowrank_factor_init())
+    kwargs.setdefault("a_init", matrices.sine_lowrank_factor_init())
+    kwargs.setdefault("b_init", matrices.sine_lowrank_factor_init())
     super().__init__(in_features, out_features, rank=rank, rngs=rngs, **kwargs)
 
   def __call__(self, x: Array) -> Array:
     x, a, b, bias = self._promoted(x)
-    return _lowrank.sine_lowrank_dense(
+    return matrices.sine_lowrank_dense(
         x, a, b, bias, omega=self.omega, gain=self.gain, memory_lean=self.memory_lean, block_size=self.block_size
     )

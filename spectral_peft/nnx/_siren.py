@@ -1,4 +1,4 @@
-"""Flax NNX periodic sinusoidal network (a thin wrapper over :mod:`spectral_peft._sinusoidal`)."""
+"""Flax NNX periodic sinusoidal network (a thin wrapper over :mod:`spectral_peft._sinusoidal.siren`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectral_peft import _sinusoidal
 from spectral_peft import _validation
+from spectral_peft._sinusoidal import siren
 
 Array = jax.Array
 
@@ -53,7 +53,7 @@ class PeriodicSiren(nnx.Module):
       param_dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    params = _sinusoidal.periodic_siren_init(rngs.params(), omega, hidden_features, out_features, dtype=param_dtype)
+    params = siren.periodic_siren_init(rngs.params(), omega, hidden_features, out_features, dtype=param_dtype)
     self.dtype, self.param_dtype = dtype, param_dtype
     self.out_features = _validation.check_positive_int("out_features", out_features)
     self.omega = Frequencies(params["omega"])
@@ -77,4 +77,4 @@ class PeriodicSiren(nnx.Module):
     params = self.as_dict()
     leaves, tree = jax.tree.flatten(params)
     x, *leaves = nnx.nn.dtypes.promote_dtype((x, *leaves), dtype=self.dtype)
-    return _sinusoidal.periodic_siren_apply(jax.tree.unflatten(tree, leaves), x)
+    return siren.periodic_siren_apply(jax.tree.unflatten(tree, leaves), x)

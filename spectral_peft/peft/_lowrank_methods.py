@@ -28,8 +28,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from spectral_peft import _lowrank
 from spectral_peft import _validation
+from spectral_peft._lowrank import matrices
 from spectral_peft.peft._method import AdapterMethod
 
 Array = jax.Array
@@ -117,7 +117,7 @@ class _PlainUpdate:
   """``Delta = scale * a @ b``."""
 
   def update(self, params):
-    return self.scale * _lowrank.lowrank(_up(params["a"]), _up(params["b"]))
+    return self.scale * matrices.lowrank(_up(params["a"]), _up(params["b"]))
 
   def update_matmul(self, params, x):
     return self.scale * jnp.matmul(jnp.matmul(x, params["a"].astype(x.dtype)), params["b"].astype(x.dtype))
@@ -140,12 +140,12 @@ class _SineUpdate:
       _validation.check_positive_int("block_size", self.block_size)
 
   def update(self, params):
-    return self.scale * _lowrank.sine_lowrank(_up(params["a"]), _up(params["b"]), omega=self.omega, gain=self.gain)
+    return self.scale * matrices.sine_lowrank(_up(params["a"]), _up(params["b"]), omega=self.omega, gain=self.gain)
 
   def update_matmul(self, params, x):
     # The sine of omega * a @ b needs float32 at least: bfloat16 keeps 8 bits of its argument.
     a, b = _up(params["a"].astype(x.dtype)), _up(params["b"].astype(x.dtype))
-    y = _lowrank.sine_lowrank_matmul(_up(x), a, b, omega=self.omega, gain=self.gain, block_size=self.block_size)
+    y = matrices.sine_lowrank_matmul(_up(x), a, b, omega=self.omega, gain=self.gain, block_size=self.block_size)
     return (self.scale * y).astype(x.dtype)
 
 

@@ -19,7 +19,7 @@ adapter). Positions are drawn from the key the adapter gets from :func:`sp.peft.
   ``|fft2(Delta W_init)|``.
 
 ``apply`` (used by :func:`sp.peft.factored`) computes ``x @ W0 + x @ Delta W`` with the factored
-products of :mod:`spectral_peft._spectral` (chosen by a flop model, or forced with ``path``).
+products of :mod:`spectral_peft._sparse.deltas` (chosen by a flop model, or forced with ``path``).
 
 Budgets: a spec has a fixed ``p`` per layer. For a different ``p`` on some paths pass a
 ``{regex: spec}`` mapping to ``init_adapters`` (first match wins); for ``p`` proportional to each
@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_peft import _sparse_theory
-from spectral_peft import _spectral
 from spectral_peft import _validation
-from spectral_peft import _wavelets
+from spectral_peft._sparse import deltas
+from spectral_peft._sparse import theory
+from spectral_peft._sparse import wavelets
 from spectral_peft.peft._method import Adapter, AdapterMethod, matrix_shape
 from spectral_peft.peft._tree import Adapters, PyTree, init_adapters, leaf_paths, merge
 
@@ -98,7 +98,7 @@ class _SparseRealBase(AdapterMethod):
     _validation.check_positive_float("scale", self.scale)
     _check_choice("value_init", self.value_init, _REAL_INITS)
     _validation.check_positive_float("init_std", self.init_std)
-    _spectral.check_path(self.path)
+    deltas.check_path(self.path)
     object.__setattr__(self, "param_dtype", _check_param_dtype(self.param_dtype))
 
   def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -127,7 +127,7 @@ class _SparseRealBase(AdapterMethod):
   def init_frozen(self, key: Array, w0: Array) -> dict[str, Array]:
     """``{"indices": (p,) int32}``: distinct positions, uniform without replacement, sorted."""
     self.check_shape(tuple(w0.shape))
-    return {"indices": _sparse_theory.sparse_positions(key, self.grid(tuple(w0.shape)), self.n_params)}
+    return {"indices": theory.sparse_positions(key, self.grid(tuple(w0.shape)), self.n_params)}
 
   def synthesis(self, values: Array, indices: Array, shape: tuple[int, int]) -> Array:
     raise NotImplementedError
@@ -154,7 +154,7 @@ class _SparseRealBase(AdapterMethod):
       return super().merge(params, w0, frozen)
     positions, values = terms
     values = (self.scale * values).astype(w0.dtype)
-    start = w0.reshape(-1) + _spectral.zero_from(values)  # the copy of w0, built where it is used
+    start = w0.reshape(-1) + deltas.zero_from(values)  # the copy of w0, built where it is used
     return start.at[positions].add(values, mode="drop").reshape(w0.shape)
 
   @property
@@ -192,11 +192,11 @@ class WaveFT(_SparseRealBase):
     path: ``"auto"``, ``"dense"`` or ``"factored"`` product in :meth:`apply`.
     param_dtype: dtype of the values (``None``: that of ``w0``).
     boundary: ``"periodic"`` (default, above) or ``"zero"``: PEFT's WaveFT convention, one level of
-      zero-boundary synthesis computed with ``jaxwt.waverec2`` (:func:`spectral_peft._wavelets.idwt2_zero`,
+      zero-boundary synthesis computed with ``jaxwt.waverec2`` (:func:`spectral_peft._sparse.wavelets.idwt2_zero`,
       equal to ``pywt.waverec2(..., mode="zero")``) on the grid ``(m + K - 2, n + K - 2)`` rounded up
       to even (``K`` the filter length), cropped to ``(m, n)``; ``level`` must be 1. :meth:`apply`
       has a factored product for it too (1-D zero-boundary cascades along each axis,
-      :func:`spectral_peft._wavelets.sparse_idwt2_zero_matmul`). For ``"haar"`` both boundaries give
+      :func:`spectral_peft._sparse.wavelets.sparse_idwt2_zero_matmul`). For ``"haar"`` both boundaries give
       the same function.
     random_loc_seed: ``None`` (positions from the adapter's key) or PEFT's ``random_loc_seed``:
       positions are then PEFT's (``torch.randperm`` of the ``m * n`` weight entries with that seed,
@@ -222,7 +222,7 @@ class WaveFT(_SparseRealBase):
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    _wavelets.check_wavelet(self.wavelet)
+    wavelets.check_wavelet(self.wavelet)
     _validation.check_positive_int("level", self.level)
     _check_choice("boundary", self.boundary, _BOUNDARIES)
     if self.boundary == "zero" and self.level != 1:
@@ -242,8 +242,8 @@ class WaveFT(_SparseRealBase):
 
   def grid(self, shape):
     if self.boundary == "zero":
-      return _wavelets.zero_boundary_coefficient_shape(tuple(shape), wavelet=self.wavelet)
-    return _wavelets.wavelet_coefficient_shape(tuple(shape), wavelet=self.wavelet, level=self.level)
+      return wavelets.zero_boundary_coefficient_shape(tuple(shape), wavelet=self.wavelet)
+    return wavelets.wavelet_coefficient_shape(tuple(shape), wavelet=self.wavelet, level=self.level)
 
   def check_shape(self, shape):
     super().check_shape(shape)
@@ -264,27 +264,27 @@ class WaveFT(_SparseRealBase):
   def scatter_terms(self, values, indices, shape):
     if self.boundary != "periodic" or self.level != 1:
       return None
-    return _spectral.waveft_terms(values, indices, shape, wavelet=self.wavelet)
+    return deltas.waveft_terms(values, indices, shape, wavelet=self.wavelet)
 
   def synthesis(self, values, indices, shape):
     if self.boundary == "zero":
-      coeffs = _spectral.scatter_coefficients(_spectral._check_values(values, real=True), indices, self.grid(shape))
-      return _wavelets.idwt2_zero(coeffs, self.wavelet, shape=shape)
-    return _spectral.waveft_delta(values, indices, shape, wavelet=self.wavelet, level=self.level)
+      coeffs = deltas.scatter_coefficients(deltas._check_values(values, real=True), indices, self.grid(shape))
+      return wavelets.idwt2_zero(coeffs, self.wavelet, shape=shape)
+    return deltas.waveft_delta(values, indices, shape, wavelet=self.wavelet, level=self.level)
 
   def synthesis_matmul(self, x, values, indices, shape):
     if self.boundary == "zero":
       grid = self.grid(shape)
-      flat = _spectral.flat_indices(indices, grid, values.shape[0])
-      k_len = _wavelets.filter_length(self.wavelet)
-      chosen = _spectral._resolve(
+      flat = deltas.flat_indices(indices, grid, values.shape[0])
+      k_len = wavelets.filter_length(self.wavelet)
+      chosen = deltas._resolve(
           self.path,
-          lambda: _spectral.matmul_costs("wavelet", _spectral._batch(x), grid, values.shape[0], filter_length=k_len),
+          lambda: deltas.matmul_costs("wavelet", deltas._batch(x), grid, values.shape[0], filter_length=k_len),
       )
       if chosen == "dense":
         return jnp.matmul(x, self.synthesis(values, flat, shape).astype(x.dtype))
-      return _wavelets.sparse_idwt2_zero_matmul(x, values, flat // grid[1], flat % grid[1], tuple(shape), wavelet=self.wavelet)
-    return _spectral.waveft_matmul(x, values, indices, shape, wavelet=self.wavelet, level=self.level, path=self.path)
+      return wavelets.sparse_idwt2_zero_matmul(x, values, flat // grid[1], flat % grid[1], tuple(shape), wavelet=self.wavelet)
+    return deltas.waveft_matmul(x, values, indices, shape, wavelet=self.wavelet, level=self.level, path=self.path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,14 +312,14 @@ class SHiRA(_SparseRealBase):
   """
 
   def synthesis(self, values, indices, shape):
-    return _spectral.scatter_coefficients(_spectral._check_values(values, real=True), indices, shape)
+    return deltas.scatter_coefficients(deltas._check_values(values, real=True), indices, shape)
 
   def scatter_terms(self, values, indices, shape):
-    values = _spectral._check_values(values, real=True)
-    return _spectral.flat_indices(indices, tuple(shape), values.shape[0]), values
+    values = deltas._check_values(values, real=True)
+    return deltas.flat_indices(indices, tuple(shape), values.shape[0]), values
 
   def synthesis_matmul(self, x, values, indices, shape):
-    return _spectral.sparse_matmul(x, values, indices, shape, path=self.path)
+    return deltas.sparse_matmul(x, values, indices, shape, path=self.path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,7 +368,7 @@ class FourierFT(AdapterMethod):
     _validation.check_positive_float("scale", self.scale)
     _check_choice("value_init", self.value_init, _REAL_INITS)
     _validation.check_positive_float("init_std", self.init_std)
-    _spectral.check_path(self.path)
+    deltas.check_path(self.path)
     object.__setattr__(self, "param_dtype", _check_param_dtype(self.param_dtype))
 
   def check_shape(self, shape):
@@ -398,11 +398,11 @@ class FourierFT(AdapterMethod):
 
       flat = _interop.peft_positions("fourierft", tuple(w0.shape), self.n_frequency, self.random_loc_seed)
       return {"indices": jnp.asarray(np.sort(flat), jnp.int32)}
-    return {"indices": _sparse_theory.sparse_positions(key, tuple(w0.shape), self.n_frequency)}
+    return {"indices": theory.sparse_positions(key, tuple(w0.shape), self.n_frequency)}
 
   def delta(self, params, w0, frozen=None):
-    values = _spectral._check_values(params["values"], real=True)
-    return self.scale * _spectral.fourier_delta(_up(values), frozen["indices"], tuple(w0.shape))
+    values = deltas._check_values(params["values"], real=True)
+    return self.scale * deltas.fourier_delta(_up(values), frozen["indices"], tuple(w0.shape))
 
   @property
   def runtime_factored(self) -> bool:  # type: ignore[override]
@@ -411,8 +411,8 @@ class FourierFT(AdapterMethod):
 
   def apply(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
-    values = _spectral._check_values(params["values"], real=True).astype(dtype)
-    update = _spectral.fourier_matmul(x, values, frozen["indices"], tuple(w0.shape), path=self.path)
+    values = deltas._check_values(params["values"], real=True).astype(dtype)
+    update = deltas.fourier_matmul(x, values, frozen["indices"], tuple(w0.shape), path=self.path)
     return jnp.matmul(x, w0) + (self.scale * update).astype(dtype)
 
 
@@ -477,11 +477,11 @@ class LFMA(AdapterMethod):
     _validation.check_positive_float("alpha", self.alpha)
     _check_choice("delta_init", self.delta_init, _LFMA_DELTA_INITS)
     _check_choice("value_init", self.value_init, _LFMA_INITS)
-    _spectral.check_path(self.path)
+    deltas.check_path(self.path)
 
   def k(self, shape: tuple[int, int]) -> int:
     """``floor(m n top_k_ratio)``."""
-    return _spectral.topk_count(tuple(shape), self.top_k_ratio)
+    return deltas.topk_count(tuple(shape), self.top_k_ratio)
 
   def check_shape(self, shape):
     try:
@@ -511,7 +511,7 @@ class LFMA(AdapterMethod):
     _validation.check_fits_dtype("LFMA", {"alpha": self.alpha}, _real_dtype(w0))
     delta_init = _up(delta_init)
     complex_dtype = jnp.result_type(delta_init.dtype, jnp.complex64)
-    indices = _spectral.topk_spectral_mask(delta_init, self.top_k_ratio)
+    indices = deltas.topk_spectral_mask(delta_init, self.top_k_ratio)
     if self.value_init == "zeros":
       values = jnp.zeros(indices.shape, complex_dtype)
     else:
@@ -551,7 +551,7 @@ class LFMA(AdapterMethod):
     return self.init_both(None, key, w0)[1]
 
   def delta(self, params, w0, frozen=None):
-    return self.alpha * _spectral.fourier_delta(self.coefficients(params), frozen["indices"], tuple(w0.shape))
+    return self.alpha * deltas.fourier_delta(self.coefficients(params), frozen["indices"], tuple(w0.shape))
 
   @property
   def runtime_factored(self) -> bool:  # type: ignore[override]
@@ -560,7 +560,7 @@ class LFMA(AdapterMethod):
 
   def apply(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
-    update = _spectral.fourier_matmul(x, self.coefficients(params), frozen["indices"], tuple(w0.shape),
+    update = deltas.fourier_matmul(x, self.coefficients(params), frozen["indices"], tuple(w0.shape),
                                       path=self.path)
     return jnp.matmul(x, w0) + (self.alpha * update).astype(dtype)
 

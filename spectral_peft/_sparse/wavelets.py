@@ -381,7 +381,7 @@ def zero_boundary_coefficient_shape(shape: Sequence[int], *, wavelet: str = "haa
     ValueError: unknown wavelet or bad ``shape``.
 
   Example:
-    >>> import spectral_peft._wavelets as w
+    >>> import spectral_peft._sparse.wavelets as w
     >>> w.zero_boundary_coefficient_shape((5, 8), wavelet="db2")
     (8, 10)
   """
@@ -418,7 +418,7 @@ def idwt2_zero(coeffs: Array, wavelet: str = "haar", *, shape: Optional[Sequence
     ValueError: odd ``M`` or ``N``, fewer than 2 axes, ``shape`` larger than the reconstruction.
 
   Example:
-    >>> import jax.numpy as jnp, spectral_peft._wavelets as w
+    >>> import jax.numpy as jnp, spectral_peft._sparse.wavelets as w
     >>> w.idwt2_zero(jnp.ones((8, 10)), "db2", shape=(5, 8)).shape
     (5, 8)
   """

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_peft import _validation
-from spectral_peft import _wavelets
+from spectral_peft._sparse import wavelets
 
 Array = jax.Array
 
@@ -146,8 +146,8 @@ def receptive_field_size(wavelet: str = "haar", level: int = 1, shape: Optional[
     >>> sp.receptive_field_size("haar", 1), sp.receptive_field_size("db2", 2)
     (4, 100)
   """
-  _wavelets.check_wavelet(wavelet)
-  side = _wavelets.receptive_field_1d(wavelet, level)
+  wavelets.check_wavelet(wavelet)
+  side = wavelets.receptive_field_1d(wavelet, level)
   if shape is None:
     return side * side
   m, n = _check_shape(tuple(shape))

@@ -9,7 +9,7 @@ Theorem 1 (Jacobi-Anger): a hidden neuron ``h_j(x) = sin(sum_i A_ij sin(theta_i(
 ``theta_i(x) = <omega_i, x> + phi_i``, equals ``sum_{k in Z^m} alpha_k(A_j) sin(<k, theta(x)> + b_j)`` with
 ``alpha_k(A_j) = prod_i J_{k_i}(A_ij)``. The generated frequencies are the integer combinations
 ``sum_i k_i omega_i``; Theorem 2 bounds ``|alpha_k(a)| <= prod_i (|a_i| / 2)^{|k_i|} / |k_i|!``.
-Layout as in :mod:`spectral_peft._sinusoidal`: ``A`` is ``(m, n)``, so neuron ``j`` is ``A[:, j]``.
+Layout as in :mod:`spectral_peft._sinusoidal.siren`: ``A`` is ``(m, n)``, so neuron ``j`` is ``A[:, j]``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_peft import _sinusoidal
+from spectral_peft._sinusoidal import siren
 from spectral_peft import _validation
 
 Array = jax.Array
@@ -149,7 +149,7 @@ def harmonic_expansion(params: Params, *, order: int, norm: str = "l1", max_term
     >>> bool(jnp.allclose(sp.expansion_apply(e, x), sp.hidden_neurons(p, x), atol=1e-5))
     True
   """
-  _sinusoidal._check_params(params)
+  siren._check_params(params)
   omega, phi = params["omega"], params["phi"]
   a, b = params["hidden"][0]["kernel"], params["hidden"][0]["bias"]
   m = omega.shape[1]
@@ -185,7 +185,7 @@ def expansion_apply(expansion: HarmonicExpansion, x: Array) -> Array:
 
 def hidden_neurons(params: Params, x: Array) -> Array:
   """The exact first hidden layer ``sin(H(x) @ A + b)``, shape ``(..., n)``."""
-  h = _sinusoidal.periodic_siren_first_layer(params, x)
+  h = siren.periodic_siren_first_layer(params, x)
   layer = params["hidden"][0]
   return jnp.sin(jnp.matmul(h, layer["kernel"]) + layer["bias"])
 
@@ -236,7 +236,7 @@ def generated_frequencies(omega: Any, *, order: int, period: float = 2.0, norm: 
     >>> sp.generated_frequencies(jnp.pi * jnp.array([[1.0]]), order=2).ravel().tolist()
     [-2, -1, 0, 1, 2]
   """
-  kw = _sinusoidal.frequencies_as_integers(omega, period=period)  # (dim, m)
+  kw = siren.frequencies_as_integers(omega, period=period)  # (dim, m)
   k = multi_indices(kw.shape[1], order, norm=norm)
   return np.unique(k @ kw.T, axis=0)
 
@@ -335,7 +335,7 @@ def detect_sub_period(omega: Any, *, period: float = 2.0) -> SubPeriod:
     >>> r.has_sub_period, r.index, r.shifts
     (True, 2, ((0.5, 0.5),))
   """
-  k = _sinusoidal.frequencies_as_integers(omega, period=period)  # (dim, m)
+  k = siren.frequencies_as_integers(omega, period=period)  # (dim, m)
   dim = k.shape[0]
   basis = _integer_row_echelon(k.T)
   rank = len(basis)

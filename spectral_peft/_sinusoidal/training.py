@@ -5,7 +5,7 @@ References:
   VISGRAF TR-24-02 (2024): Def. 3.2-3.4 (decay, pruning), Def. 6.1 (bounding), sec. 6 (block
   bounding), sec. 7.1-7.2 (pruning loop, alpha schedule), Def. 8.1 and sec. 8 (growing).
 
-Layout (see :mod:`spectral_peft._sinusoidal`): the hidden matrix is ``A = params["hidden"][0]["kernel"]``
+Layout (see :mod:`spectral_peft._sinusoidal.siren`): the hidden matrix is ``A = params["hidden"][0]["kernel"]``
 of shape ``(m, n)`` (the transpose of the paper's ``n x m``). A *frequency group* is a row ``A[i, :]``
 (the paper's column ``A^(i)``, tied to the input frequency ``omega[:, i]``); a *neuron group* is a
 column ``A[:, j]`` (the paper's row ``A_j``, tied to hidden neuron ``j``). Functions that act on groups
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_peft import _sinusoidal
+from spectral_peft._sinusoidal import siren
 from spectral_peft import _validation
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def _check_groups(groups: Any) -> str:
 
 
 def _hidden_kernel(params: Params) -> Array:
-  _sinusoidal._check_params(params)
+  siren._check_params(params)
   return params["hidden"][0]["kernel"]
 
 
@@ -506,7 +506,7 @@ def shrink_params(
 
 
 def _mse_loss(params: Params, x: Array, y: Array) -> Array:
-  return jnp.mean((_sinusoidal.periodic_siren_apply(params, x) - y) ** 2)
+  return jnp.mean((siren.periodic_siren_apply(params, x) - y) ** 2)
 
 
 class FitResult(NamedTuple):
@@ -891,7 +891,7 @@ def _ring_candidates(low: int, high: int, dim: int, period: float, exclude: Opti
   first = grid[np.arange(grid.shape[0]), np.argmax(grid != 0, axis=1)]
   candidates = grid[(level >= max(low, 1)) & (first > 0)]
   if exclude is not None:
-    existing = _sinusoidal.frequencies_as_integers(exclude, period=period).T
+    existing = siren.frequencies_as_integers(exclude, period=period).T
     taken = {tuple(v) for v in existing} | {tuple(-v) for v in existing}
     candidates = np.array([c for c in candidates if tuple(c) not in taken], dtype=np.int64).reshape(-1, dim)
   return candidates
@@ -946,7 +946,7 @@ def band_frequencies(
     raise ValueError(
         f"`n` must be at most the number of new frequencies in the ring [{low}, {high}): {candidates.shape[0]}, got {n}."
     )
-  idx = _sinusoidal._host_choice(key, candidates.shape[0], n)
+  idx = siren._host_choice(key, candidates.shape[0], n)
   return jnp.asarray((2.0 * math.pi / period) * candidates[idx].T, dtype)
 
 

@@ -9,7 +9,7 @@ Each synthesis has a product ``x @ Delta W`` that never forms ``Delta W``:
 
 * identity (SHiRA): a gather and scatter-add over the ``p`` entries, ``O(B p)``;
 * wavelets (WaveFT): separable 1-D synthesis along each axis (see
-  :func:`spectral_peft._wavelets.sparse_idwt2_matmul`), ``O(B (K (m + n) + p))``;
+  :func:`spectral_peft._sparse.wavelets.sparse_idwt2_matmul`), ``O(B (K (m + n) + p))``;
 * Fourier (FourierFT, LFMA): ``x @ Re(ifft2(F)) = Re(ifft_n(T))`` with
   ``T[v] = sum_{t: v_t = v} c_t ifft_m(x)[u_t]``, i.e. the ``p``-term factorisation
   ``sum_t c_t (x . e_{u_t}) e_{v_t}^T`` evaluated with one 1-D FFT per side,
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from spectral_peft import _validation
-from spectral_peft import _wavelets
+from spectral_peft._sparse import wavelets
 
 Array = jax.Array
 
@@ -171,23 +171,23 @@ def waveft_delta(values: Array, indices: Array, shape: Sequence[int], *, wavelet
   """
   shape = _check_shape("shape", tuple(shape))
   values = _check_values(values, real=True)
-  grid = _wavelets.wavelet_coefficient_shape(shape, wavelet=wavelet, level=level)
+  grid = wavelets.wavelet_coefficient_shape(shape, wavelet=wavelet, level=level)
   if level == 1:
     return _waveft_delta_one_level(values, indices, shape, wavelet)
   coeffs = scatter_coefficients(values, indices, grid)
-  return _wavelets.idwt2(coeffs, wavelet, level, shape=shape)
+  return wavelets.idwt2(coeffs, wavelet, level, shape=shape)
 
 
 def _synthesis_spread(index: Array, length: int, wavelet: str) -> tuple[Array, Array]:
   """Where one level of periodised 1-D synthesis sends coefficient ``index`` (``[lo, hi]`` layout).
 
   ``lo[i]`` (``hi[i]``) adds ``rec_lo[j]`` (``rec_hi[j]``) to output sample ``(2 i + s_j) mod length``,
-  ``s_j = 1 - K // 2 + j`` (see :func:`spectral_peft._wavelets._synthesis_axis`).
+  ``s_j = 1 - K // 2 + j`` (see :func:`spectral_peft._sparse.wavelets._synthesis_axis`).
 
   Returns:
     ``(positions, weights)``, each ``(p, K)``.
   """
-  _, _, rec_lo, rec_hi = _wavelets._filters(wavelet)
+  _, _, rec_lo, rec_hi = wavelets._filters(wavelet)
   k_len = len(rec_lo)
   half = length // 2
   high = index >= half
@@ -216,7 +216,7 @@ def waveft_terms(values: Array, indices: Array, shape: Sequence[int], *, wavelet
   """
   m, n = _check_shape("shape", tuple(shape))
   values = _check_values(values, real=True)
-  big_m, big_n = _wavelets.wavelet_coefficient_shape((m, n), wavelet=wavelet, level=1)
+  big_m, big_n = wavelets.wavelet_coefficient_shape((m, n), wavelet=wavelet, level=1)
   flat = flat_indices(indices, (big_m, big_n), values.shape[0])
   rows, cols = flat // big_n, flat % big_n
   row_pos, row_w = _synthesis_spread(rows, big_m, wavelet)
@@ -444,16 +444,16 @@ def waveft_matmul(
   shape = _check_shape("shape", tuple(shape))
   values = _check_values(values, real=True)
   x = _check_x(x, shape[0])
-  grid = _wavelets.wavelet_coefficient_shape(shape, wavelet=wavelet, level=level)
+  grid = wavelets.wavelet_coefficient_shape(shape, wavelet=wavelet, level=level)
   flat = flat_indices(indices, grid, values.shape[0])
-  k_len = _wavelets.filter_length(wavelet)
+  k_len = wavelets.filter_length(wavelet)
   chosen = _resolve(
       path, lambda: matmul_costs("wavelet", _batch(x), grid, values.shape[0], filter_length=k_len, level=level)
   )
   dtype = jnp.result_type(x, values)
   if chosen == "dense":
     return jnp.matmul(x.astype(dtype), waveft_delta(values.astype(dtype), flat, shape, wavelet=wavelet, level=level))
-  return _wavelets.sparse_idwt2_matmul(
+  return wavelets.sparse_idwt2_matmul(
       x.astype(dtype), values.astype(dtype), flat // grid[1], flat % grid[1], shape, wavelet=wavelet, level=level
   )
 
