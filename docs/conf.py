@@ -55,7 +55,8 @@ SECTIONS = {
         "_sinusoidal.weight_decay": "L1 and targeted weight decay",
         "_sinusoidal.pruning": "Structured pruning",
         "_sinusoidal.growing": "Growing",
-        "_lrnn.lrnn": "Product-separated neurons, layers and networks",
+        "_lrnn.neurons": "Product-separated neurons: component MLPs and the product activation",
+        "_lrnn.network": "LRNN layers and networks",
         "_lrnn.pde": "PDE: Poisson problem",
     },
     "spectral_peft.peft": {

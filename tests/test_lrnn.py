@@ -341,7 +341,7 @@ class NetworkTest(parameterized.TestCase):
 
   def test_structure_and_dtypes(self):
     shapes = jax.eval_shape(lambda k: sp.lrnn_init(k, 2, (16, 16), 1, projection_width=12, omega=6.0), jax.random.key(0))
-    assert sp._lrnn.default_gamma(12) == pytest.approx(12**-0.5)
+    assert sp._lrnn.neurons.default_gamma(12) == pytest.approx(12**-0.5)
     # ~5k, Table 11's LRNN [2,16,16,1]: per layer a (n_in + 1) x 16 x 12 projection, 16 x 12 x 3
     # component parameters and 2 x 16 LayerNorm; then 16 output weights (eq. 3 has no output bias).
     assert sum(a.size for a in jax.tree.leaves(shapes)) == 576 + 576 + 32 + 3264 + 576 + 32 + 16 == 5072

@@ -1,4 +1,4 @@
-"""Flax Linen LRNN layer and network (thin wrappers over :mod:`spectral_peft._lrnn.lrnn`)."""
+"""Flax Linen LRNN layer and network (thin wrappers over :mod:`spectral_peft._lrnn`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spectral_peft._lrnn import lrnn
+from spectral_peft._lrnn import network
+from spectral_peft._lrnn import neurons
 
 Array = jax.Array
 
@@ -50,7 +51,7 @@ class LRNNLayer(nn.Module):
   rank: int
   projection_width: int
   hidden: Sequence[int] = (1,)
-  activation: lrnn.Activation = "sine"
+  activation: neurons.Activation = "sine"
   omega: float = 30.0
   gamma: Optional[float] = None
   first_layer: bool = False
@@ -65,27 +66,27 @@ class LRNNLayer(nn.Module):
     in_features = x.shape[-1]
     kernel = self.param(
         "kernel",
-        lambda key: lrnn.lrnn_projection_init(
+        lambda key: network.lrnn_projection_init(
             key, in_features, self.rank, self.projection_width, omega=self.omega, first_layer=self.first_layer,
             dtype=self.param_dtype,
         )[0],
     )
     bias = self.param(
         "bias",
-        lambda key: lrnn.lrnn_projection_init(
+        lambda key: network.lrnn_projection_init(
             key, in_features, self.rank, self.projection_width, omega=self.omega, first_layer=self.first_layer,
             dtype=self.param_dtype,
         )[1],
     )
     components = self.param(
         "components",
-        lambda key: lrnn.component_init(
+        lambda key: neurons.component_init(
             key, self.rank, self.projection_width, tuple(self.hidden), omega=self.omega,
             shared=self.shared_components, output_init=self.output_init, dtype=self.param_dtype,
         ),
     )
     x, (kernel, bias, components) = _promote(x, (kernel, bias, components), self.dtype)
-    return lrnn.lrnn_layer(
+    return network.lrnn_layer(
         x, kernel, bias, components, gamma=self.gamma, activation=self.activation, omega=self.omega, remat=self.remat
     )
 
@@ -119,7 +120,7 @@ class LRNN(nn.Module):
   out_features: int
   projection_width: Union[int, Sequence[int]]
   hidden: Sequence[int] = (1,)
-  activation: lrnn.Activation = "sine"
+  activation: neurons.Activation = "sine"
   omega: float = 30.0
   first_omega: Optional[float] = None
   gamma: Optional[float] = None
@@ -133,7 +134,7 @@ class LRNN(nn.Module):
   param_dtype: Any = jnp.float32
 
   def _init(self, key: Array, in_features: int) -> dict:
-    return lrnn.lrnn_init(
+    return network.lrnn_init(
         key, in_features, tuple(self.ranks), self.out_features, projection_width=self.projection_width,
         hidden=tuple(self.hidden), omega=self.omega, first_omega=self.first_omega, layer_norm=self.layer_norm,
         shared_components=self.shared_components, output_init=self.output_init, output_bias=self.output_bias,
@@ -146,7 +147,7 @@ class LRNN(nn.Module):
     layers = self.param("layers", lambda key: self._init(key, in_features)["layers"])
     output = self.param("output", lambda key: self._init(key, in_features)["output"])
     x, params = _promote(x, {"layers": layers, "output": output}, self.dtype)
-    return lrnn.lrnn_apply(
+    return network.lrnn_apply(
         params, x, gamma=self.gamma, activation=self.activation, omega=self.omega, first_omega=self.first_omega,
         remat=self.remat, epsilon=self.epsilon,
     )

@@ -1,4 +1,4 @@
-"""Flax NNX LRNN layer and network (thin wrappers over :mod:`spectral_peft._lrnn.lrnn`)."""
+"""Flax NNX LRNN layer and network (thin wrappers over :mod:`spectral_peft._lrnn`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spectral_peft import _validation
-from spectral_peft._lrnn import lrnn
+from spectral_peft._lrnn import network
+from spectral_peft._lrnn import neurons
 
 Array = jax.Array
 
@@ -68,7 +69,7 @@ class LRNNLayer(nnx.Module):
       *,
       projection_width: int,
       hidden: Sequence[int] = (1,),
-      activation: lrnn.Activation = "sine",
+      activation: neurons.Activation = "sine",
       omega: float = 30.0,
       gamma: Optional[float] = None,
       first_layer: bool = False,
@@ -82,18 +83,18 @@ class LRNNLayer(nnx.Module):
     self.in_features = _validation.check_positive_int("in_features", in_features)
     self.rank = _validation.check_positive_int("rank", rank)
     self.projection_width = _validation.check_positive_int("projection_width", projection_width)
-    lrnn.resolve_activation(activation)  # Validates the name (raises early).
+    neurons.resolve_activation(activation)  # Validates the name (raises early).
     self.activation = activation
     self.omega = _validation.check_positive_float("omega", omega)
     self.gamma = None if gamma is None else _validation.check_positive_float("gamma", gamma)
     self.remat = bool(remat)
     self.dtype, self.param_dtype = dtype, param_dtype
-    kernel, bias = lrnn.lrnn_projection_init(
+    kernel, bias = network.lrnn_projection_init(
         rngs.params(), in_features, rank, projection_width, omega=omega, first_layer=first_layer, dtype=param_dtype
     )
     self.kernel, self.bias = nnx.Param(kernel), nnx.Param(bias)
     self.components = _wrap(
-        lrnn.component_init(
+        neurons.component_init(
             rngs.params(), rank, projection_width, hidden, omega=omega, shared=shared_components,
             output_init=output_init, dtype=param_dtype,
         )
@@ -101,7 +102,7 @@ class LRNNLayer(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     x, (kernel, bias, components) = _promote(x, (self.kernel[...], self.bias[...], _unwrap(self.components)), self.dtype)
-    return lrnn.lrnn_layer(
+    return network.lrnn_layer(
         x, kernel, bias, components, gamma=self.gamma, activation=self.activation, omega=self.omega, remat=self.remat
     )
 
@@ -138,7 +139,7 @@ class LRNN(nnx.Module):
       *,
       projection_width: Union[int, Sequence[int]],
       hidden: Sequence[int] = (1,),
-      activation: lrnn.Activation = "sine",
+      activation: neurons.Activation = "sine",
       omega: float = 30.0,
       first_omega: Optional[float] = None,
       gamma: Optional[float] = None,
@@ -152,12 +153,12 @@ class LRNN(nnx.Module):
       param_dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    params = lrnn.lrnn_init(
+    params = network.lrnn_init(
         rngs.params(), in_features, ranks, out_features, projection_width=projection_width, hidden=hidden,
         omega=omega, first_omega=first_omega, layer_norm=layer_norm, shared_components=shared_components,
         output_init=output_init, output_bias=output_bias, dtype=param_dtype,
     )
-    lrnn.resolve_activation(activation)  # Validates the name (raises early).
+    neurons.resolve_activation(activation)  # Validates the name (raises early).
     self.activation = activation
     self.omega = _validation.check_positive_float("omega", omega)
     self.first_omega = None if first_omega is None else _validation.check_positive_float("first_omega", first_omega)
@@ -178,4 +179,4 @@ class LRNN(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     x, params = _promote(x, self.params_dict(), self.dtype)
-    return lrnn.lrnn_apply(params, x, **self.apply_kwargs())
+    return network.lrnn_apply(params, x, **self.apply_kwargs())
