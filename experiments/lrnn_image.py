@@ -249,8 +249,6 @@ def main(preset: str = "quick") -> dict:
            f"matched to the LRNN's {lrnn_count} parameters; seeds {list(config.seeds)}; time / SIREN = median seconds "
            "per compiled training step over SIREN's, the models timed in alternation (seed 0).\n\n"
            + _common.markdown_table(header, rows) + "\n" + _differs(config, width))
-  with open(os.path.join(out, f"table_{preset}.md"), "w") as f:
-    f.write(f"# {NAME} ({preset})\n\n" + table)
   summary = {"psnr": {n: list(map(float, v)) for n, v in psnrs.items()},
              "legacy_init_psnr": [r["psnr"] for r in legacy], "lrnn_params": lrnn_count, "baseline_width": width,
              "baseline_params": next(r["num_params"] for r in first if r["name"] == "SIREN"),
@@ -258,7 +256,7 @@ def main(preset: str = "quick") -> dict:
   payload = {"config": config, "preset": preset, "environment": _common.environment(), "summary": summary,
              "runs": [{k: v for k, v in r.items() if k not in ("params", "prediction", "_timing")}
                       for r in runs + legacy]}
-  _common.write_json(os.path.join(out, f"results_{preset}.json"), payload)
+  _common.write_preset_results(out, NAME, preset, table, payload)
   plot = _plot(first + legacy, target, out, preset)
   print(table)
   head = _common.agreement(wins, len(comparisons)) if len(config.seeds) > 1 else "Not established (one seed)"
@@ -293,13 +291,8 @@ def _differs(config: Config, width: int) -> str:
 
 
 def _plot(runs: list[dict], target: jax.Array, out: str, preset: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   n = int(math.isqrt(target.shape[0]))
-  fig, axes = plt.subplots(1, len(runs) + 2, figsize=(4 * (len(runs) + 2), 4))
+  fig, axes = _common.subplots(1, len(runs) + 2, figsize=(4 * (len(runs) + 2), 4))
   axes[0].imshow(np.asarray(target).reshape(n, n), cmap="gray", vmin=-1, vmax=1)
   axes[0].set_title("cameraman")
   for ax, r in zip(axes[1:-1], runs):
@@ -312,11 +305,7 @@ def _plot(runs: list[dict], target: jax.Array, out: str, preset: str) -> str:
   axes[-1].set_xlabel("Adam step")
   axes[-1].set_ylabel("PSNR (dB)")
   axes[-1].legend()
-  fig.tight_layout()
-  path = os.path.join(out, f"image_{preset}.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _common.save_figure(fig, os.path.join(out, f"image_{preset}.png"), dpi=100)
 
 
 if __name__ == "__main__":

@@ -80,12 +80,7 @@ def main(preset: str = "quick") -> dict:
         "prop1_valid": sel[0]["prop1_valid"],
     })
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, axes = _common.subplots(1, 2, figsize=(10, 3.8))
   for omega, s in spectra.items():
     label = "U V^T (no sine)" if omega == 0.0 else f"omega = {omega:g}"
     axes[0].semilogy(np.maximum(s, 1e-12), label=label)
@@ -98,9 +93,7 @@ def main(preset: str = "quick") -> dict:
   axes[1].axhline(config.rank, color="gray", ls="--", label="k")
   axes[1].set(xlabel="omega", ylabel="rank", title="rank against omega")
   axes[1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "spectrum.png"), dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, os.path.join(out, "spectrum.png"))
 
   table = _common.markdown_table(
       ["omega", "numerical rank", "stable rank", "corrected Prop. 1 bound (in range?)", "paper's eq. 5 value"],

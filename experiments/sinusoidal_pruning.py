@@ -143,12 +143,7 @@ def main(preset: str = "quick") -> dict:
                       "control_psnr": float(np.mean([r["control_psnr"] for r in sel])),
                       "plateau": float(np.mean([r["plateau"] for r in sel]))})
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _common.subplots(figsize=(6, 4))
   for name in config.inits:
     sel = [s for s in summary if s["init"] == name]
     ax.errorbar([100 * s["pruned"] for s in sel], [100 * s["relative"] for s in sel],
@@ -159,10 +154,7 @@ def main(preset: str = "quick") -> dict:
   ax.set(xlabel="% of A's columns pruned", ylabel="relative PSNR (%)",
          title=f"structured pruning (cf. Fig. 17), {config.seeds} seeds")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  plot = os.path.join(out, "pruning.png")
-  fig.savefig(plot, dpi=120)
-  plt.close(fig)
+  plot = _common.save_figure(fig, os.path.join(out, "pruning.png"))
 
   # Convergence check: what the unpruned control gains over the pre-pruned fit with all the extra steps.
   level_psnr = {(s["init"], s["level"]): s for s in summary}
