@@ -5,6 +5,7 @@ benchmarks share."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -323,6 +324,32 @@ def adapter_train_step(
     return optax.apply_updates(t, updates), state, value
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ()), trainable
+
+
+def regression_task(model: nn.Module, shape: tuple[int, ...], *, seed: int = 0) -> tuple[jax.Array, jax.Array, Any]:
+  """Standard-normal inputs ``x`` and targets ``y``, both of ``shape``, and ``model``'s parameters initialised
+  on ``x`` (three keys split from ``jax.random.key(seed)``): a task whose steps are only timed."""
+  kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, shape)
+  y = jax.random.normal(ky, x.shape)
+  return x, y, model.init(kp, x)["params"]
+
+
+def time_adapter_steps(
+    steps: Mapping[Key, dict[str, Any]], x: jax.Array, y: jax.Array, repeats: int, *, desc: str | None = "timing"
+) -> dict[Key, list[float]]:
+  """:func:`time_interleaved` for :func:`adapter_train_step` s that carry their state.
+
+  Every entry of ``steps`` holds its jitted ``"step"``, ``"trainable"`` and ``"state"``; each call feeds
+  ``(trainable, state, x, y)`` and replaces the last two by the step's outputs (so donated buffers are
+  never reused). Returns ``key -> seconds per round``.
+  """
+
+  def call(entry: dict[str, Any]) -> jax.Array:
+    entry["trainable"], entry["state"], loss = entry["step"](entry["trainable"], entry["state"], x, y)
+    return loss
+
+  return time_interleaved({key: functools.partial(call, entry) for key, entry in steps.items()}, repeats, desc=desc)
 
 
 def paired_spread_verdict(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:

@@ -75,10 +75,7 @@ def main(preset: str = "quick") -> dict:
   config = _common.preset(PRESETS, preset)
   out = _common.results_dir(NAME)
   model = transformer(config)
-  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(kx, (config.batch, config.seq, config.embed))
-  y = jax.random.normal(ky, x.shape)
-  params = model.init(kp, x)["params"]
+  x, y, params = _common.regression_task(model, (config.batch, config.seq, config.embed))
   tx = optax.adam(1e-3)
 
   compiled = {}
@@ -98,11 +95,7 @@ def main(preset: str = "quick") -> dict:
     jax.block_until_ready(t)
     compiled[name]["trainable"], compiled[name]["state"] = t, s
 
-  def run(c):
-    c["trainable"], c["state"], value = c["step"](c["trainable"], c["state"], x, y)
-    return value
-
-  times = _common.time_interleaved({name: lambda c=c: run(c) for name, c in compiled.items()}, config.repeats)
+  times = _common.time_adapter_steps(compiled, x, y, config.repeats)
 
   rows = []
   for name, c in compiled.items():

@@ -86,10 +86,7 @@ def main(preset: str = "quick") -> dict:
   config = _common.preset(PRESETS, preset)
   out = _common.results_dir(NAME)
   model = _common.Transformer(config.embed, config.heads, config.mlp, config.layers)
-  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(kx, (config.batch, config.seq, config.embed))
-  y = jax.random.normal(ky, x.shape)
-  params = model.init(kp, x)["params"]
+  x, y, params = _common.regression_task(model, (config.batch, config.seq, config.embed))
   tx = optax.adam(1e-3)
 
   compiled = {}
@@ -103,11 +100,7 @@ def main(preset: str = "quick") -> dict:
     compiled[(name, path)] = {"step": step, "trainable": t, "state": s,
                               "params": sp.peft.count_parameters(adapters)}
 
-  def run(c):
-    c["trainable"], c["state"], value = c["step"](c["trainable"], c["state"], x, y)
-    return value
-
-  times = _common.time_interleaved({key: lambda c=c: run(c) for key, c in compiled.items()}, config.repeats)
+  times = _common.time_adapter_steps(compiled, x, y, config.repeats)
 
   lora = f"LoRA r{config.budget_rank}"
   rows = []
