@@ -352,6 +352,12 @@ def time_adapter_steps(
   return time_interleaved({key: functools.partial(call, entry) for key, entry in steps.items()}, repeats, desc=desc)
 
 
+def sample_std(values: Any) -> float:
+  """The sample standard deviation (``ddof=1``) of ``values`` (any shape, flattened), 0.0 for fewer than two."""
+  v = np.asarray(values, np.float64)
+  return float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+
+
 def paired_spread_verdict(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
   """Mean +- std (ddof = 1) of two samples over seeds, their paired difference, and whether the
   difference is larger than the spread.
@@ -365,11 +371,10 @@ def paired_spread_verdict(a: Sequence[float], b: Sequence[float]) -> dict[str, A
   """
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
-  std = lambda v: float(np.std(v, ddof=1)) if v.size > 1 else 0.0  # noqa: E731
   paired = a.shape == b.shape
   diff = a - b if paired else np.asarray([a.mean() - b.mean()])
-  out = {"n": int(min(a.size, b.size)), "mean_a": float(a.mean()), "std_a": std(a), "mean_b": float(b.mean()),
-         "std_b": std(b), "diff_mean": float(diff.mean()), "diff_std": std(diff)}
+  out = {"n": int(min(a.size, b.size)), "mean_a": float(a.mean()), "std_a": sample_std(a), "mean_b": float(b.mean()),
+         "std_b": sample_std(b), "diff_mean": float(diff.mean()), "diff_std": sample_std(diff)}
   out["beyond_spread"] = bool(out["n"] > 1 and abs(out["mean_a"] - out["mean_b"]) > out["std_a"] + out["std_b"])
   seeds = f"{out['n']} seed{'s' if out['n'] != 1 else ''}"
   out["text"] = (f"{out['mean_a']:.4g} +- {out['std_a']:.2g} vs {out['mean_b']:.4g} +- {out['std_b']:.2g} "
@@ -408,8 +413,7 @@ def spread_verdict(
     raise ValueError(f"`ours` and `reference` must hold at least one value, got {a.size} and {b.size}.")
   if log10:
     a, b = np.log10(a), np.log10(b)
-  std = lambda x: float(np.std(x, ddof=1)) if x.size > 1 else 0.0  # noqa: E731
-  mean_a, mean_b, std_a, std_b = float(a.mean()), float(b.mean()), std(a), std(b)
+  mean_a, mean_b, std_a, std_b = float(a.mean()), float(b.mean()), sample_std(a), sample_std(b)
   diff, spread = mean_a - mean_b, std_a + std_b
   beyond = a.size > 1 and abs(diff) > spread
   if log10:

@@ -234,7 +234,7 @@ def main(preset: str = "quick") -> dict:
   for r in first:
     p = np.asarray(psnrs[r["name"]])
     rows.append((r["name"], archs[r["name"]], r["num_params"], config.steps, batch, len(p),
-                 f"{p.mean():.2f} +- {np.std(p, ddof=1) if p.size > 1 else 0.0:.2f}",
+                 f"{p.mean():.2f} +- {_common.sample_std(p):.2f}",
                  PAPER_PSNR.get(r["name"], "-"), r["seconds_per_step"] * 1e3, r["seconds_per_step"] / siren_step))
   for r in legacy:  # The component init this library used before (the old numbers, same run).
     rows.append((r["name"], archs["LRNN-SPDER"], r["num_params"], config.steps, batch, f"1 (seed {r['seed']})",

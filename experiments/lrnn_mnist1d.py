@@ -96,7 +96,7 @@ def main(preset: str = "quick") -> dict:
       train, test = np.array([r[0] for r in results]), np.array([r[1] for r in results])
       tests[(name, variant)] = test
       rows.append({"model": name, "data": variant, "params": results[0][2], "train_mean": float(train.mean()),
-                   "test_mean": float(test.mean()), "test_std": float(np.std(test, ddof=1)) if test.size > 1 else 0.0,
+                   "test_mean": float(test.mean()), "test_std": _common.sample_std(test),
                    "test": test.tolist(), "paper_test": PAPER[(name, variant)] / 100})
 
   table = _common.markdown_table(

@@ -127,9 +127,9 @@ def _mean_std(values, log10=False) -> str:
   v = np.asarray(values, np.float64)
   if log10:
     lv = np.log10(v)
-    s = np.std(lv, ddof=1) if v.size > 1 else 0.0
+    s = _common.sample_std(lv)
     return f"{10**lv.mean():.2e} (x/ {10**s:.2f})"
-  return f"{v.mean():.2e} +- {np.std(v, ddof=1) if v.size > 1 else 0.0:.1e}"
+  return f"{v.mean():.2e} +- {_common.sample_std(v):.1e}"
 
 
 def main(preset: str = "quick") -> dict:

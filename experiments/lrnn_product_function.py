@@ -125,9 +125,8 @@ def main(preset: str = "quick") -> dict:
   ax.legend(fontsize=7)
   _common.save_figure(fig, os.path.join(out, "scaling.png"))
 
-  std = lambda e: float(np.std(e, ddof=1)) if len(e) > 1 else 0.0  # noqa: E731
   table = _common.markdown_table(["model", "parameters", "seeds", "relative l2 test error (mean +- std)"],
-                                 [[r["model"], r["params"], len(r["errors"]), f"{r['test_error']:.3g} +- {std(r['errors']):.2g}"]
+                                 [[r["model"], r["params"], len(r["errors"]), f"{r['test_error']:.3g} +- {_common.sample_std(r['errors']):.2g}"]
                                   for r in rows])
   table += ("\nWhat differs from the paper: d = "
             f"{config.dim}, {config.n_train} training points and {config.steps} full-batch Adam steps (App. D: "

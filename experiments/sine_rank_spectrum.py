@@ -73,7 +73,7 @@ def main(preset: str = "quick") -> dict:
     summary.append({
         "omega": omega,
         "numerical_rank_mean": float(np.mean([r["numerical_rank"] for r in sel])),
-        "numerical_rank_std": float(np.std([r["numerical_rank"] for r in sel], ddof=1)) if len(sel) > 1 else 0.0,
+        "numerical_rank_std": _common.sample_std([r["numerical_rank"] for r in sel]),
         "stable_rank_mean": float(np.mean([r["stable_rank"] for r in sel])),
         "prop1_bound": sel[0]["prop1_bound"],
         "prop1_paper_eq5_value": sel[0]["prop1_paper_eq5_value"],
