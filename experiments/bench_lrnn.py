@@ -72,24 +72,12 @@ PAPER_STEP_RATIO = 2.6  # Paper 003, Table 8: LRNN-SPDER 0.0453 s vs SIREN 0.017
 # 1. Image-fit training step.
 
 
-def mlp_num_parameters(width: int, depth: int, in_features: int = 2, out_features: int = 1) -> int:
-  return (in_features + 1) * width + (depth - 1) * (width + 1) * width + (width + 1) * out_features
-
-
-def matched_width(target: int, depth: int) -> int:
-  """The hidden width whose ``depth``-layer MLP has the parameter count closest to ``target``."""
-  width = 1
-  while mlp_num_parameters(width + 1, depth) <= target:
-    width += 1
-  return min((width, width + 1), key=lambda w: abs(mlp_num_parameters(w, depth) - target))
-
-
 def image_models(config: Config, key: jax.Array) -> dict[str, dict[str, Any]]:
   """name -> {"params", "apply", "architecture"} for the four image-fit models."""
   k_lrnn, k_siren, k_relu = jax.random.split(key, 3)
   lrnn_params = sp.lrnn_init(k_lrnn, 2, config.lrnn_ranks, 1, projection_width=config.lrnn_width,
                              hidden=config.lrnn_hidden, omega=config.omega)
-  width = matched_width(_common.num_parameters(lrnn_params), config.mlp_depth)
+  width = lrnn_image.matched_width(_common.num_parameters(lrnn_params), config.mlp_depth)
   widths = (2,) + (width,) * config.mlp_depth + (1,)
   lrnn_arch = f"LRNN {[2, *config.lrnn_ranks, 1]}, d={config.lrnn_width}, h={config.lrnn_hidden}, {config.lrnn_activation}"
   # Activation evaluations per input point: r * d * (1 + len(hidden)) per LRNN layer (each SPDER

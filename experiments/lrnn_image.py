@@ -81,8 +81,12 @@ def mlp_num_params(width: int, depth: int, in_features: int = 2, out_features: i
 
 
 def matched_width(num_params: int, depth: int) -> int:
-  """The hidden width whose ``[2, width x depth, 1]`` MLP has the parameter count closest to ``num_params``."""
-  return min(range(1, 4096), key=lambda w: abs(mlp_num_params(w, depth) - num_params))
+  """The hidden width whose ``[2, width x depth, 1]`` MLP has the parameter count closest to ``num_params``
+  (the smaller width on a tie)."""
+  width = 1  # The count grows with the width: walk up to the last width at or below the target.
+  while mlp_num_params(width + 1, depth) <= num_params:
+    width += 1
+  return min((width, width + 1), key=lambda w: abs(mlp_num_params(w, depth) - num_params))
 
 
 def camera(size: int = 256) -> tuple[jax.Array, jax.Array]:
