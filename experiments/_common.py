@@ -87,6 +87,11 @@ def progress(iterable: Iterable, **kwargs: Any):
   return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
 
 
+def progress_bar(desc: str) -> Callable[[Iterable], Iterable]:
+  """``iterable -> progress(iterable, desc=desc)``: for library loops that take a ``progress`` callable."""
+  return functools.partial(progress, desc=desc)
+
+
 def num_parameters(tree: Any) -> int:
   """Number of scalars in a parameter pytree (a complex entry counts as 2)."""
   return int(sum(np.size(x) * (2 if np.iscomplexobj(x) else 1) for x in jax.tree.leaves(tree)))

@@ -50,8 +50,7 @@ NAME = "sinusoidal_bounding"
 def main(preset: str = "quick") -> dict:
   config = _common.preset(PRESETS, preset)
   out = _common.results_dir(NAME)
-  image = img.camera(config.size)
-  x, y = img.grid(config.size), img.targets(image)
+  image, x, y = img.task(config.size)
   omega = sp.integer_frequencies(jax.random.key(config.seed), config.frequencies, config.bandwidth)
   params = sp.periodic_siren_init(jax.random.key(config.seed + 1), omega, config.hidden, 1)
   settings = {
@@ -68,7 +67,7 @@ def main(preset: str = "quick") -> dict:
     tx = optax.adam(config.learning_rate) if bound is None else optax.chain(optax.adam(config.learning_rate), sp.bounding(bound))
     fit = sp.fit_periodic_siren(
         params, x, y, tx, config.steps, batch_size=config.batch_size, key=jax.random.key(config.seed + 2),
-        progress=lambda it: _common.progress(it, desc=f"{NAME}: {name}"),
+        progress=_common.progress_bar(f"{NAME}: {name}"),
     )
     rec = img.reconstruct(fit.params, config.size)
     recs[name] = rec

@@ -55,13 +55,12 @@ NAME = "sinusoidal_growing"
 def main(preset: str = "quick") -> dict:
   config = _common.preset(PRESETS, preset)
   out = _common.results_dir(NAME)
-  image = img.camera(config.size)
-  x, y = img.grid(config.size), img.targets(image)
+  image, x, y = img.task(config.size)
   key = jax.random.key(config.seed)
   rounds_total = config.total_add // config.n_add
   total_steps = config.steps_per_round * (rounds_total + 1) + config.final_steps
   final_m = config.start_frequencies + config.total_add
-  bar = lambda desc: (lambda it: _common.progress(it, desc=f"{NAME}: {desc}"))  # noqa: E731
+  bar = lambda desc: _common.progress_bar(f"{NAME}: {desc}")  # noqa: E731
 
   start = sp.band_frequencies(key, config.start_frequencies, 1, int(config.limits[0]))
   params = sp.periodic_siren_init(jax.random.key(config.seed + 1), start, config.hidden, 1)

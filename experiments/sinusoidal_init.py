@@ -61,14 +61,13 @@ def first_layers(config: Config) -> dict:
 def main(preset: str = "quick") -> dict:
   config = _common.preset(PRESETS, preset)
   out = _common.results_dir(NAME)
-  image = img.camera(config.size)
-  x, y = img.grid(config.size), img.targets(image)
+  image, x, y = img.task(config.size)
   rows, curves = [], {}
   for name, omega in first_layers(config).items():
     params = sp.periodic_siren_init(jax.random.key(config.seed + 1), omega, config.hidden, 1)
     fit = sp.fit_periodic_siren(
         params, x, y, optax.adam(config.learning_rate), config.steps, batch_size=config.batch_size,
-        key=jax.random.key(config.seed + 2), progress=lambda it: _common.progress(it, desc=f"{NAME}: {name}"),
+        key=jax.random.key(config.seed + 2), progress=_common.progress_bar(f"{NAME}: {name}"),
     )
     curve = img.psnr_from_mse(fit.losses)
     curves[name] = curve

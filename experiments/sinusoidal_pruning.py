@@ -80,7 +80,7 @@ def run_one(name: str, seed: int, config: Config, x, y, image) -> list[dict]:
   """Fit, then prune level by level beside an unpruned control; one row per level."""
   m = sp.symmetric_frequencies(config.custom_values, half_space=True).shape[1]
   key = jax.random.key(seed)
-  bar = lambda it: _common.progress(it, desc=f"{NAME}: {name}, seed {seed}")  # noqa: E731
+  bar = _common.progress_bar(f"{NAME}: {name}, seed {seed}")
   omega = _first_layer(name, config, jax.random.fold_in(key, 1), m)
   params = sp.periodic_siren_init(jax.random.fold_in(key, 2), omega, config.hidden, 1)
   schedule = optax.cosine_decay_schedule(config.base_learning_rate, config.base_steps, alpha=0.05)
@@ -122,8 +122,7 @@ def run_one(name: str, seed: int, config: Config, x, y, image) -> list[dict]:
 def main(preset: str = "quick") -> dict:
   config = _common.preset(PRESETS, preset)
   out = _common.results_dir(NAME)
-  image = img.camera(config.size)
-  x, y = img.grid(config.size), img.targets(image)
+  image, x, y = img.task(config.size)
   rows = [row for name in config.inits for seed in range(config.seeds) for row in run_one(name, seed, config, x, y, image)]
 
   def stat(name, level, key):
