@@ -33,9 +33,20 @@ def preset(presets: dict[str, Config], name: str) -> Config:
 
 
 def results_dir(name: str) -> str:
+  """``<RESULTS_ROOT>/<name>`` (``RESULTS_ROOT`` is ``$SPECTRAL_PEFT_RESULTS``, default ``results``), created if missing."""
   path = os.path.join(RESULTS_ROOT, name)
   os.makedirs(path, exist_ok=True)
   return path
+
+
+def setup(presets: dict[str, Config], name: str, experiment: str) -> tuple[Config, str]:
+  """An experiment's prologue: the preset called ``name`` (see :func:`preset`) and the experiment's results
+  directory (see :func:`results_dir`).
+
+  Example:
+    >>> config, out = setup(PRESETS, preset, NAME)  # doctest: +SKIP
+  """
+  return preset(presets, name), results_dir(experiment)
 
 
 def environment() -> dict[str, Any]:

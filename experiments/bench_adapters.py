@@ -72,8 +72,7 @@ def step_fn(model, params, adapters, tx, path):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   model = transformer(config)
   x, y, params = _common.regression_task(model, (config.batch, config.seq, config.embed))
   tx = optax.adam(1e-3)

@@ -226,8 +226,7 @@ def bench_poisson(config: Config) -> dict:
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   image = bench_image(config)
   poisson = bench_poisson(config)
   backend = jax.default_backend()

@@ -114,8 +114,7 @@ def nnx_step(config, spec, x):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   x = jax.random.normal(jax.random.key(2), (config.batch, config.width))
   compiled = {}
   jobs = [(name, spec, path) for name, spec in method_specs(config).items() for path in PATHS]

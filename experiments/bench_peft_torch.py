@@ -92,8 +92,7 @@ def ours(config: bench_adapters.Config):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   try:
     import peft
     import torch

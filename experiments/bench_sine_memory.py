@@ -53,8 +53,7 @@ def args_for(m, n, k, batch):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   fns = steps(config.omega)
   memory = []
   for m, n, k, batch in _common.progress(config.sizes, desc="memory analysis"):

@@ -83,8 +83,7 @@ def _plot(rows, config, path):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   model = _common.Transformer(config.embed, config.heads, config.mlp, config.layers)
   x, y, params = _common.regression_task(model, (config.batch, config.seq, config.embed))
   tx = optax.adam(1e-3)

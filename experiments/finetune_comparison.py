@@ -190,8 +190,7 @@ def finetune(config, model, params, tasks, make_adapters):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   tasks = split_tasks(config.seed)
   model, params, pretrain_accuracy = pretrained(config, tasks, out)
   runs = []

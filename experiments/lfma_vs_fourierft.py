@@ -55,8 +55,7 @@ def gradient_inits(config, model, params, tasks):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   base = config.base
   tasks = fc.split_tasks(base.seed)
   model, params, _ = fc.pretrained(base, tasks, _common.results_dir(fc.NAME))

@@ -154,8 +154,7 @@ def run_occupancy(config):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   classifier = run_classifier(config)
   occupancy_rows = run_occupancy(config)
 

@@ -207,8 +207,7 @@ def _models(config: Config, key: jax.Array, width: int, output_init: str = "sire
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   coords, target = camera(config.image_size)
   lrnn_count = _common.num_parameters(jax.eval_shape(
       lambda k: sp.lrnn_init(k, 2, config.lrnn_ranks, 1, projection_width=config.lrnn_width,

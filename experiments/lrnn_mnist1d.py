@@ -75,8 +75,7 @@ def train_eval(init, apply, data, config, seed, desc, lr):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   data = _data.mnist1d(seed=0)
   perm = np.random.default_rng(0).permutation(data["x"].shape[1])
   shuffled = {**data, "x": data["x"][:, perm], "x_test": data["x_test"][:, perm]}

@@ -133,8 +133,7 @@ def _mean_std(values, log10=False) -> str:
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   runs = []
   for n in config.frequencies:
     log_path = os.path.join(out, f"history_{preset}_n{n}.jsonl")

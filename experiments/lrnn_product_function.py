@@ -84,8 +84,7 @@ def fit(loss_fn, params, steps, lr, desc):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   f = target_function(config)
   x_train, x_test = jnp.asarray(sobol(config.n_train, config.dim, 1)), jnp.asarray(sobol(config.n_test, config.dim, 2))
   y_train, y_test = f(x_train), f(x_test)

@@ -141,8 +141,7 @@ def placement_rows(adapters, specs, limit_prefix: str) -> list[list[str]]:
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   devices = jax.devices()
   if len(devices) >= config.data * config.model:
     mesh = sp.peft.data_model_mesh(config.data, config.model)

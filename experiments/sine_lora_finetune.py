@@ -127,8 +127,7 @@ def search(config, runner, keys, desc):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   tasks = base.split_tasks(config.seed)
   base_config = base.Config(width=config.width, pretrain_steps=config.pretrain_steps, batch=config.batch, seed=config.seed)
   model, params, pretrain_accuracy = base.pretrained(base_config, tasks, _common.results_dir(base.NAME))

@@ -43,8 +43,7 @@ def kaiming_uniform(key, shape):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   rows, spectra = [], {}
   for seed in _common.progress(range(config.seeds), desc=NAME):
     ku, kv = jax.random.split(jax.random.key(seed))

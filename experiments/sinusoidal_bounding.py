@@ -48,8 +48,7 @@ NAME = "sinusoidal_bounding"
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   image, x, y = img.task(config.size)
   omega = sp.integer_frequencies(jax.random.key(config.seed), config.frequencies, config.bandwidth)
   params = sp.periodic_siren_init(jax.random.key(config.seed + 1), omega, config.hidden, 1)

@@ -53,8 +53,7 @@ NAME = "sinusoidal_growing"
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   image, x, y = img.task(config.size)
   key = jax.random.key(config.seed)
   rounds_total = config.total_add // config.n_add

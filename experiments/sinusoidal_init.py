@@ -59,8 +59,7 @@ def first_layers(config: Config) -> dict:
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   image, x, y = img.task(config.size)
   rows, curves = [], {}
   for name, omega in first_layers(config).items():

@@ -120,8 +120,7 @@ def run_one(name: str, seed: int, config: Config, x, y, image) -> list[dict]:
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   image, x, y = img.task(config.size)
   rows = [row for name in config.inits for seed in range(config.seeds) for row in run_one(name, seed, config, x, y, image)]
 

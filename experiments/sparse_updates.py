@@ -77,8 +77,7 @@ def adam_fit(key, x, y, p, steps, lr, desc):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
 
   ranks = np.asarray(sp.sparse_rank_curve((config.rank_size, config.rank_size), config.rank_ps, jax.random.key(0),
                                           trials=config.seeds))
