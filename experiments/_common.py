@@ -39,14 +39,14 @@ def results_dir(name: str) -> str:
   return path
 
 
-def setup(presets: dict[str, Config], name: str, experiment: str) -> tuple[Config, str]:
-  """An experiment's prologue: the preset called ``name`` (see :func:`preset`) and the experiment's results
-  directory (see :func:`results_dir`).
+def setup(presets: dict[str, Config], preset_name: str, experiment: str) -> tuple[Config, str]:
+  """An experiment's prologue: the preset called ``preset_name`` (see :func:`preset`) and the results
+  directory of ``experiment`` (see :func:`results_dir`).
 
   Example:
     >>> config, out = setup(PRESETS, preset, NAME)  # doctest: +SKIP
   """
-  return preset(presets, name), results_dir(experiment)
+  return preset(presets, preset_name), results_dir(experiment)
 
 
 def environment() -> dict[str, Any]:
