@@ -1,18 +1,28 @@
-"""Shared plumbing for experiment scripts: presets, result files, Markdown tables, progress bars."""
+"""Shared plumbing for experiment scripts: presets, the command line, result files, Markdown tables,
+figures, progress bars, interleaved timing, and the small transformer and adapter training step the
+benchmarks share."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
-from typing import Any, Iterable, Sequence, TypeVar
+import time
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence, TypeVar
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+import spectral_peft as sp
 
 RESULTS_ROOT = os.environ.get("SPECTRAL_PEFT_RESULTS", "results")
 Config = TypeVar("Config")
+Key = TypeVar("Key", bound=Hashable)
 
 
 def preset(presets: dict[str, Config], name: str) -> Config:
@@ -23,9 +33,20 @@ def preset(presets: dict[str, Config], name: str) -> Config:
 
 
 def results_dir(name: str) -> str:
+  """``<RESULTS_ROOT>/<name>`` (``RESULTS_ROOT`` is ``$SPECTRAL_PEFT_RESULTS``, default ``results``), created if missing."""
   path = os.path.join(RESULTS_ROOT, name)
   os.makedirs(path, exist_ok=True)
   return path
+
+
+def setup(presets: dict[str, Config], preset_name: str, experiment: str) -> tuple[Config, str]:
+  """An experiment's prologue: the preset called ``preset_name`` (see :func:`preset`) and the results
+  directory of ``experiment`` (see :func:`results_dir`).
+
+  Example:
+    >>> config, out = setup(PRESETS, preset, NAME)  # doctest: +SKIP
+  """
+  return preset(presets, preset_name), results_dir(experiment)
 
 
 def environment() -> dict[str, Any]:
@@ -77,6 +98,11 @@ def progress(iterable: Iterable, **kwargs: Any):
   return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
 
 
+def progress_bar(desc: str) -> Callable[[Iterable], Iterable]:
+  """``iterable -> progress(iterable, desc=desc)``: for library loops that take a ``progress`` callable."""
+  return functools.partial(progress, desc=desc)
+
+
 def num_parameters(tree: Any) -> int:
   """Number of scalars in a parameter pytree (a complex entry counts as 2)."""
   return int(sum(np.size(x) * (2 if np.iscomplexobj(x) else 1) for x in jax.tree.leaves(tree)))
@@ -97,15 +123,255 @@ def agreement(held: int, total: int) -> str:
   return "Matches" if held == total else "Partly matches" if held else "Does not match"
 
 
-def cli(main, presets: dict[str, Any], doc: str) -> None:
-  """``python -m experiments.<name> --preset quick|full``: runs ``main`` and prints its table and verdict."""
+def write_preset_results(out: str, name: str, preset: str, table: str, payload: dict[str, Any]) -> None:
+  """Writes ``table`` under a ``# <name> (<preset>)`` heading to ``<out>/table_<preset>.md`` and ``payload``
+  to ``<out>/results_<preset>.json``, so that the runs of different presets sit side by side."""
+  with open(os.path.join(out, f"table_{preset}.md"), "w") as f:
+    f.write(f"# {name} ({preset})\n\n" + table)
+  write_json(os.path.join(out, f"results_{preset}.json"), payload)
+
+
+def _table_and_verdict(result: dict[str, Any]) -> str:
+  return f"{result['table']}\n{result.get('verdict', '')}"
+
+
+def cli(
+    main: Callable[[str], dict[str, Any]],
+    presets: Iterable[str],
+    doc: str,
+    *,
+    show: Callable[[dict[str, Any]], str] = _table_and_verdict,
+) -> None:
+  """``python -m experiments.<name> --preset quick|full``: runs ``main`` and prints ``show(result)``.
+
+  Args:
+    main: the experiment, ``preset name -> result dict``.
+    presets: the preset names ``--preset`` accepts (a dict of presets gives its keys); the default is
+      ``quick``.
+    doc: the module docstring; its first line is the ``--help`` description.
+    show: what to print of the result; by default its ``table`` and then its ``verdict``.
+  """
   import argparse
 
   parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   parser.add_argument("--preset", default="quick", choices=sorted(presets))
-  result = main(parser.parse_args().preset)
-  print(result["table"])
-  print(result.get("verdict", ""))
+  print(show(main(parser.parse_args().preset)))
+
+
+def subplots(*args: Any, **kwargs: Any) -> Any:
+  """``matplotlib.pyplot.subplots(*args, **kwargs)`` on the file-only Agg backend: ``(figure, axes)``."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: str, *, dpi: int = 120) -> str:
+  """Lays out ``fig`` (``tight_layout``), writes it to ``path`` at ``dpi`` and closes it; returns ``path``."""
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
+
+
+def time_interleaved(
+    calls: Mapping[Key, Callable[[], Any]], repeats: int, *, desc: str | None = "timing"
+) -> dict[Key, list[float]]:
+  """Wall-clock seconds of every call, ``repeats`` times, the calls interleaved.
+
+  Each round runs every call once, in order, so that all of them see the same machine state (a shared
+  machine's load drifts affect them alike). The timed interval includes waiting for the call's result
+  (``jax.block_until_ready``); a training step that carries state keeps it in its closure. Compile and
+  warm up the calls first: every call is timed.
+
+  Args:
+    calls: ``key -> call`` of no arguments.
+    repeats: rounds.
+    desc: the progress bar's label, or None for no progress bar.
+
+  Returns:
+    ``key -> [seconds of round 0, round 1, ...]``, in the order of ``calls``.
+
+  Example:
+    >>> times = time_interleaved({"a": lambda: jnp.ones(3).sum()}, 2, desc=None)
+    >>> len(times["a"])
+    2
+  """
+  times: dict[Key, list[float]] = {key: [] for key in calls}
+  for _ in (range(repeats) if desc is None else progress(range(repeats), desc=desc)):
+    for key, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      times[key].append(time.perf_counter() - start)
+  return times
+
+
+def milliseconds(seconds: Sequence[float]) -> dict[str, float]:
+  """``{"min_ms", "median_ms", "max_ms"}`` of timings given in seconds."""
+  t = np.asarray(seconds) * 1e3
+  return {"min_ms": float(t.min()), "median_ms": float(np.median(t)), "max_ms": float(t.max())}
+
+
+def min_median_max(row: Mapping[str, Any], prefix: str = "") -> str:
+  """``"min / median / max"`` (ms, two decimals) from ``row``'s ``<prefix>min_ms`` etc. (see :func:`milliseconds`)."""
+  return f"{row[prefix + 'min_ms']:.2f} / {row[prefix + 'median_ms']:.2f} / {row[prefix + 'max_ms']:.2f}"
+
+
+def optimize(
+    loss_fn: Callable[..., jax.Array],
+    params: Any,
+    tx: optax.GradientTransformation,
+    steps: int,
+    *,
+    key: jax.Array | None = None,
+    desc: str | None = None,
+) -> Any:
+  """Minimises ``loss_fn`` from ``params`` with ``steps`` jitted steps of the optimiser ``tx``.
+
+  Args:
+    loss_fn: ``params -> scalar loss``, or ``(params, key) -> scalar loss`` when ``key`` is given (to draw
+      the step's batch).
+    params: the starting parameter pytree.
+    tx: the optax optimiser.
+    steps: number of steps.
+    key: step ``i`` passes ``jax.random.fold_in(key, i)`` to ``loss_fn``; None: ``loss_fn`` takes no key.
+    desc: the progress bar's label.
+
+  Returns:
+    The parameters after the last step.
+
+  Example:
+    >>> optimize(lambda p: jnp.sum(jnp.square(p - 1.0)), jnp.zeros(2), optax.sgd(0.5), 1)
+    Array([1., 1.], dtype=float32)
+  """
+  keyed = () if key is None else (key,)
+
+  @jax.jit
+  def step(params, state, *step_key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, *step_key)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  state = tx.init(params)
+  for i in progress(range(steps), desc=desc):
+    params, state, _ = step(params, state, *(jax.random.fold_in(k, i) for k in keyed))
+  return params
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN block: ``x + attention(LN(x))``, then ``x + mlp_out(gelu(mlp_in(LN(x))))``.
+
+  The kernels are named ``attention/{query,key,value,out}/kernel`` (heads on their own axis, as in
+  ``nn.MultiHeadDotProductAttention``), ``mlp_in/kernel`` ``(embed, mlp)`` and ``mlp_out/kernel`` ``(mlp, embed)``.
+  """
+
+  embed: int
+  heads: int
+  mlp: int
+  dtype: Any = None  # computation dtype of the attention and MLP layers (None: that of the inputs)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype, name="attention")(nn.LayerNorm()(x))
+    h = nn.gelu(nn.Dense(self.mlp, dtype=self.dtype, name="mlp_in")(nn.LayerNorm()(x)))
+    return x + nn.Dense(self.embed, dtype=self.dtype, name="mlp_out")(h)
+
+
+class Transformer(nn.Module):
+  """The benchmarks' small Linen transformer: ``layers`` :class:`TransformerBlock` s named ``block_<i>``,
+  mapping ``(batch, seq, embed)`` to ``(batch, seq, embed)`` (no embedding, no head)."""
+
+  embed: int
+  heads: int
+  mlp: int
+  layers: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.layers):
+      x = TransformerBlock(self.embed, self.heads, self.mlp, self.dtype, name=f"block_{i}")(x)
+    return x
+
+
+def adapter_train_step(
+    model: nn.Module,
+    params: Any,
+    adapters: dict[str, Any],
+    tx: optax.GradientTransformation,
+    path: str,
+    *,
+    donate: bool = False,
+) -> tuple[Callable[..., Any], Any]:
+  """A jitted adapter training step ``(trainable, opt_state, x, y) -> (trainable, opt_state, mse)``.
+
+  The loss is the mean squared error of the adapted ``model`` (Linen, frozen ``params``) to ``y``; the
+  gradient is taken with respect to the adapters' trainable part only.
+
+  Args:
+    model: the Linen model.
+    params: its frozen parameters.
+    adapters: ``sp.peft.init_adapters``' output.
+    tx: the optax optimiser.
+    path: ``"merge"`` (``W0 + Delta W`` formed every step, ``sp.peft.merge``) or anything else for
+      ``sp.peft.apply_factored`` (each spec's own ``path`` then decides how ``x Delta W`` is computed).
+    donate: donate the trainable and optimiser-state buffers to the step (the caller must not reuse them).
+
+  Returns:
+    ``(step, trainable)``: the jitted step and the adapters' trainable part to start from.
+  """
+  trainable, frozen = sp.peft.partition(adapters)
+
+  def loss(t, x, y):
+    ad = sp.peft.combine(t, frozen)
+    if path == "merge":
+      out = model.apply({"params": sp.peft.merge(params, ad)}, x)
+    else:
+      out = sp.peft.apply_factored(model, params, ad, x)
+    return jnp.mean(jnp.square(out - y))
+
+  def step(t, state, x, y):
+    value, grads = jax.value_and_grad(loss)(t, x, y)
+    updates, state = tx.update(grads, state, t)
+    return optax.apply_updates(t, updates), state, value
+
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ()), trainable
+
+
+def regression_task(model: nn.Module, shape: tuple[int, ...], *, seed: int = 0) -> tuple[jax.Array, jax.Array, Any]:
+  """Standard-normal inputs ``x`` and targets ``y``, both of ``shape``, and ``model``'s parameters initialised
+  on ``x`` (three keys split from ``jax.random.key(seed)``): a task whose steps are only timed."""
+  kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, shape)
+  y = jax.random.normal(ky, x.shape)
+  return x, y, model.init(kp, x)["params"]
+
+
+def time_adapter_steps(
+    steps: Mapping[Key, dict[str, Any]], x: jax.Array, y: jax.Array, repeats: int, *, desc: str | None = "timing"
+) -> dict[Key, list[float]]:
+  """:func:`time_interleaved` for :func:`adapter_train_step` s that carry their state.
+
+  Every entry of ``steps`` holds its jitted ``"step"``, ``"trainable"`` and ``"state"``; each call feeds
+  ``(trainable, state, x, y)`` and replaces the last two by the step's outputs (so donated buffers are
+  never reused). Returns ``key -> seconds per round``.
+  """
+
+  def call(entry: dict[str, Any]) -> jax.Array:
+    entry["trainable"], entry["state"], loss = entry["step"](entry["trainable"], entry["state"], x, y)
+    return loss
+
+  return time_interleaved({key: functools.partial(call, entry) for key, entry in steps.items()}, repeats, desc=desc)
+
+
+def sample_std(values: Any) -> float:
+  """The sample standard deviation (``ddof=1``) of ``values`` (any shape, flattened), 0.0 for fewer than two."""
+  v = np.asarray(values, np.float64)
+  return float(np.std(v, ddof=1)) if v.size > 1 else 0.0
 
 
 def paired_spread_verdict(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -121,11 +387,10 @@ def paired_spread_verdict(a: Sequence[float], b: Sequence[float]) -> dict[str, A
   """
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
-  std = lambda v: float(np.std(v, ddof=1)) if v.size > 1 else 0.0  # noqa: E731
   paired = a.shape == b.shape
   diff = a - b if paired else np.asarray([a.mean() - b.mean()])
-  out = {"n": int(min(a.size, b.size)), "mean_a": float(a.mean()), "std_a": std(a), "mean_b": float(b.mean()),
-         "std_b": std(b), "diff_mean": float(diff.mean()), "diff_std": std(diff)}
+  out = {"n": int(min(a.size, b.size)), "mean_a": float(a.mean()), "std_a": sample_std(a), "mean_b": float(b.mean()),
+         "std_b": sample_std(b), "diff_mean": float(diff.mean()), "diff_std": sample_std(diff)}
   out["beyond_spread"] = bool(out["n"] > 1 and abs(out["mean_a"] - out["mean_b"]) > out["std_a"] + out["std_b"])
   seeds = f"{out['n']} seed{'s' if out['n'] != 1 else ''}"
   out["text"] = (f"{out['mean_a']:.4g} +- {out['std_a']:.2g} vs {out['mean_b']:.4g} +- {out['std_b']:.2g} "
@@ -164,8 +429,7 @@ def spread_verdict(
     raise ValueError(f"`ours` and `reference` must hold at least one value, got {a.size} and {b.size}.")
   if log10:
     a, b = np.log10(a), np.log10(b)
-  std = lambda x: float(np.std(x, ddof=1)) if x.size > 1 else 0.0  # noqa: E731
-  mean_a, mean_b, std_a, std_b = float(a.mean()), float(b.mean()), std(a), std(b)
+  mean_a, mean_b, std_a, std_b = float(a.mean()), float(b.mean()), sample_std(a), sample_std(b)
   diff, spread = mean_a - mean_b, std_a + std_b
   beyond = a.size > 1 and abs(diff) > spread
   if log10:

@@ -30,6 +30,12 @@ def targets(image: np.ndarray) -> jax.Array:
   return jnp.asarray(2.0 * image.reshape(-1, 1) - 1.0)
 
 
+def task(size: int) -> tuple[np.ndarray, jax.Array, jax.Array]:
+  """The fitting task at ``size``: the image (:func:`camera`), its coordinates (:func:`grid`) and targets (:func:`targets`)."""
+  image = camera(size)
+  return image, grid(size), targets(image)
+
+
 def psnr_from_mse(mse) -> np.ndarray:
   """PSNR in dB for targets in [-1, 1] (peak-to-peak 2), i.e. the PSNR of the [0, 1] image."""
   return 10.0 * np.log10(4.0 / np.maximum(np.asarray(mse, np.float64), 1e-12))

@@ -14,13 +14,8 @@ Run:
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 import spectral_peft as sp
@@ -50,27 +45,9 @@ PRESETS = {
 }
 
 
-class Block(nn.Module):
-  embed: int
-  heads: int
-  mlp: int
-  dtype: str
-
-  @nn.compact
-  def __call__(self, x):
-    x = x + nn.SelfAttention(num_heads=self.heads, dtype=self.dtype, name="attention")(nn.LayerNorm()(x))
-    h = nn.gelu(nn.Dense(self.mlp, dtype=self.dtype, name="mlp_in")(nn.LayerNorm()(x)))
-    return x + nn.Dense(self.embed, dtype=self.dtype, name="mlp_out")(h)
-
-
-class Transformer(nn.Module):
-  config: Config
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.config.layers):
-      x = Block(self.config.embed, self.config.heads, self.config.mlp, self.config.dtype, name=f"block_{i}")(x)
-    return x
+def transformer(config: Config) -> _common.Transformer:
+  """The benchmark's pre-LN transformer at ``config``'s sizes and dtype."""
+  return _common.Transformer(config.embed, config.heads, config.mlp, config.layers, config.dtype)
 
 
 def methods(config: Config, budget_rank: int = 8) -> dict[str, sp.peft.AdapterMethod | None]:
@@ -89,33 +66,15 @@ def methods(config: Config, budget_rank: int = 8) -> dict[str, sp.peft.AdapterMe
 
 
 def step_fn(model, params, adapters, tx, path):
-  """A jitted training step; `path` is "merge" (W0 + Delta W per step) or "factored" (sp.peft.factored)."""
-  trainable, frozen = sp.peft.partition(adapters)
-
-  def loss(t, x, y):
-    ad = sp.peft.combine(t, frozen)
-    if path == "merge":
-      out = model.apply({"params": sp.peft.merge(params, ad)}, x)
-    else:
-      out = sp.peft.apply_factored(model, params, ad, x)
-    return jnp.mean(jnp.square(out - y))
-
-  def step(t, state, x, y):
-    value, grads = jax.value_and_grad(loss)(t, x, y)
-    updates, state = tx.update(grads, state, t)
-    return optax.apply_updates(t, updates), state, value
-
-  return jax.jit(step, donate_argnums=(0, 1)), trainable
+  """A jitted training step that donates its buffers; `path` is "merge" (W0 + Delta W per step) or
+  "factored" (sp.peft.apply_factored)."""
+  return _common.adapter_train_step(model, params, adapters, tx, path, donate=True)
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
-  model = Transformer(config)
-  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(kx, (config.batch, config.seq, config.embed))
-  y = jax.random.normal(ky, x.shape)
-  params = model.init(kp, x)["params"]
+  config, out = _common.setup(PRESETS, preset, NAME)
+  model = transformer(config)
+  x, y, params = _common.regression_task(model, (config.batch, config.seq, config.embed))
   tx = optax.adam(1e-3)
 
   compiled = {}
@@ -135,20 +94,11 @@ def main(preset: str = "quick") -> dict:
     jax.block_until_ready(t)
     compiled[name]["trainable"], compiled[name]["state"] = t, s
 
-  times = {name: [] for name in compiled}
-  for _ in _common.progress(range(config.repeats), desc="timing"):
-    for name, c in compiled.items():  # interleaved
-      start = time.perf_counter()
-      t, s, value = c["step"](c["trainable"], c["state"], x, y)
-      jax.block_until_ready(value)
-      times[name].append(time.perf_counter() - start)
-      c["trainable"], c["state"] = t, s
+  times = _common.time_adapter_steps(compiled, x, y, config.repeats)
 
   rows = []
   for name, c in compiled.items():
-    t = np.asarray(times[name]) * 1e3
-    rows.append({"method": name, "params": c["params"], "min_ms": float(t.min()), "median_ms": float(np.median(t)),
-                 "max_ms": float(t.max()), "temp_MiB": c["temp_MiB"]})
+    rows.append({"method": name, "params": c["params"], **_common.milliseconds(times[name]), "temp_MiB": c["temp_MiB"]})
   for row in rows:  # ratios to LoRA on the same path
     path = row["method"].rsplit("(", 1)[1]
     r1, r8 = (next(x for x in rows if x["method"] == f"LoRA r{k} ({path}") for k in (1, 8))
@@ -159,8 +109,8 @@ def main(preset: str = "quick") -> dict:
   table = _common.markdown_table(
       ["method", "trainable", "step ms min / median / max", "time / LoRA r1", "time / LoRA r8", "temp MiB",
        "memory / LoRA r8"],
-      [[r["method"], r["params"], f"{r['min_ms']:.2f} / {r['median_ms']:.2f} / {r['max_ms']:.2f}",
-        r["time_vs_lora_r1"], r["time_vs_lora_r8"], r["temp_MiB"], r["memory_vs_lora_r8"]] for r in rows])
+      [[r["method"], r["params"], _common.min_median_max(r), r["time_vs_lora_r1"], r["time_vs_lora_r8"],
+        r["temp_MiB"], r["memory_vs_lora_r8"]] for r in rows])
   table += (f"\n{config.layers}-layer transformer, embed {config.embed}, MLP {config.mlp}, batch {config.batch} x "
             f"{config.seq} tokens, {config.dtype}, adapters on query/value/MLP kernels; ratios are to LoRA on the same "
             "path (merge: W0 + Delta W every step; factored: sp.peft.factored); "
@@ -169,10 +119,7 @@ def main(preset: str = "quick") -> dict:
   verdict = (f"Slowest method {worst['method']} at {worst['time_vs_lora_r8']:.2f}x LoRA r8's step "
              "(PyTorch PEFT anchors: WaveFT 2.1x, FourierFT 1.7x, DoRA 1.16x).")
   result = {"config": config, "rows": rows, "table": table, "verdict": verdict, "environment": _common.environment()}
-  with open(os.path.join(out, "adapters.md"), "w") as f:
-    f.write(table)
-  _common.write_json(os.path.join(out, "adapters.json"), result)
-  return result
+  return _common.save(out, result, stem="adapters")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import spectral_peft as sp
@@ -74,24 +72,12 @@ PAPER_STEP_RATIO = 2.6  # Paper 003, Table 8: LRNN-SPDER 0.0453 s vs SIREN 0.017
 # 1. Image-fit training step.
 
 
-def mlp_num_parameters(width: int, depth: int, in_features: int = 2, out_features: int = 1) -> int:
-  return (in_features + 1) * width + (depth - 1) * (width + 1) * width + (width + 1) * out_features
-
-
-def matched_width(target: int, depth: int) -> int:
-  """The hidden width whose ``depth``-layer MLP has the parameter count closest to ``target``."""
-  width = 1
-  while mlp_num_parameters(width + 1, depth) <= target:
-    width += 1
-  return min((width, width + 1), key=lambda w: abs(mlp_num_parameters(w, depth) - target))
-
-
 def image_models(config: Config, key: jax.Array) -> dict[str, dict[str, Any]]:
   """name -> {"params", "apply", "architecture"} for the four image-fit models."""
   k_lrnn, k_siren, k_relu = jax.random.split(key, 3)
   lrnn_params = sp.lrnn_init(k_lrnn, 2, config.lrnn_ranks, 1, projection_width=config.lrnn_width,
                              hidden=config.lrnn_hidden, omega=config.omega)
-  width = matched_width(_common.num_parameters(lrnn_params), config.mlp_depth)
+  width = lrnn_image.matched_width(_common.num_parameters(lrnn_params), config.mlp_depth)
   widths = (2,) + (width,) * config.mlp_depth + (1,)
   lrnn_arch = f"LRNN {[2, *config.lrnn_ranks, 1]}, d={config.lrnn_width}, h={config.lrnn_hidden}, {config.lrnn_activation}"
   # Activation evaluations per input point: r * d * (1 + len(hidden)) per LRNN layer (each SPDER
@@ -138,20 +124,19 @@ def bench_image(config: Config) -> list[dict]:
     runs[name] = {"compiled": compiled, "state": (params, opt_state), "architecture": model["architecture"],
                   "activations": model["activations"],
                   "params": _common.num_parameters(params), "compile_s": compile_s,
-                  "temp_MiB": compiled.memory_analysis().temp_size_in_bytes / 2**20, "times": []}
-  for _ in _common.progress(range(config.repeats), desc=f"{NAME} time steps"):
-    for run in runs.values():  # Interleaved.
-      start = time.perf_counter()
-      params, opt_state, loss = run["compiled"](*run["state"], x, y)
-      jax.block_until_ready(loss)
-      run["times"].append(time.perf_counter() - start)
-      run["state"] = (params, opt_state)
+                  "temp_MiB": compiled.memory_analysis().temp_size_in_bytes / 2**20}
+
+  def step(run):
+    params, opt_state, loss = run["compiled"](*run["state"], x, y)
+    run["state"] = (params, opt_state)
+    return loss
+
+  times = _common.time_interleaved({name: lambda run=run: step(run) for name, run in runs.items()}, config.repeats,
+                                   desc=f"{NAME} time steps")
   rows = []
   for name, run in runs.items():
-    t = np.asarray(run["times"]) * 1e3
     rows.append({"model": name, "architecture": run["architecture"], "params": run["params"],
-                 "activations_per_point": run["activations"],
-                 "min_ms": float(t.min()), "median_ms": float(np.median(t)), "max_ms": float(t.max()),
+                 "activations_per_point": run["activations"], **_common.milliseconds(times[name]),
                  "temp_MiB": run["temp_MiB"], "compile_s": run["compile_s"]})
   siren = next(r for r in rows if r["model"] == "SIREN")
   for r in rows:
@@ -206,15 +191,12 @@ def bench_poisson(config: Config) -> dict:
     compiled = jax.jit(fn).lower(params).compile()
     compile_s = time.perf_counter() - start
     value = jax.block_until_ready(compiled(params))  # Warm up; kept for the comparison.
-    runs[key] = {"compiled": compiled, "value": value, "compile_s": compile_s, "times": [],
+    runs[key] = {"compiled": compiled, "value": value, "compile_s": compile_s,
                  "temp_MiB": compiled.memory_analysis().temp_size_in_bytes / 2**20}
   for what, repeats in (("laplacian", config.poisson_repeats), ("loss + grad", config.poisson_grad_repeats)):
-    for _ in _common.progress(range(repeats), desc=f"{NAME} time {what}"):
-      for method in ("forward", "hessian"):  # Interleaved.
-        run = runs[(what, method)]
-        start = time.perf_counter()
-        jax.block_until_ready(run["compiled"](params))
-        run["times"].append(time.perf_counter() - start)
+    calls = {method: lambda run=runs[(what, method)]: run["compiled"](params) for method in ("forward", "hessian")}
+    for method, times in _common.time_interleaved(calls, repeats, desc=f"{NAME} time {what}").items():
+      runs[(what, method)]["times"] = times
 
   fwd_lap, hess_lap = runs[("laplacian", "forward")]["value"], runs[("laplacian", "hessian")]["value"]
   (fwd_loss, fwd_grad), (hess_loss, hess_grad) = (runs[("loss + grad", m)]["value"] for m in ("forward", "hessian"))
@@ -229,10 +211,9 @@ def bench_poisson(config: Config) -> dict:
     row = {"what": what, **check[what]}
     for method in ("forward", "hessian"):
       run = runs[(what, method)]
-      t = np.asarray(run["times"]) * 1e3
-      row.update({f"{method}_min_ms": float(t.min()), f"{method}_median_ms": float(np.median(t)),
-                  f"{method}_max_ms": float(t.max()), f"{method}_temp_MiB": run["temp_MiB"],
-                  f"{method}_compile_s": run["compile_s"], f"{method}_repeats": len(t)})
+      row.update({f"{method}_{k}": v for k, v in _common.milliseconds(run["times"]).items()})
+      row.update({f"{method}_temp_MiB": run["temp_MiB"], f"{method}_compile_s": run["compile_s"],
+                  f"{method}_repeats": len(run["times"])})
     row["time_forward_over_hessian"] = row["forward_median_ms"] / row["hessian_median_ms"]
     row["memory_forward_over_hessian"] = row["forward_temp_MiB"] / row["hessian_temp_MiB"]
     rows.append(row)
@@ -244,13 +225,8 @@ def bench_poisson(config: Config) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _ms(row: dict, prefix: str = "") -> str:
-  return f"{row[prefix + 'min_ms']:.2f} / {row[prefix + 'median_ms']:.2f} / {row[prefix + 'max_ms']:.2f}"
-
-
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   image = bench_image(config)
   poisson = bench_poisson(config)
   backend = jax.default_backend()
@@ -258,7 +234,8 @@ def main(preset: str = "quick") -> dict:
   table = _common.markdown_table(
       ["model", "architecture", "params", "activations / point", "step ms min / median / max", "time / SIREN",
        "temp MiB", "memory / SIREN"],
-      [[r["model"], r["architecture"], r["params"], r["activations_per_point"], _ms(r), r["time_vs_siren"],
+      [[r["model"], r["architecture"], r["params"], r["activations_per_point"], _common.min_median_max(r),
+        r["time_vs_siren"],
         r["temp_MiB"], r["memory_vs_siren"]]
        for r in image])
   table += (f"\nImage-fit training step (MSE value_and_grad + Adam) on {config.batch} coordinates in [-1, 1]^2, "
@@ -267,7 +244,8 @@ def main(preset: str = "quick") -> dict:
   table += _common.markdown_table(
       ["computed", "forward ms min / median / max", "Hessian ms min / median / max", "time fwd / Hess",
        "forward temp MiB", "Hessian temp MiB", "memory fwd / Hess", "max abs diff"],
-      [[r["what"], _ms(r, "forward_"), _ms(r, "hessian_"), r["time_forward_over_hessian"], r["forward_temp_MiB"],
+      [[r["what"], _common.min_median_max(r, "forward_"), _common.min_median_max(r, "hessian_"),
+        r["time_forward_over_hessian"], r["forward_temp_MiB"],
         r["hessian_temp_MiB"], r["memory_forward_over_hessian"], f"{r['max_abs_diff']:.3g}"] for r in poisson["rows"]])
   lap, grad = poisson["rows"]
   table += (f"\nPoisson (n = {poisson['frequency']}): {poisson['architecture']} ({poisson['params']} parameters) on the "

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import spectral_peft as sp
@@ -116,8 +114,7 @@ def nnx_step(config, spec, x):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   x = jax.random.normal(jax.random.key(2), (config.batch, config.width))
   compiled = {}
   jobs = [(name, spec, path) for name, spec in method_specs(config).items() for path in PATHS]
@@ -128,19 +125,13 @@ def main(preset: str = "quick") -> dict:
     jax.block_until_ready(executable(*args))  # warm up
     compiled[(name, path)] = {"run": executable, "args": args, "temp_MiB": temp}
 
-  times = {key: [] for key in compiled}
-  for _ in _common.progress(range(config.repeats), desc="timing"):
-    for key, c in compiled.items():  # interleaved: every configuration sees the same machine state
-      start = time.perf_counter()
-      jax.block_until_ready(c["run"](*c["args"]))
-      times[key].append(time.perf_counter() - start)
+  times = _common.time_interleaved({key: lambda c=c: c["run"](*c["args"]) for key, c in compiled.items()},
+                                   config.repeats)
 
   mn_mib = config.width * config.width * 4 / 2**20
   rows = []
   for (name, path), c in compiled.items():
-    t = np.asarray(times[(name, path)]) * 1e3
-    rows.append({"method": name, "path": path, "temp_MiB": c["temp_MiB"], "median_ms": float(np.median(t)),
-                 "min_ms": float(t.min()), "max_ms": float(t.max())})
+    rows.append({"method": name, "path": path, "temp_MiB": c["temp_MiB"], **_common.milliseconds(times[(name, path)])})
   for row in rows:
     lora = next(r for r in rows if r["method"] == "LoRA" and r["path"] == row["path"])
     merge = next(r for r in rows if r["method"] == row["method"] and r["path"] == "merge")

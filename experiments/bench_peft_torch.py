@@ -15,8 +15,6 @@ Run:
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 
 import jax
 import numpy as np
@@ -94,8 +92,7 @@ def ours(config: bench_adapters.Config):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   try:
     import peft
     import torch
@@ -129,7 +126,7 @@ def main(preset: str = "quick") -> dict:
     count = sum(q.numel() for q in model.parameters() if q.requires_grad)
     steps[("peft", name)] = (step, count)
 
-  model = bench_adapters.Transformer(mc)
+  model = bench_adapters.transformer(mc)
   x, y = jax.numpy.asarray(x_np), jax.numpy.asarray(y_np)
   params = model.init(jax.random.key(0), x)["params"]
   tx = optax.adam(1e-3)
@@ -150,12 +147,7 @@ def main(preset: str = "quick") -> dict:
   for step, _ in _common.progress(list(steps.values()), desc="warm-up"):
     for _ in range(3):
       step()
-  times = {key: [] for key in steps}
-  for _ in _common.progress(range(config.repeats), desc="timing"):
-    for key, (step, _) in steps.items():
-      start = time.perf_counter()
-      step()
-      times[key].append(time.perf_counter() - start)
+  times = _common.time_interleaved({key: step for key, (step, _) in steps.items()}, config.repeats)
   median = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
 
   rows = []
@@ -182,10 +174,7 @@ def main(preset: str = "quick") -> dict:
   verdict = ("Ours / PEFT step time: " +
              ", ".join(f"{r['method']} {min(r['merge_over_peft'], r['factored_over_peft']):.2f}" for r in rows) + ".")
   result = {"config": config, "rows": rows, "table": table, "verdict": verdict, "environment": _common.environment()}
-  with open(os.path.join(out, "peft_torch.md"), "w") as f:
-    f.write(table)
-  _common.write_json(os.path.join(out, "peft_torch.json"), result)
-  return result
+  return _common.save(out, result, stem="peft_torch")
 
 
 if __name__ == "__main__":

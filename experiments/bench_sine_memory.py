@@ -13,8 +13,6 @@ Run:
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +53,7 @@ def args_for(m, n, k, batch):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   fns = steps(config.omega)
   memory = []
   for m, n, k, batch in _common.progress(config.sizes, desc="memory analysis"):
@@ -73,14 +70,9 @@ def main(preset: str = "quick") -> dict:
     a = jax.random.normal(keys[0], (m, k)) / np.sqrt(m)
     b = jax.random.normal(keys[1], (k, n)) / np.sqrt(k)
     x = jax.random.normal(keys[2], (batch, m))
-    times = {name: [] for name in fns}
     for name, fn in fns.items():
       jax.block_until_ready(fn(a, b, x))  # compile
-    for _ in _common.progress(range(config.repeats), desc="timing"):
-      for name, fn in fns.items():  # interleaved, so both see the same machine state
-        start = time.perf_counter()
-        jax.block_until_ready(fn(a, b, x))
-        times[name].append(time.perf_counter() - start)
+    times = _common.time_interleaved({name: lambda fn=fn: fn(a, b, x) for name, fn in fns.items()}, config.repeats)
     med = {name: float(np.median(t)) for name, t in times.items()}
     timing.append({"m": m, "n": n, "k": k, "batch": batch, "dense_median_s": med["dense"], "lean_median_s": med["lean"],
                    "lean_over_dense": med["lean"] / med["dense"], "backend": jax.default_backend()})

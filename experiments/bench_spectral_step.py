@@ -20,14 +20,10 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -57,28 +53,6 @@ PRESETS = {
 }
 
 
-class Block(nn.Module):
-  embed: int
-  heads: int
-  mlp: int
-
-  @nn.compact
-  def __call__(self, x):
-    x = x + nn.SelfAttention(num_heads=self.heads, name="attention")(nn.LayerNorm()(x))
-    h = nn.gelu(nn.Dense(self.mlp, name="mlp_in")(nn.LayerNorm()(x)))
-    return x + nn.Dense(self.embed, name="mlp_out")(h)
-
-
-class Transformer(nn.Module):
-  config: Config
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.config.layers):
-      x = Block(self.config.embed, self.config.heads, self.config.mlp, name=f"block_{i}")(x)
-    return x
-
-
 def methods(config: Config, path: str) -> dict[str, sp.peft.AdapterMethod]:
   """LoRA and the four sparse/spectral methods at LoRA rank ``budget_rank``'s parameter count."""
   d = config.embed
@@ -93,33 +67,9 @@ def methods(config: Config, path: str) -> dict[str, sp.peft.AdapterMethod]:
   }
 
 
-def step_fn(model, params, adapters, tx, path):
-  trainable, frozen = sp.peft.partition(adapters)
-
-  def loss(t, x, y):
-    ad = sp.peft.combine(t, frozen)
-    if path == "merge":
-      out = model.apply({"params": sp.peft.merge(params, ad)}, x)
-    else:
-      out = sp.peft.apply_factored(model, params, ad, x)
-    return jnp.mean(jnp.square(out - y))
-
-  def step(t, state, x, y):
-    value, grads = jax.value_and_grad(loss)(t, x, y)
-    updates, state = tx.update(grads, state, t)
-    return optax.apply_updates(t, updates), state, value
-
-  return jax.jit(step), trainable
-
-
 def _plot(rows, config, path):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   names = list(dict.fromkeys(r["method"] for r in rows))
-  fig, ax = plt.subplots(figsize=(7, 3.5))
+  fig, ax = _common.subplots(figsize=(7, 3.5))
   width = 0.8 / len(PATHS)
   for j, p in enumerate(PATHS):
     ratios = [next(r["time_vs_lora"] for r in rows if r["method"] == n and r["path"] == p) for n in names]
@@ -129,47 +79,32 @@ def _plot(rows, config, path):
   ax.set_ylabel("step time / LoRA (same path)")
   ax.set_title(f"{config.layers}-layer transformer, d={config.embed}, {jax.default_backend()}")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, path)
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
-  model = Transformer(config)
-  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(kx, (config.batch, config.seq, config.embed))
-  y = jax.random.normal(ky, x.shape)
-  params = model.init(kp, x)["params"]
+  config, out = _common.setup(PRESETS, preset, NAME)
+  model = _common.Transformer(config.embed, config.heads, config.mlp, config.layers)
+  x, y, params = _common.regression_task(model, (config.batch, config.seq, config.embed))
   tx = optax.adam(1e-3)
 
   compiled = {}
   jobs = [(name, spec, path) for path in PATHS for name, spec in methods(config, path).items()]
   for name, spec, path in _common.progress(jobs, desc="compile"):
     adapters = sp.peft.init_adapters(jax.random.key(1), params, spec, TARGETS, in_axes=1)
-    step, trainable = step_fn(model, params, adapters, tx, path)
+    step, trainable = _common.adapter_train_step(model, params, adapters, tx, path)
     state = tx.init(trainable)
     t, s, _ = step(trainable, state, x, y)  # compile and warm up
     jax.block_until_ready(t)
     compiled[(name, path)] = {"step": step, "trainable": t, "state": s,
                               "params": sp.peft.count_parameters(adapters)}
 
-  times = {key: [] for key in compiled}
-  for _ in _common.progress(range(config.repeats), desc="timing"):
-    for key, c in compiled.items():  # interleaved, so every method sees the same machine state
-      start = time.perf_counter()
-      t, s, value = c["step"](c["trainable"], c["state"], x, y)
-      jax.block_until_ready(value)
-      times[key].append(time.perf_counter() - start)
-      c["trainable"], c["state"] = t, s
+  times = _common.time_adapter_steps(compiled, x, y, config.repeats)
 
   lora = f"LoRA r{config.budget_rank}"
   rows = []
   for (name, path), c in compiled.items():
-    t = np.asarray(times[(name, path)]) * 1e3
-    rows.append({"method": name, "path": path, "params": c["params"], "min_ms": float(t.min()),
-                 "median_ms": float(np.median(t)), "max_ms": float(t.max())})
+    rows.append({"method": name, "path": path, "params": c["params"], **_common.milliseconds(times[(name, path)])})
   for row in rows:
     ref = next(r for r in rows if r["method"] == lora and r["path"] == row["path"])
     row["time_vs_lora"] = row["median_ms"] / ref["median_ms"]
@@ -179,8 +114,8 @@ def main(preset: str = "quick") -> dict:
   table = _common.markdown_table(
       ["method", "path", "trainable", "step ms min / median / max", "time / LoRA (same path)",
        "time / LoRA (merge)"],
-      [[r["method"], r["path"], r["params"], f"{r['min_ms']:.2f} / {r['median_ms']:.2f} / {r['max_ms']:.2f}",
-        r["time_vs_lora"], r["time_vs_lora_merge"]] for r in rows])
+      [[r["method"], r["path"], r["params"], _common.min_median_max(r), r["time_vs_lora"], r["time_vs_lora_merge"]]
+       for r in rows])
   table += (f"\n{config.layers}-layer transformer, embed {config.embed}, MLP {config.mlp}, batch {config.batch} x "
             f"{config.seq} tokens, float32, adapters on the query/value kernels, budget p = {2 * config.budget_rank * config.embed} "
             f"per kernel (= LoRA r{config.budget_rank}); {jax.default_backend()} backend, {config.repeats} interleaved "
@@ -193,15 +128,8 @@ def main(preset: str = "quick") -> dict:
   _plot(rows, config, plot)
   result = {"config": config, "rows": rows, "table": table, "verdict": verdict, "plot": plot,
             "environment": _common.environment()}
-  with open(os.path.join(out, "step_time.md"), "w") as f:
-    f.write(table)
-  _common.write_json(os.path.join(out, "step_time.json"), result)
-  return result
+  return _common.save(out, result, stem="step_time")
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  result = main(parser.parse_args().preset)
-  print(result["table"])
-  print(result["verdict"])
+  _common.cli(main, PRESETS, __doc__)

@@ -98,20 +98,12 @@ def pretrained(config, tasks, out):
   if os.path.isdir(path):
     params = checkpointer.restore(path, params)
   else:
-    tx = optax.adam(1e-3)
-
-    @jax.jit
-    def step(params, state, key):
+    def loss(p, key):
       idx = jax.random.randint(key, (config.batch,), 0, x.shape[0])
-      loss, grads = jax.value_and_grad(
-          lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x[idx]), y[idx]).mean()
-      )(params)
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x[idx]), y[idx]).mean()
 
-    state = tx.init(params)
-    for i in _common.progress(range(config.pretrain_steps), desc="pretrain on digits 0-4"):
-      params, state = step(params, state, jax.random.fold_in(jax.random.key(config.seed), i))
+    params = _common.optimize(loss, params, optax.adam(1e-3), config.pretrain_steps, key=jax.random.key(config.seed),
+                              desc="pretrain on digits 0-4")
     checkpointer.save(path, params)
     checkpointer.wait_until_finished()
   accuracy = float(jnp.mean(jnp.argmax(model.apply({"params": params}, x_test), -1) == y_test))
@@ -198,8 +190,7 @@ def finetune(config, model, params, tasks, make_adapters):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   tasks = split_tasks(config.seed)
   model, params, pretrain_accuracy = pretrained(config, tasks, out)
   runs = []
@@ -216,12 +207,7 @@ def main(preset: str = "quick") -> dict:
                  "test_mean": float(test[:, best].mean()), "test_std": float(test[:, best].std()),
                  "test_by_seed": test[:, best].tolist(), "spec": spec and spec.to_config()})
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = _common.subplots(figsize=(6.5, 4))
   head_only = runs[0]["test_mean"]
   ax.axhline(head_only, color="gray", ls=":", label="head only (no adapter)")
   for name in config.methods:
@@ -232,9 +218,7 @@ def main(preset: str = "quick") -> dict:
   ax.set(xscale="log", xlabel="trainable adapter scalars (both kernels)", ylabel="test accuracy, digits 5-9",
          title=f"Adapters on a pretrained MNIST-1D MLP ({config.seeds} seeds)")
   ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "accuracy_vs_budget.png"), dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, os.path.join(out, "accuracy_vs_budget.png"))
 
   table = _common.markdown_table(
       ["method", "budget / kernel", "trainable", "lr (val)", "test accuracy (mean +- std)"],

@@ -55,8 +55,7 @@ def gradient_inits(config, model, params, tasks):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   base = config.base
   tasks = fc.split_tasks(base.seed)
   model, params, _ = fc.pretrained(base, tasks, _common.results_dir(fc.NAME))
@@ -87,21 +86,14 @@ def main(preset: str = "quick") -> dict:
       [[r["method"], r["mask"], r["budget"], r["trainable"], r["learning_rate"],
         f"{r['test_mean']:.3f} +- {r['test_std']:.3f}"] for r in rows])
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = _common.subplots(figsize=(6.5, 4))
   for (name, strategy) in dict.fromkeys((r["method"], r["mask"]) for r in rows):
     sel = [r for r in rows if r["method"] == name and r["mask"] == strategy]
     ax.errorbar([r["trainable"] for r in sel], [r["test_mean"] for r in sel], [r["test_std"] for r in sel],
                 marker="o", capsize=3, label=f"{name}, {strategy} mask" if name != "FourierFT" else name)
   ax.set(xscale="log", xlabel="trainable scalars", ylabel="test accuracy, digits 5-9", title="LFMA vs FourierFT")
   ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "lfma.png"), dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, os.path.join(out, "lfma.png"))
 
   checks = []
   for budget in config.budgets:

@@ -22,7 +22,6 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import spectral_peft as sp
@@ -95,20 +94,9 @@ def occupancy(points):
 
 
 def train(model, loss_fn, sample, steps, lr, key, desc):
+  """Adam on ``loss_fn(params, *sample(key_i))``, a fresh batch every step; returns the parameters."""
   params = model.init(key, sample(jax.random.key(0))[0])["params"]
-  tx = optax.adam(lr)
-
-  @jax.jit
-  def step(params, state, key):
-    batch = sample(key)
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(p, *batch))(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  state = tx.init(params)
-  for i in _common.progress(range(steps), desc=desc):
-    params, state, _ = step(params, state, jax.random.fold_in(key, i))
-  return params
+  return _common.optimize(lambda p, k: loss_fn(p, *sample(k)), params, optax.adam(lr), steps, key=key, desc=desc)
 
 
 def variants(config):
@@ -166,17 +154,11 @@ def run_occupancy(config):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   classifier = run_classifier(config)
   occupancy_rows = run_occupancy(config)
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, axes = _common.subplots(1, 2, figsize=(10, 3.8))
   for ax, rows, metric, title in ((axes[0], classifier, "test_accuracy", "MNIST-1D test accuracy"),
                                   (axes[1], occupancy_rows, "iou", "occupancy IoU")):
     for kind, style in (("lowrank", "o-"), ("sine", "s-")):
@@ -186,9 +168,7 @@ def main(preset: str = "quick") -> dict:
     ax.axhline(next(r[metric] for r in rows if r["kind"] == "full"), color="gray", ls="--", label="full rank")
     ax.set(xlabel="rank k", ylabel=metric, title=title, xscale="log")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "pretraining.png"), dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, os.path.join(out, "pretraining.png"))
 
   by_label = {r["variant"]: r for r in occupancy_rows}
   table = _common.markdown_table(

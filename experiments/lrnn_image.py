@@ -81,8 +81,12 @@ def mlp_num_params(width: int, depth: int, in_features: int = 2, out_features: i
 
 
 def matched_width(num_params: int, depth: int) -> int:
-  """The hidden width whose ``[2, width x depth, 1]`` MLP has the parameter count closest to ``num_params``."""
-  return min(range(1, 4096), key=lambda w: abs(mlp_num_params(w, depth) - num_params))
+  """The hidden width whose ``[2, width x depth, 1]`` MLP has the parameter count closest to ``num_params``
+  (the smaller width on a tie)."""
+  width = 1  # The count grows with the width: walk up to the last width at or below the target.
+  while mlp_num_params(width + 1, depth) <= num_params:
+    width += 1
+  return min((width, width + 1), key=lambda w: abs(mlp_num_params(w, depth) - num_params))
 
 
 def camera(size: int = 256) -> tuple[jax.Array, jax.Array]:
@@ -203,8 +207,7 @@ def _models(config: Config, key: jax.Array, width: int, output_init: str = "sire
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   coords, target = camera(config.image_size)
   lrnn_count = _common.num_parameters(jax.eval_shape(
       lambda k: sp.lrnn_init(k, 2, config.lrnn_ranks, 1, projection_width=config.lrnn_width,
@@ -234,7 +237,7 @@ def main(preset: str = "quick") -> dict:
   for r in first:
     p = np.asarray(psnrs[r["name"]])
     rows.append((r["name"], archs[r["name"]], r["num_params"], config.steps, batch, len(p),
-                 f"{p.mean():.2f} +- {np.std(p, ddof=1) if p.size > 1 else 0.0:.2f}",
+                 f"{p.mean():.2f} +- {_common.sample_std(p):.2f}",
                  PAPER_PSNR.get(r["name"], "-"), r["seconds_per_step"] * 1e3, r["seconds_per_step"] / siren_step))
   for r in legacy:  # The component init this library used before (the old numbers, same run).
     rows.append((r["name"], archs["LRNN-SPDER"], r["num_params"], config.steps, batch, f"1 (seed {r['seed']})",
@@ -249,8 +252,6 @@ def main(preset: str = "quick") -> dict:
            f"matched to the LRNN's {lrnn_count} parameters; seeds {list(config.seeds)}; time / SIREN = median seconds "
            "per compiled training step over SIREN's, the models timed in alternation (seed 0).\n\n"
            + _common.markdown_table(header, rows) + "\n" + _differs(config, width))
-  with open(os.path.join(out, f"table_{preset}.md"), "w") as f:
-    f.write(f"# {NAME} ({preset})\n\n" + table)
   summary = {"psnr": {n: list(map(float, v)) for n, v in psnrs.items()},
              "legacy_init_psnr": [r["psnr"] for r in legacy], "lrnn_params": lrnn_count, "baseline_width": width,
              "baseline_params": next(r["num_params"] for r in first if r["name"] == "SIREN"),
@@ -258,7 +259,7 @@ def main(preset: str = "quick") -> dict:
   payload = {"config": config, "preset": preset, "environment": _common.environment(), "summary": summary,
              "runs": [{k: v for k, v in r.items() if k not in ("params", "prediction", "_timing")}
                       for r in runs + legacy]}
-  _common.write_json(os.path.join(out, f"results_{preset}.json"), payload)
+  _common.write_preset_results(out, NAME, preset, table, payload)
   plot = _plot(first + legacy, target, out, preset)
   print(table)
   head = _common.agreement(wins, len(comparisons)) if len(config.seeds) > 1 else "Not established (one seed)"
@@ -293,13 +294,8 @@ def _differs(config: Config, width: int) -> str:
 
 
 def _plot(runs: list[dict], target: jax.Array, out: str, preset: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   n = int(math.isqrt(target.shape[0]))
-  fig, axes = plt.subplots(1, len(runs) + 2, figsize=(4 * (len(runs) + 2), 4))
+  fig, axes = _common.subplots(1, len(runs) + 2, figsize=(4 * (len(runs) + 2), 4))
   axes[0].imshow(np.asarray(target).reshape(n, n), cmap="gray", vmin=-1, vmax=1)
   axes[0].set_title("cameraman")
   for ax, r in zip(axes[1:-1], runs):
@@ -312,11 +308,7 @@ def _plot(runs: list[dict], target: jax.Array, out: str, preset: str) -> str:
   axes[-1].set_xlabel("Adam step")
   axes[-1].set_ylabel("PSNR (dB)")
   axes[-1].legend()
-  fig.tight_layout()
-  path = os.path.join(out, f"image_{preset}.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _common.save_figure(fig, os.path.join(out, f"image_{preset}.png"), dpi=100)
 
 
 if __name__ == "__main__":

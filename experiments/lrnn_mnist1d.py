@@ -63,27 +63,19 @@ class MLP(nn.Module):
 
 def train_eval(init, apply, data, config, seed, desc, lr):
   x, y = jnp.asarray(data["x"]), jnp.asarray(data["y"])
-  params = init(jax.random.key(seed))
-  tx = optax.adam(lr)
 
-  @jax.jit
-  def step(params, state, key):
+  def loss(p, key):
     idx = jax.random.randint(key, (config.batch,), 0, x.shape[0])
-    loss, grads = jax.value_and_grad(
-        lambda p: optax.softmax_cross_entropy_with_integer_labels(apply(p, x[idx]), y[idx]).mean())(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    return optax.softmax_cross_entropy_with_integer_labels(apply(p, x[idx]), y[idx]).mean()
 
-  state = tx.init(params)
-  for i in _common.progress(range(config.steps), desc=desc):
-    params, state = step(params, state, jax.random.fold_in(jax.random.key(seed), i))
+  params = _common.optimize(loss, init(jax.random.key(seed)), optax.adam(lr), config.steps, key=jax.random.key(seed),
+                            desc=desc)
   accuracy = lambda xs, ys: float(jnp.mean(jnp.argmax(apply(params, jnp.asarray(xs)), -1) == jnp.asarray(ys)))
   return accuracy(data["x"], data["y"]), accuracy(data["x_test"], data["y_test"]), _common.num_parameters(params)
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   data = _data.mnist1d(seed=0)
   perm = np.random.default_rng(0).permutation(data["x"].shape[1])
   shuffled = {**data, "x": data["x"][:, perm], "x_test": data["x_test"][:, perm]}
@@ -103,7 +95,7 @@ def main(preset: str = "quick") -> dict:
       train, test = np.array([r[0] for r in results]), np.array([r[1] for r in results])
       tests[(name, variant)] = test
       rows.append({"model": name, "data": variant, "params": results[0][2], "train_mean": float(train.mean()),
-                   "test_mean": float(test.mean()), "test_std": float(np.std(test, ddof=1)) if test.size > 1 else 0.0,
+                   "test_mean": float(test.mean()), "test_std": _common.sample_std(test),
                    "test": test.tolist(), "paper_test": PAPER[(name, variant)] / 100})
 
   table = _common.markdown_table(
@@ -123,18 +115,11 @@ def main(preset: str = "quick") -> dict:
              + "; ".join(c["text"] for c in comparisons.values()) + ". Paper: +0.022 (plain), +0.021 (shuffled), "
              "5 seeds, stds 0.008-0.014.")
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = _common.subplots(figsize=(5, 3.5))
   labels = [f"{r['model']}\n{r['data']}" for r in rows]
   ax.bar(labels, [r["test_mean"] for r in rows], yerr=[r["test_std"] for r in rows], capsize=4)
   ax.set(ylabel="test accuracy", title="MNIST-1D")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "mnist1d.png"), dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, os.path.join(out, "mnist1d.png"))
   result = {"config": config, "rows": rows, "table": table, "verdict": verdict, "comparisons": comparisons,
             "plot": os.path.join(out, "mnist1d.png"), "environment": _common.environment()}
   return _common.save(out, result)

@@ -127,14 +127,13 @@ def _mean_std(values, log10=False) -> str:
   v = np.asarray(values, np.float64)
   if log10:
     lv = np.log10(v)
-    s = np.std(lv, ddof=1) if v.size > 1 else 0.0
+    s = _common.sample_std(lv)
     return f"{10**lv.mean():.2e} (x/ {10**s:.2f})"
-  return f"{v.mean():.2e} +- {np.std(v, ddof=1) if v.size > 1 else 0.0:.1e}"
+  return f"{v.mean():.2e} +- {_common.sample_std(v):.1e}"
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   runs = []
   for n in config.frequencies:
     log_path = os.path.join(out, f"history_{preset}_n{n}.jsonl")
@@ -157,11 +156,9 @@ def main(preset: str = "quick") -> dict:
              f"SIREN-style component init; {config.steps} Adam steps, lr {config.learning_rate}, {g} x {g} grid, "
              f"seeds {list(config.seeds)}.")
   table = f"{setting}\n\n" + _common.markdown_table(header, rows) + "\n" + _differs(config) + "\n"
-  with open(os.path.join(out, f"table_{preset}.md"), "w") as f:
-    f.write(f"# {NAME} ({preset})\n\n" + table)
   payload = {"config": config, "preset": preset, "environment": _common.environment(), "summary": summary,
              "runs": [{k: v for k, v in r.items() if k != "params"} for r in runs]}
-  _common.write_json(os.path.join(out, f"results_{preset}.json"), payload)
+  _common.write_preset_results(out, NAME, preset, table, payload)
   plot = _plot(config, runs, out, preset)
   print(table)
   return {"table": table, "plot": plot, "preset": preset, "steps": config.steps, "verdict": verdict(config, summary),
@@ -219,13 +216,8 @@ def verdict(config: Config, summary: dict) -> str:
           f"ordering beyond it): {paper_txt}. Ordering: {order}.")
 
 def _plot(config: Config, runs: list[dict], out: str, preset: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   first = {r["frequency"]: r for r in runs}
-  fig, axes = plt.subplots(len(first), 3, figsize=(13, 3.6 * len(first)), squeeze=False)
+  fig, axes = _common.subplots(len(first), 3, figsize=(13, 3.6 * len(first)), squeeze=False)
   t = jnp.linspace(-1.0, 1.0, config.eval_grid)
   pts = jnp.stack([a.ravel() for a in jnp.meshgrid(t, t, indexing="ij")], -1)
   for row, (n, r) in zip(axes, sorted(first.items())):
@@ -247,11 +239,7 @@ def _plot(config: Config, runs: list[dict], out: str, preset: str) -> str:
     im = row[2].imshow(np.abs(np.asarray(u_hat - u)).T, origin="lower", extent=(-1, 1, -1, 1))
     row[2].set_title("|error|")
     fig.colorbar(im, ax=row[2])
-  fig.tight_layout()
-  path = os.path.join(out, f"poisson_{preset}.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _common.save_figure(fig, os.path.join(out, f"poisson_{preset}.png"), dpi=110)
 
 
 if __name__ == "__main__":

@@ -79,23 +79,12 @@ class MLP(nn.Module):
 
 
 def fit(loss_fn, params, steps, lr, desc):
-  tx = optax.adam(lr)
-
-  @jax.jit
-  def step(params, state):
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  state = tx.init(params)
-  for _ in _common.progress(range(steps), desc=desc):
-    params, state, _ = step(params, state)
-  return params
+  """``steps`` full-batch Adam steps at learning rate ``lr`` on ``loss_fn(params)``."""
+  return _common.optimize(loss_fn, params, optax.adam(lr), steps, desc=desc)
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   f = target_function(config)
   x_train, x_test = jnp.asarray(sobol(config.n_train, config.dim, 1)), jnp.asarray(sobol(config.n_test, config.dim, 2))
   y_train, y_test = f(x_train), f(x_test)
@@ -126,25 +115,17 @@ def main(preset: str = "quick") -> dict:
       rows.append({"model": f"MLP {depth} x {width} (tanh)", "family": f"MLP, {depth} hidden",
                    "params": _common.num_parameters(params), "errors": errors, "test_error": float(np.mean(errors))})
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  fig, ax = _common.subplots(figsize=(5.5, 3.8))
   for family in dict.fromkeys(r["family"] for r in rows):
     sel = [r for r in rows if r["family"] == family]
     ax.loglog([r["params"] for r in sel], [r["test_error"] for r in sel], "o-", label=family)
   ax.set(xlabel="parameters", ylabel="relative l2 test error",
          title=f"sum of {config.terms} products of sines, d={config.dim}")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "scaling.png"), dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, os.path.join(out, "scaling.png"))
 
-  std = lambda e: float(np.std(e, ddof=1)) if len(e) > 1 else 0.0  # noqa: E731
   table = _common.markdown_table(["model", "parameters", "seeds", "relative l2 test error (mean +- std)"],
-                                 [[r["model"], r["params"], len(r["errors"]), f"{r['test_error']:.3g} +- {std(r['errors']):.2g}"]
+                                 [[r["model"], r["params"], len(r["errors"]), f"{r['test_error']:.3g} +- {_common.sample_std(r['errors']):.2g}"]
                                   for r in rows])
   table += ("\nWhat differs from the paper: d = "
             f"{config.dim}, {config.n_train} training points and {config.steps} full-batch Adam steps (App. D: "

@@ -22,11 +22,9 @@ import sys
 if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -75,29 +73,6 @@ PRESETS = {
 }
 
 
-class Block(nn.Module):
-  embed: int
-  heads: int
-  mlp: int
-
-  @nn.compact
-  def __call__(self, x):
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(nn.LayerNorm()(x))
-    h = nn.gelu(nn.Dense(self.mlp, name="mlp_in")(nn.LayerNorm()(x)))
-    return x + nn.Dense(self.embed, name="mlp_out")(h)
-
-
-class Transformer(nn.Module):
-  config: Config
-
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    for i in range(c.layers):
-      x = Block(c.embed, c.heads, c.mlp, name=f"block_{i}")(x)
-    return x
-
-
 def method(name: str, config: Config) -> sp.peft.AdapterMethod:
   """A spec by class name; sparse/spectral methods get LoRA's parameter budget on an (embed, embed) kernel."""
   budget = config.rank * 2 * config.embed
@@ -112,7 +87,7 @@ def method(name: str, config: Config) -> sp.peft.AdapterMethod:
   raise ValueError(f"`methods` entries must be LoRA, DoRA, SineLoRA, SineDoRA, WaveFT, SHiRA or FourierFT, got {name!r}.")
 
 
-def teacher_task(config: Config, model: Transformer, params):
+def teacher_task(config: Config, model: _common.Transformer, params):
   """Inputs and the outputs of a 'teacher': the base model shifted by a random rank-``rank`` update."""
   kx, ka, kb = jax.random.split(jax.random.key(config.seed + 1), 3)
   x = jax.random.normal(kx, (config.batch, config.seq, config.embed))
@@ -125,7 +100,7 @@ def teacher_task(config: Config, model: Transformer, params):
   return x, model.apply({"params": teacher}, x)
 
 
-def make_step(model: Transformer, tx):
+def make_step(model: _common.Transformer, tx):
   def step(adapters, opt_state, params, x, y):
     trainable, rest = sp.peft.partition(adapters)
 
@@ -166,14 +141,13 @@ def placement_rows(adapters, specs, limit_prefix: str) -> list[list[str]]:
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   devices = jax.devices()
   if len(devices) >= config.data * config.model:
     mesh = sp.peft.data_model_mesh(config.data, config.model)
   else:  # jax was started before the flag could be set: use what there is.
     mesh = sp.peft.data_model_mesh(model=1)
-  model = Transformer(config)
+  model = _common.Transformer(config.embed, config.heads, config.mlp, config.layers)
   x0 = jnp.zeros((config.batch, config.seq, config.embed))
   params = model.init(jax.random.key(config.seed), x0)["params"]
   x, y = teacher_task(config, model, params)
@@ -202,20 +176,13 @@ def main(preset: str = "quick") -> dict:
         "losses": losses, "losses_one_device": ref_losses,
     })
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  fig, ax = _common.subplots(figsize=(5.5, 3.8))
   for run in runs:
     line, = ax.plot(run["losses"], label=f"{run['method']} on mesh {dict(mesh.shape)}")
     ax.plot(run["losses_one_device"], ls=":", color=line.get_color(), label=f"{run['method']} on 1 device")
   ax.set(xlabel="step", ylabel="MSE to teacher", yscale="log", title="Sharded vs single-device adapter training")
   ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "losses.png"), dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, os.path.join(out, "losses.png"))
 
   table = f"Mesh {dict(mesh.shape)} on {len(devices)} {jax.default_backend()} devices; {config.steps} Adam steps.\n\n"
   table += _common.markdown_table(
@@ -242,6 +209,4 @@ def main(preset: str = "quick") -> dict:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  print(main(parser.parse_args().preset))
+  _common.cli(main, PRESETS, __doc__, show=str)

@@ -127,8 +127,7 @@ def search(config, runner, keys, desc):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   tasks = base.split_tasks(config.seed)
   base_config = base.Config(width=config.width, pretrain_steps=config.pretrain_steps, batch=config.batch, seed=config.seed)
   model, params, pretrain_accuracy = base.pretrained(base_config, tasks, _common.results_dir(base.NAME))
@@ -189,12 +188,7 @@ def main(preset: str = "quick") -> dict:
             f"{config.width}, two adapted kernels) instead of RoBERTa / LLaMA-3-8B on GLUE / commonsense; "
             f"{config.finetune_steps} Adam steps; omega scaled by g; a learning-rate search per method (the paper "
             "lists one lr per setting, Tab. 4-5); accuracy on one downstream task.\n")
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, len(config.ranks), figsize=(5 * len(config.ranks), 3.8), squeeze=False)
+  fig, axes = _common.subplots(1, len(config.ranks), figsize=(5 * len(config.ranks), 3.8), squeeze=False)
   for ax, rank in zip(axes[0], config.ranks):
     lora = get(rank, "LoRA")
     ax.axhspan(np.mean(lora["test"]) - np.std(lora["test"], ddof=1), np.mean(lora["test"]) + np.std(lora["test"], ddof=1),
@@ -206,10 +200,7 @@ def main(preset: str = "quick") -> dict:
     ax.set(xscale="log", xlabel="paper-scale omega (ours = omega g / 64)", ylabel="test accuracy",
            title=f"rank {rank}, {config.seeds} seeds")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  plot = os.path.join(out, "accuracy_vs_omega.png")
-  fig.savefig(plot, dpi=120)
-  plt.close(fig)
+  plot = _common.save_figure(fig, os.path.join(out, "accuracy_vs_omega.png"))
   result = {"verdict": verdict, "config": config, "runs": runs, "pretrain_accuracy": pretrain_accuracy,
             "environment": _common.environment(), "plot": plot, "table": table}
   return _common.save(out, result)

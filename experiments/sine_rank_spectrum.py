@@ -43,8 +43,7 @@ def kaiming_uniform(key, shape):
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
   rows, spectra = [], {}
   for seed in _common.progress(range(config.seeds), desc=NAME):
     ku, kv = jax.random.split(jax.random.key(seed))
@@ -73,19 +72,14 @@ def main(preset: str = "quick") -> dict:
     summary.append({
         "omega": omega,
         "numerical_rank_mean": float(np.mean([r["numerical_rank"] for r in sel])),
-        "numerical_rank_std": float(np.std([r["numerical_rank"] for r in sel], ddof=1)) if len(sel) > 1 else 0.0,
+        "numerical_rank_std": _common.sample_std([r["numerical_rank"] for r in sel]),
         "stable_rank_mean": float(np.mean([r["stable_rank"] for r in sel])),
         "prop1_bound": sel[0]["prop1_bound"],
         "prop1_paper_eq5_value": sel[0]["prop1_paper_eq5_value"],
         "prop1_valid": sel[0]["prop1_valid"],
     })
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, axes = _common.subplots(1, 2, figsize=(10, 3.8))
   for omega, s in spectra.items():
     label = "U V^T (no sine)" if omega == 0.0 else f"omega = {omega:g}"
     axes[0].semilogy(np.maximum(s, 1e-12), label=label)
@@ -98,9 +92,7 @@ def main(preset: str = "quick") -> dict:
   axes[1].axhline(config.rank, color="gray", ls="--", label="k")
   axes[1].set(xlabel="omega", ylabel="rank", title="rank against omega")
   axes[1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "spectrum.png"), dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, os.path.join(out, "spectrum.png"))
 
   table = _common.markdown_table(
       ["omega", "numerical rank", "stable rank", "corrected Prop. 1 bound (in range?)", "paper's eq. 5 value"],

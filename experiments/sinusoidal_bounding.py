@@ -48,10 +48,8 @@ NAME = "sinusoidal_bounding"
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
-  image = img.camera(config.size)
-  x, y = img.grid(config.size), img.targets(image)
+  config, out = _common.setup(PRESETS, preset, NAME)
+  image, x, y = img.task(config.size)
   omega = sp.integer_frequencies(jax.random.key(config.seed), config.frequencies, config.bandwidth)
   params = sp.periodic_siren_init(jax.random.key(config.seed + 1), omega, config.hidden, 1)
   settings = {
@@ -68,7 +66,7 @@ def main(preset: str = "quick") -> dict:
     tx = optax.adam(config.learning_rate) if bound is None else optax.chain(optax.adam(config.learning_rate), sp.bounding(bound))
     fit = sp.fit_periodic_siren(
         params, x, y, tx, config.steps, batch_size=config.batch_size, key=jax.random.key(config.seed + 2),
-        progress=lambda it: _common.progress(it, desc=f"{NAME}: {name}"),
+        progress=_common.progress_bar(f"{NAME}: {name}"),
     )
     rec = img.reconstruct(fit.params, config.size)
     recs[name] = rec
@@ -77,13 +75,8 @@ def main(preset: str = "quick") -> dict:
         "beyond_2w0": img.energy_beyond(rec, 2 * w0), "beyond_3w0": img.energy_beyond(rec, 3 * w0), "max_abs_A": float(np.abs(np.asarray(fit.params["hidden"][0]["kernel"])).max()),
     })
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   panels = {"ground truth": image, **recs}
-  fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 6.4))
+  fig, axes = _common.subplots(2, len(panels), figsize=(3.2 * len(panels), 6.4))
   for col, (name, picture) in enumerate(panels.items()):
     axes[0, col].imshow(np.clip(picture, 0, 1), cmap="gray")
     axes[0, col].set_title(name, fontsize=8)
@@ -91,17 +84,12 @@ def main(preset: str = "quick") -> dict:
     for ax in axes[:, col]:
       ax.set_xticks([])
       ax.set_yticks([])
-  fig.tight_layout()
-  plot = os.path.join(out, "spectra.png")
-  fig.savefig(plot, dpi=110)
-  plt.close(fig)
+  plot = _common.save_figure(fig, os.path.join(out, "spectra.png"), dpi=110)
 
   table = _common.markdown_table(
       ["setting", "PSNR (dB)", f"energy beyond |k| > {w0}", f"energy beyond |k| > {2 * w0}", f"energy beyond |k| > {3 * w0}", "max |A|"],
       [[r["setting"], r["psnr"], r["beyond_w0"], r["beyond_2w0"], r["beyond_3w0"], r["max_abs_A"]] for r in rows],
   )
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
   free, bounded = rows[1], rows[2:]
   tightest = min(config.constant_bounds)
   controls = [r for r in bounded if r["setting"] in (f"B = {tightest}",) or r["setting"].startswith("block")]
@@ -112,8 +100,7 @@ def main(preset: str = "quick") -> dict:
              + f" with it (image: {rows[0]['beyond_2w0']:.2e}; unbounded PSNR {free['psnr']:.2f} dB).")
   result = {"config": config, "rows": rows, "environment": _common.environment(), "plot": plot, "table": table,
             "verdict": verdict}
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":

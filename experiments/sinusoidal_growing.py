@@ -53,15 +53,13 @@ NAME = "sinusoidal_growing"
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
-  image = img.camera(config.size)
-  x, y = img.grid(config.size), img.targets(image)
+  config, out = _common.setup(PRESETS, preset, NAME)
+  image, x, y = img.task(config.size)
   key = jax.random.key(config.seed)
   rounds_total = config.total_add // config.n_add
   total_steps = config.steps_per_round * (rounds_total + 1) + config.final_steps
   final_m = config.start_frequencies + config.total_add
-  bar = lambda desc: (lambda it: _common.progress(it, desc=f"{NAME}: {desc}"))  # noqa: E731
+  bar = lambda desc: _common.progress_bar(f"{NAME}: {desc}")  # noqa: E731
 
   start = sp.band_frequencies(key, config.start_frequencies, 1, int(config.limits[0]))
   params = sp.periodic_siren_init(jax.random.key(config.seed + 1), start, config.hidden, 1)
@@ -89,29 +87,19 @@ def main(preset: str = "quick") -> dict:
     rows.append({"run": f"{name}, {final_m} frequencies)", "psnr": img.psnr(fit.params, image),
                  "frequencies": final_m, "steps": total_steps, "max_|k|": int(np.abs(sp.frequencies_as_integers(omega)).max())})
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+  fig, axes = _common.subplots(1, 2, figsize=(9, 4))
   for omega, ax, title in ((grown["omega"], axes[0], "grown input frequencies"), (wide, axes[1], f"fixed band w0={config.wide_bandwidth}")):
     k = sp.frequencies_as_integers(omega)
     ax.scatter(np.concatenate([k[0], -k[0]]), np.concatenate([k[1], -k[1]]), s=8)
     ax.set(xlim=(-config.wide_bandwidth - 2, config.wide_bandwidth + 2), ylim=(-config.wide_bandwidth - 2, config.wide_bandwidth + 2),
            title=title, aspect="equal")
-  fig.tight_layout()
-  plot = os.path.join(out, "frequencies.png")
-  fig.savefig(plot, dpi=120)
-  plt.close(fig)
+  plot = _common.save_figure(fig, os.path.join(out, "frequencies.png"))
 
   table = _common.markdown_table(
       ["run", "PSNR (dB)", "frequencies", "steps", "max |k|"],
       [[r["run"], r["psnr"], r["frequencies"], r["steps"], r["max_|k|"]] for r in rows],
   ) + "\nGrowth rounds (block chosen by Def. 8.1): " + ", ".join(
       f"{r.block}" for r in rounds) + f" (blocks split at L = {list(config.limits)}).\n"
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
   best_fixed = max(r["psnr"] for r in rows[1:3])
   wins = rows[0]["psnr"] > best_fixed
   verdict = (f"{'Same direction as the paper' if wins else 'Does not match'} (1 seed, spread not measured): growing reaches {rows[0]['psnr']:.2f} dB vs {best_fixed:.2f} dB "
@@ -119,8 +107,7 @@ def main(preset: str = "quick") -> dict:
              f"as narrow as the grown one, w0 = {narrow_w0}, reaches {rows[3]['psnr']:.2f} dB).")
   result = {"config": config, "rows": rows, "rounds": [r._asdict() for r in rounds], "environment": _common.environment(),
             "plot": plot, "table": table, "verdict": verdict}
-  _common.write_json(os.path.join(out, "results.json"), result)
-  return result
+  return _common.save(out, result)
 
 
 if __name__ == "__main__":

@@ -59,16 +59,14 @@ def first_layers(config: Config) -> dict:
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
-  image = img.camera(config.size)
-  x, y = img.grid(config.size), img.targets(image)
+  config, out = _common.setup(PRESETS, preset, NAME)
+  image, x, y = img.task(config.size)
   rows, curves = [], {}
   for name, omega in first_layers(config).items():
     params = sp.periodic_siren_init(jax.random.key(config.seed + 1), omega, config.hidden, 1)
     fit = sp.fit_periodic_siren(
         params, x, y, optax.adam(config.learning_rate), config.steps, batch_size=config.batch_size,
-        key=jax.random.key(config.seed + 2), progress=lambda it: _common.progress(it, desc=f"{NAME}: {name}"),
+        key=jax.random.key(config.seed + 2), progress=_common.progress_bar(f"{NAME}: {name}"),
     )
     curve = img.psnr_from_mse(fit.losses)
     curves[name] = curve
@@ -81,27 +79,17 @@ def main(preset: str = "quick") -> dict:
         "max_abs_f(x+2)-f(x)": float(np.abs(np.asarray(periodic)).max()),
     })
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _common.subplots(figsize=(6, 4))
   for name, curve in curves.items():
     ax.plot(curve, label=name)
   ax.set(xlabel="step", ylabel="training PSNR (dB, batch)", title=f"cameraman {config.size}^2, m={config.frequencies}, n={config.hidden}")
   ax.legend()
-  fig.tight_layout()
-  plot = os.path.join(out, "convergence.png")
-  fig.savefig(plot, dpi=120)
-  plt.close(fig)
+  plot = _common.save_figure(fig, os.path.join(out, "convergence.png"))
 
   table = _common.markdown_table(
       ["first layer", "final PSNR (dB)", f"PSNR near step {config.steps // 4}", "steps to 20 dB", "steps to 24 dB", "max |f(x+2) - f(x)|"],
       [[r["init"], r["psnr"], r["psnr_at_quarter"], r["steps_to_20db"] or "-", r["steps_to_24db"] or "-", r["max_abs_f(x+2)-f(x)"]] for r in rows],
   )
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
   pairs = [(rows[0], rows[1]), (rows[2], rows[3])]
   wins = [a["psnr"] > b["psnr"] for a, b in pairs]
   # One seed: no spread is measured, so the verdict can only state the direction, never "Matches".
@@ -111,7 +99,7 @@ def main(preset: str = "quick") -> dict:
              + "; ".join(f"{a['init']} {a['psnr']:.2f} dB vs {b['init']} {b['psnr']:.2f} dB" for a, b in pairs) + ".")
   result = {"config": config, "rows": rows, "environment": _common.environment(), "plot": plot, "table": table,
             "verdict": verdict}
-  _common.write_json(os.path.join(out, "results.json"), {**result, "curves": curves})
+  _common.save(out, {**result, "curves": curves})
   return result
 
 

@@ -10,9 +10,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
-import os
-
 from experiments import _common
 from experiments import sinusoidal_bounding
 from experiments import sinusoidal_growing
@@ -33,15 +30,11 @@ def main(preset: str = "quick") -> dict:
   results = {title: module.main(preset) for title, module in PARTS}
   table = "\n".join(f"**{title}** ({results[title]['verdict']})\n\n{results[title]['table']}" for title, _ in PARTS)
   verdict = " ".join(f"{title}: {results[title]['verdict']}" for title, _ in PARTS)
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
   summary = {"table": table, "verdict": verdict, "plot": results[PARTS[0][0]]["plot"],
              "plots": {title: results[title]["plot"] for title, _ in PARTS}}
-  _common.write_json(os.path.join(out, "results.json"), {**summary, "environment": _common.environment()})
+  _common.save(out, {**summary})
   return summary
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=["quick", "full"])
-  print(main(parser.parse_args().preset)["table"])
+  _common.cli(main, ("quick", "full"), __doc__, show=lambda result: result["table"])

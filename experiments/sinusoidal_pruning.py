@@ -80,7 +80,7 @@ def run_one(name: str, seed: int, config: Config, x, y, image) -> list[dict]:
   """Fit, then prune level by level beside an unpruned control; one row per level."""
   m = sp.symmetric_frequencies(config.custom_values, half_space=True).shape[1]
   key = jax.random.key(seed)
-  bar = lambda it: _common.progress(it, desc=f"{NAME}: {name}, seed {seed}")  # noqa: E731
+  bar = _common.progress_bar(f"{NAME}: {name}, seed {seed}")
   omega = _first_layer(name, config, jax.random.fold_in(key, 1), m)
   params = sp.periodic_siren_init(jax.random.fold_in(key, 2), omega, config.hidden, 1)
   schedule = optax.cosine_decay_schedule(config.base_learning_rate, config.base_steps, alpha=0.05)
@@ -120,10 +120,8 @@ def run_one(name: str, seed: int, config: Config, x, y, image) -> list[dict]:
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
-  image = img.camera(config.size)
-  x, y = img.grid(config.size), img.targets(image)
+  config, out = _common.setup(PRESETS, preset, NAME)
+  image, x, y = img.task(config.size)
   rows = [row for name in config.inits for seed in range(config.seeds) for row in run_one(name, seed, config, x, y, image)]
 
   def stat(name, level, key):
@@ -143,12 +141,7 @@ def main(preset: str = "quick") -> dict:
                       "control_psnr": float(np.mean([r["control_psnr"] for r in sel])),
                       "plateau": float(np.mean([r["plateau"] for r in sel]))})
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _common.subplots(figsize=(6, 4))
   for name in config.inits:
     sel = [s for s in summary if s["init"] == name]
     ax.errorbar([100 * s["pruned"] for s in sel], [100 * s["relative"] for s in sel],
@@ -159,10 +152,7 @@ def main(preset: str = "quick") -> dict:
   ax.set(xlabel="% of A's columns pruned", ylabel="relative PSNR (%)",
          title=f"structured pruning (cf. Fig. 17), {config.seeds} seeds")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  plot = os.path.join(out, "pruning.png")
-  fig.savefig(plot, dpi=120)
-  plt.close(fig)
+  plot = _common.save_figure(fig, os.path.join(out, "pruning.png"))
 
   # Convergence check: what the unpruned control gains over the pre-pruned fit with all the extra steps.
   level_psnr = {(s["init"], s["level"]): s for s in summary}

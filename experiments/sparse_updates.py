@@ -72,21 +72,12 @@ def adam_fit(key, x, y, p, steps, lr, desc):
   def loss(t):
     return jnp.mean(jnp.square(x @ sp.peft.merge(params, sp.peft.combine(t, frozen))["w"] - y))
 
-  @jax.jit
-  def step(t, s):
-    value, g = jax.value_and_grad(loss)(t)
-    updates, s = tx.update(g, s, t)
-    return optax.apply_updates(t, updates), s, value
-
-  state = tx.init(trainable)
-  for _ in _common.progress(range(steps), desc=desc):
-    trainable, state, _ = step(trainable, state)
+  trainable = _common.optimize(loss, trainable, tx, steps, desc=desc)
   return float(loss(trainable)), mask
 
 
 def main(preset: str = "quick") -> dict:
-  config = _common.preset(PRESETS, preset)
-  out = _common.results_dir(NAME)
+  config, out = _common.setup(PRESETS, preset, NAME)
 
   ranks = np.asarray(sp.sparse_rank_curve((config.rank_size, config.rank_size), config.rank_ps, jax.random.key(0),
                                           trials=config.seeds))
@@ -113,12 +104,7 @@ def main(preset: str = "quick") -> dict:
     exact = float(solve(x, y, mask).mse)  # the same support as the trained adapter
     adam.append({"p": p, "exact_mse": exact, "adam_mse": trained})
 
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, axes = _common.subplots(1, 2, figsize=(10, 3.8))
   axes[0].semilogx(config.rank_ps, rank_curves["mean"], "o-", label=f"mean of {config.seeds} draws")
   axes[0].semilogx(config.rank_ps, rank_curves["min"], "s--", label="min")
   axes[0].axvline(n_ln_n, color="gray", ls=":", label="n ln n")
@@ -130,9 +116,7 @@ def main(preset: str = "quick") -> dict:
   axes[1].axvline(15680, color="gray", ls=":", label="paper: 15,680")
   axes[1].set(xlabel="p", ylabel="MSE", title=f"Lemma 3: {config.pairs} pairs, {config.size}^2")
   axes[1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "sparse_updates.png"), dpi=120)
-  plt.close(fig)
+  _common.save_figure(fig, os.path.join(out, "sparse_updates.png"))
 
   table = _common.markdown_table(["p", "rank (mean)", "rank (min)"],
                                  [[p, rank_curves["mean"][i], rank_curves["min"][i]] for i, p in enumerate(config.rank_ps)])

@@ -1,0 +1,86 @@
+"""Tests for the experiments' shared plumbing (experiments/_common.py): the helpers every script relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import _common
+
+
+@pytest.mark.parametrize("values", [[3.0], [1.0, 2.0], [0.5, 4.0, -1.0, 2.5]])
+def test_sample_std_is_numpy_ddof1_and_zero_for_one_value(values):
+  expected = np.std(values, ddof=1) if len(values) > 1 else 0.0
+  assert _common.sample_std(values) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_optimize_equals_a_handwritten_optax_loop(keyed):
+  target = jnp.asarray([1.0, -2.0, 0.5])
+
+  def loss(p, key=None):
+    noise = 0.0 if key is None else 0.1 * jax.random.normal(key, p.shape)
+    return jnp.sum(jnp.square(p - target + noise))
+
+  tx = optax.adam(0.1)
+  key = jax.random.key(3) if keyed else None
+  got = _common.optimize(loss, jnp.zeros(3), tx, 7, key=key)
+  params, state = jnp.zeros(3), tx.init(jnp.zeros(3))
+  for i in range(7):
+    grads = jax.grad(loss)(params, *(() if key is None else (jax.random.fold_in(key, i),)))
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(got, params, rtol=1e-6, atol=1e-7)
+
+
+def test_transformer_parameter_paths_are_the_ones_the_benchmarks_target():
+  model = _common.Transformer(embed=8, heads=2, mlp=16, layers=2)
+  x = jnp.ones((1, 3, 8))
+  params = model.init(jax.random.key(0), x)["params"]
+  paths = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+  for i in range(2):
+    assert {f"block_{i}/attention/query/kernel", f"block_{i}/attention/value/kernel",
+            f"block_{i}/mlp_in/kernel", f"block_{i}/mlp_out/kernel"} <= paths
+  assert params["block_0"]["mlp_in"]["kernel"].shape == (8, 16)
+  assert model.apply({"params": params}, x).shape == x.shape
+
+
+def test_time_interleaved_runs_every_call_once_per_round_in_order():
+  calls = []
+  times = _common.time_interleaved({k: (lambda k=k: calls.append(k)) for k in "ab"}, 3, desc=None)
+  assert calls == ["a", "b"] * 3
+  assert list(times) == ["a", "b"] and all(len(t) == 3 for t in times.values())
+  assert set(_common.milliseconds([0.001, 0.003, 0.002])) == {"min_ms", "median_ms", "max_ms"}
+  assert _common.milliseconds([0.001, 0.003, 0.002])["median_ms"] == pytest.approx(2.0)
+
+
+def test_save_and_write_preset_results_file_names(tmp_path):
+  out = str(tmp_path)
+  _common.save(out, {"table": "| a |\n"}, stem="step_time")
+  _common.save(out, {"table": "| b |\n"})
+  _common.write_preset_results(out, "demo", "quick", "| c |\n", {"x": np.float32(1.5)})
+  assert sorted(os.listdir(out)) == ["results.json", "results_quick.json", "step_time.json", "step_time.md",
+                                     "table.md", "table_quick.md"]
+  assert open(tmp_path / "table_quick.md").read() == "# demo (quick)\n\n| c |\n"
+  assert json.load(open(tmp_path / "results_quick.json")) == {"x": 1.5}
+  assert "environment" in json.load(open(tmp_path / "results.json"))
+
+
+def test_cli_prints_what_show_returns_and_rejects_an_unknown_preset(monkeypatch, capsys):
+  main = lambda preset: {"table": f"table of {preset}", "verdict": "verdict"}  # noqa: E731
+  monkeypatch.setattr(sys, "argv", ["prog", "--preset", "full"])
+  _common.cli(main, {"quick": 0, "full": 1}, "Doc line.\nmore")
+  assert capsys.readouterr().out == "table of full\nverdict\n"
+  _common.cli(main, ("quick", "full"), "Doc.", show=lambda r: r["table"])
+  assert capsys.readouterr().out == "table of full\n"
+  monkeypatch.setattr(sys, "argv", ["prog", "--preset", "huge"])
+  with pytest.raises(SystemExit):
+    _common.cli(main, ("quick", "full"), "Doc.")
+  assert "invalid choice: 'huge'" in capsys.readouterr().err
