@@ -14,6 +14,7 @@ from spectral_peft.peft._runtime_nnx import base_params
 from spectral_peft.peft._runtime_nnx import detach_adapters
 from spectral_peft.peft._runtime_nnx import load_into
 from spectral_peft.peft._runtime_nnx import merge_adapters
+from spectral_peft.peft._runtime_nnx import set_adapter_dropout
 from spectral_peft.nnx._siren import PeriodicSiren
 from spectral_peft.nnx._spectral import AdapterIndices
 from spectral_peft.nnx._spectral import FourierFTDense
@@ -42,4 +43,5 @@ __all__ = (
     "detach_adapters",
     "load_into",
     "merge_adapters",
+    "set_adapter_dropout",
 )

@@ -157,8 +157,11 @@ class _AdditiveLowRank:
     return self.update(params)
 
   def apply(self, params, x, w0, frozen=None):
+    return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
+
+  def branch(self, params, x, w0, frozen=None):
     del frozen
-    return jnp.matmul(x, w0) + self.update_matmul(params, x).astype(jnp.result_type(x, w0))
+    return self.update_matmul(params, x).astype(jnp.result_type(x, w0))
 
 
 def _column_norm(w: Array) -> Array:
@@ -228,6 +231,13 @@ class _MagnitudeDirection:
     factor = self._norm_factor(params, self._direction_norm(params, w0)).astype(jnp.result_type(x, w0))
     y = jnp.matmul(x, w0) + self.update_matmul(params, x).astype(jnp.result_type(x, w0))
     return y * factor
+
+  def branch(self, params, x, w0, frozen=None):
+    """``x @ Delta W = (factor - 1) (x w0) + factor (x update)``, as PEFT's DoRA branch."""
+    del frozen
+    dtype = jnp.result_type(x, w0)
+    factor = self._norm_factor(params, self._direction_norm(params, w0)).astype(dtype)
+    return (factor - 1) * jnp.matmul(x, w0) + factor * self.update_matmul(params, x).astype(dtype)
 
   def unmerge(self, params, w, frozen=None):
     """Inverts the merge using the stored column norms of ``w0``.

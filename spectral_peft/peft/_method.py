@@ -97,6 +97,15 @@ class AdapterMethod:
     w = w0 + self.delta(params, w0, frozen).astype(w0.dtype)
     return jnp.matmul(x, w)
 
+  def branch(self, params: PyTree, x: Array, w0: Array, frozen: PyTree = None) -> Array:
+    """The adapter's part of the product, ``x @ Delta W`` for ``x: (..., m)`` (``apply`` minus ``x @ w0``).
+
+    The adapter runtime evaluates ``x @ w0 + branch(dropout(x))`` for adapter dropout (PEFT's
+    ``lora_dropout``: only the adapter's branch sees the dropped input). Override to avoid forming
+    ``Delta W``.
+    """
+    return jnp.matmul(x, self.delta(params, w0, frozen).astype(jnp.result_type(x, w0)))
+
   # -- serialisation --------------------------------------------------------------------------
   def to_config(self) -> dict[str, Any]:
     """JSON-compatible description (``{"method": name, **fields}``)."""
@@ -346,6 +355,20 @@ class Adapter:
     Returns:
       ``(..., *output_axes)``.
     """
+    return self._product(self.method.apply, x, w0)
+
+  def branch(self, x: Array, w0: Array) -> Array:
+    """``x @ Delta W`` for inputs ``x: (..., *input_axes)``: the adapter's part of :meth:`apply`.
+
+    Uses the method's factored branch (``method.branch``) where it has one.
+
+    Returns:
+      ``(..., *output_axes)``.
+    """
+    return self._product(self.method.branch, x, w0)
+
+  def _product(self, product: Any, x: Array, w0: Array) -> Array:
+    """``product(params, x, w0, frozen)`` on the flattened input axes, reshaped back."""
     if self.stack_axes:
       raise ValueError("`apply` needs the adapter of one slice: call `adapter.unstacked(index)` first.")
     self.check_concrete()
@@ -354,7 +377,7 @@ class Adapter:
       raise ValueError(f"`x` must end with the input axes {in_shape}, got shape {x.shape}.")
     batch = x.shape[: x.ndim - len(in_shape)]
     m, _ = self.matrix_shape
-    y = self.method.apply(self.params, x.reshape(batch + (m,)), self.to_matrix(w0), self.frozen)
+    y = product(self.params, x.reshape(batch + (m,)), self.to_matrix(w0), self.frozen)
     return y.reshape(batch + tuple(out_shape))
 
 

@@ -24,6 +24,8 @@ layers and route them here; every method's per-layer product is written once, in
 from __future__ import annotations
 
 import dataclasses
+import math
+import zlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -50,26 +52,36 @@ class LayerAdapter:
     frozen: the constants as ``jax.Array`` s.
     shell: an :class:`Adapter` with the static description (method, shapes, layout; empty arrays).
     path: the adapter's path in the adapters dict (for messages and bookkeeping).
+    dropout_key: ``None``, or the PRNG key of this layer's adapter dropout (a key array of the
+      stack shape for stacked weights, so that lifted transforms slice it with the weight).
   """
 
   params: PyTree
   frozen: PyTree
   shell: Adapter
   path: str
+  dropout_key: Any = None
 
   def tree_flatten(self):
-    return (self.params, self.frozen), (self.shell, self.path)
+    return (self.params, self.frozen, self.dropout_key), (self.shell, self.path)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(children[0], children[1], *aux)
+    return cls(children[0], children[1], *aux, dropout_key=children[2])
 
   @classmethod
-  def from_adapter(cls, path: str, adapter: Adapter) -> "LayerAdapter":
+  def from_adapter(cls, path: str, adapter: Adapter, dropout_key: Array | None = None) -> "LayerAdapter":
+    """The adapter as it travels into its layer; ``dropout_key`` (if given) is folded with ``path``."""
     adapter.check_concrete()
     shell = Adapter({}, {}, adapter.method, adapter.shape, adapter.dtype, adapter.in_axes, adapter.layout,
                     adapter.stack_axes)
-    return cls(adapter.params, jax.tree.map(jnp.asarray, adapter.frozen), shell, path)
+    key = None
+    if dropout_key is not None:
+      key = jax.random.fold_in(dropout_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+      stack = adapter.shape[: adapter.stack_axes]
+      if stack:
+        key = jax.random.split(key, math.prod(stack)).reshape(stack)
+    return cls(adapter.params, jax.tree.map(jnp.asarray, adapter.frozen), shell, path, key)
 
   @property
   def method(self):
@@ -113,12 +125,37 @@ class LayerAdapter:
 
   def apply(self, x: Array, w0: Array) -> Array:
     """The factored product ``x @ (W0 + Delta W)`` over the trailing input axes of ``x`` (one slice)."""
+    return self._one(w0).apply(x, w0)
+
+  def branch(self, x: Array, w0: Array) -> Array:
+    """The adapter's part ``x @ Delta W`` over the trailing input axes of ``x`` (one slice)."""
+    return self._one(w0).branch(x, w0)
+
+  def _one(self, w0: Array) -> Adapter:
     if self.shell.stack_axes and not self._is_slice(w0):
       raise ValueError(f"The adapter at {self.path!r} is stacked; the factored product needs one slice.")
-    one = Adapter.tree_unflatten(
+    return Adapter.tree_unflatten(
         (_ArrayConstants(self.frozen), self.shell.method, self.shell.slice_shape, self.shell.dtype,
          self.shell.in_axes, self.shell.layout, 0), (self.params,))
-    return one.apply(x, w0)
+
+  def dropped(self, x: Array, rate: float) -> Array:
+    """``x`` with each entry zeroed with probability ``rate`` and the rest scaled by ``1 / (1 - rate)``.
+
+    The mask is drawn from this layer's ``dropout_key`` (one slice's key under a lifted transform).
+
+    Raises:
+      ValueError: no key (the caller passed a rate without a key), or a stacked key outside a
+        lifted transform.
+    """
+    key = self.dropout_key
+    if key is None:
+      raise ValueError(f"Adapter dropout at {self.path!r} needs a key: pass `dropout_key=`.")
+    if jnp.ndim(key) != 0:
+      raise ValueError(
+          f"The adapter at {self.path!r} is stacked ({self.shell.stack_axes} stack axes); adapter dropout "
+          "needs its layer to run once per slice (nn.scan / nnx.scan), not on the whole stack.")
+    keep = jax.random.bernoulli(key, 1.0 - rate, jnp.shape(x))
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 class _ArrayConstants:

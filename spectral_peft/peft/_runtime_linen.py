@@ -48,9 +48,11 @@ def _frames() -> list:
 class _Frame:
   """Bookkeeping of one adapted call: consumed adapter paths, modules seen, modules running."""
 
-  def __init__(self, adapters, by_path: bool):
+  def __init__(self, adapters, by_path: bool, dropout: float = 0.0, dropout_key: Any = None):
     self.adapters = adapters
     self.by_path = by_path
+    self.dropout = dropout
+    self.dropout_key = dropout_key if dropout else None
     self.paths = set(adapters)
     self.consumed: set[str] = set()
     self.seen: dict[str, str] = {}
@@ -64,12 +66,13 @@ def _check_adapters(adapters: Any) -> None:
         f"{type(adapters).__name__}" + ("" if not isinstance(adapters, Mapping) else " with non-Adapter values") + ".")
 
 
-def inject(params: Any, adapters: Mapping[str, Adapter]) -> dict:
+def inject(params: Any, adapters: Mapping[str, Adapter], dropout_key: Array | None = None) -> dict:
   """``params`` with every adapter placed next to its weight as ``"<name>@adapter"``.
 
   Args:
     params: the Linen ``params`` collection (nested dicts), unmerged.
     adapters: ``{path: Adapter}``; paths relative to ``params``, with or without a leading ``params/``.
+    dropout_key: the key of adapter dropout, if any (each adapter gets its own, folded with its path).
 
   Returns:
     A copy of ``params`` (only the dicts along adapter paths are copied) holding the adapters.
@@ -100,7 +103,7 @@ def inject(params: Any, adapters: Mapping[str, Adapter]) -> dict:
       raise ValueError(
           f"The adapter at {path!r} was made for shape {adapter.shape}, but `params` has shape "
           f"{tuple(np.shape(node[name]))} there.")
-    node[name + SUFFIX] = _runtime.LayerAdapter.from_adapter(path, adapter)
+    node[name + SUFFIX] = _runtime.LayerAdapter.from_adapter(path, adapter, dropout_key)
   return root
 
 
@@ -118,7 +121,7 @@ def _module_adapters(module: nn.Module, frame: _Frame) -> dict[str, _runtime.Lay
     for name in own:
       for path in (f"{prefix}/{name}", f"params/{prefix}/{name}"):
         if path in frame.adapters:
-          found[name] = _runtime.LayerAdapter.from_adapter(path, frame.adapters[path])
+          found[name] = _runtime.LayerAdapter.from_adapter(path, frame.adapters[path], frame.dropout_key)
   return found
 
 
@@ -184,14 +187,21 @@ def _check_layer_in_axes(module: nn.Module, name: str, adapter: _runtime.LayerAd
         f"{adapter.shell.slice_shape}; build it with in_axes={expected}.")
 
 
-def _merged_call(module: Any, method_name: str, found, args, kwargs):
+def _own_variables(module: Any) -> dict:
+  """A copy of the layer's variables without the injected adapters (``params`` copied one level)."""
   variables = {col: dict(vals) for col, vals in module.scope.variables().items()}
+  params = variables.get("params", {})
+  for key in [k for k in params if isinstance(k, str) and k.endswith(SUFFIX)]:
+    params.pop(key)
+  return variables
+
+
+def _merged_call(module: Any, method_name: str, found, args, kwargs):
+  variables = _own_variables(module)
   params = variables.get("params", {})
   weights = {}
   for name, adapter in found.items():
     weights[name] = (adapter.for_weight(params[name]), params.pop(name))
-  for key in [k for k in params if isinstance(k, str) and k.endswith(SUFFIX)]:
-    params.pop(key)
   clone = module.clone(parent=None)
   method = getattr(type(clone), method_name)
   arrays, rebuild = _runtime.split_call_arguments(args, kwargs)
@@ -226,19 +236,76 @@ def _interceptor(next_fun, args, kwargs, context):
     for name, adapter in found.items():
       _check_layer_in_axes(module, name, adapter)
     x = _input(args, kwargs)
-    if set(found) == {"kernel"} and x is not None and context.method_name == "__call__":
-      adapter = found["kernel"]
-      kernel = module.scope.variables()["params"]["kernel"]
-      adapter.for_weight(kernel)
-      if _contracted_axes(module, jnp.ndim(x)) == adapter.shell.in_axes and _factored_ok(module, adapter, kernel):
-        return _factored_call(module, adapter, x)
+    factored = _factored_kernel(module, context.method_name, found, x)
+    if frame.dropout:
+      return _dropout_call(module, context.method_name, found, factored, next_fun, args, kwargs, frame.dropout)
+    if factored is not None:
+      return _factored_call(module, found["kernel"], x)
     return _merged_call(module, context.method_name, found, args, kwargs)
   finally:
     frame.running.discard(id(module))
 
 
+def _factored_kernel(module: Any, method_name: str, found, x) -> Array | None:
+  """The kernel, where the layer's call is the method's factored product; else None."""
+  if set(found) != {"kernel"} or x is None or method_name != "__call__":
+    return None
+  adapter = found["kernel"]
+  kernel = module.scope.variables()["params"]["kernel"]
+  adapter.for_weight(kernel)
+  if _contracted_axes(module, jnp.ndim(x)) == adapter.shell.in_axes and _factored_ok(module, adapter, kernel):
+    return kernel
+  return None
+
+
+def _dropout_call(module: Any, method_name: str, found, kernel, next_fun, args, kwargs, rate: float):
+  """``layer_W0(x) + branch(dropout(x))``: PEFT's adapter dropout, only the adapter's branch sees it.
+
+  On the factored path the branch is the method's own (``method.branch``); elsewhere it is
+  ``layer_{W0 + Delta W}(x_d) - layer_{W0}(x_d)``, exact for layers affine in their weights (every
+  Flax kernel layer: the bias cancels).
+  """
+  x = _input(args, kwargs)
+  if x is None:
+    raise ValueError(
+        f"Adapter dropout needs each adapted layer to be called with one input array; the layer "
+        f"{'/'.join(module.path)!r} ({type(module).__name__}) was called as {method_name!r} with "
+        f"{len(args)} positional and {len(kwargs)} keyword arguments.")
+  adapter = found[sorted(found)[0]]
+  x_dropped = adapter.dropped(x, rate)
+  base = next_fun(*args, **kwargs)
+  if kernel is not None:
+    xd, kd, _ = module.promote_dtype(x_dropped, kernel, None, dtype=module.dtype)
+    return base + found["kernel"].branch(xd, kd).astype(base.dtype)
+  adapted = _merged_call(module, method_name, found, (x_dropped,), {})
+  return base + (adapted - _base_call(module, method_name, (x_dropped,), {}))
+
+
+def _base_call(module: Any, method_name: str, args, kwargs):
+  """The layer's method at its own (unadapted) weights, as a separate call of a detached clone."""
+  clone = module.clone(parent=None)
+  return clone.apply(_own_variables(module), *args, method=getattr(type(clone), method_name), **kwargs)
+
+
+def _check_dropout(adapter_dropout: Any, dropout_key: Any) -> float:
+  if not isinstance(adapter_dropout, (int, float)) \
+      or isinstance(adapter_dropout, bool):
+    raise TypeError(f"`adapter_dropout` must be a Python float in [0, 1), got {adapter_dropout!r}.")
+  rate = float(adapter_dropout)
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"`adapter_dropout` must be in [0, 1), got {rate}.")
+  if rate and dropout_key is None:
+    raise ValueError(f"`adapter_dropout={rate}` needs `dropout_key=` (a jax.random key, a new one each step).")
+  if dropout_key is not None and not (isinstance(dropout_key, jax.Array) and jnp.issubdtype(dropout_key.dtype, jax.dtypes.prng_key)
+                                      and dropout_key.shape == ()):
+    raise TypeError(f"`dropout_key` must be one typed key from jax.random.key, got {getattr(dropout_key, 'dtype', type(dropout_key))} "
+                    f"of shape {getattr(dropout_key, 'shape', None)}.")
+  return rate
+
+
 @contextlib.contextmanager
-def adapted(adapters: Mapping[str, Adapter]) -> Iterator[None]:
+def adapted(adapters: Mapping[str, Adapter], *, adapter_dropout: float = 0.0,
+            dropout_key: Array | None = None) -> Iterator[None]:
   """Context in which Linen modules apply ``adapters`` to their own weights, found by path.
 
   Call ``model.apply`` with the *base* (unmerged) parameters inside the context; each module whose
@@ -258,16 +325,18 @@ def adapted(adapters: Mapping[str, Adapter]) -> Iterator[None]:
     >>> y.shape
     (3, 8)
   """
-  with _frame(adapters, by_path=True) as frame:
+  rate = _check_dropout(adapter_dropout, dropout_key)
+  with _frame(adapters, by_path=True, dropout=rate, dropout_key=dropout_key) as frame:
     yield
   _raise_unused(frame)
 
 
 @contextlib.contextmanager
-def _frame(adapters: Mapping[str, Adapter], by_path: bool) -> Iterator[_Frame]:
+def _frame(adapters: Mapping[str, Adapter], by_path: bool, dropout: float = 0.0,
+           dropout_key: Array | None = None) -> Iterator[_Frame]:
   _check_adapters(adapters)
   frames = _frames()
-  frame = _Frame(adapters, by_path)
+  frame = _Frame(adapters, by_path, dropout, dropout_key)
   frames.append(frame)
   try:
     with nn.intercept_methods(_interceptor):
@@ -283,7 +352,8 @@ def _raise_unused(frame: _Frame) -> None:
 
 
 def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter], *args: Any,
-                   variables: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+                   variables: Mapping[str, Any] | None = None, adapter_dropout: float = 0.0,
+                   dropout_key: Array | None = None, **kwargs: Any) -> Any:
   """``model.apply`` on the unmerged ``params`` with every adapter applied inside its own layer.
 
   Equal in value and gradient (with respect to the adapters and the inputs) to
@@ -299,6 +369,13 @@ def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
       without a leading ``params/``). Kernels stacked by ``nn.scan`` need ``stack_axes=1``.
     *args: passed to ``model.apply``.
     variables: other collections (``batch_stats``, ``cache``...), passed with ``params``.
+    adapter_dropout: PEFT's ``lora_dropout`` for every method: each adapted layer computes
+      ``layer_{W0}(x) + x_d @ Delta W`` with ``x_d`` its input with entries zeroed at this rate (and
+      the rest scaled by ``1 / (1 - rate)``); only the adapter's branch sees the dropped input. ``0``
+      (the default) for evaluation. Costs one extra product with ``W0`` per layer on the merged
+      path (and for DoRA), none for LoRA and the sparse methods on the factored path.
+    dropout_key: a ``jax.random.key``, needed when ``adapter_dropout > 0`` (a new one each step);
+      every layer (and every slice of a stacked weight) draws its own mask from it.
     **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``, ``mutable=``...).
 
   Returns:
@@ -308,7 +385,8 @@ def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
     TypeError: ``adapters`` is not a ``{path: Adapter}`` dict.
     ValueError: an adapter's path has no weight of its shape in ``params``; an adapter was not used
       during the call (the message names it and the layer); an adapter's ``in_axes`` disagrees with
-      the contraction of a layer whose contraction is known.
+      the contraction of a layer whose contraction is known; ``adapter_dropout`` outside ``[0, 1)``
+      or without a key; dropout on a layer not called with one input array.
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, spectral_peft as sp
@@ -319,9 +397,10 @@ def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
     >>> sp.peft.apply_adapters(model, params, adapters, x).shape
     (2, 5, 5, 8)
   """
-  injected = inject(params, adapters)
+  rate = _check_dropout(adapter_dropout, dropout_key)
+  injected = inject(params, adapters, dropout_key if rate else None)
   all_variables = {**dict(variables or {}), "params": injected}
-  with _frame(adapters, by_path=False) as frame:
+  with _frame(adapters, by_path=False, dropout=rate) as frame:
     out = model.apply(all_variables, *args, **kwargs)
   _raise_unused(frame)
   return out

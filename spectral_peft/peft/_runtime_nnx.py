@@ -66,6 +66,7 @@ class _Slot:
 
 _ADAPTED_CLASSES: dict[type, type] = {}
 _SLOTS = "_spectral_peft_slots"
+_DROPOUT = "adapter_dropout"
 
 
 def _adapted_class(base: type) -> type:
@@ -102,17 +103,42 @@ def _adapted_call(self, *args, **kwargs):
   slots = getattr(self, _SLOTS)
   base = _base_class(type(self))
   found = {slot.name: (slot, _layer_adapter(self, slot)) for slot in slots}
+  factored = None
   if len(found) == 1 and "kernel" in found:
     slot, adapter = found["kernel"]
     kernel = self.kernel[...]
     adapter.for_weight(kernel)
     if _factored_ok(self, slot, adapter, kernel, args, kwargs):
-      bias = self.bias[...] if self.bias is not None else None
-      x, kernel, bias = self.promote_dtype((args[0], kernel, bias), dtype=self.dtype)
-      y = adapter.apply(x, kernel).astype(x.dtype)
-      if bias is not None:
-        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-      return y
+      factored = adapter
+  dropout = getattr(self, _DROPOUT, None)
+  if dropout is not None and not dropout.deterministic:
+    return _dropout_call(self, base, found, factored, dropout, args, kwargs)
+  if factored is not None:
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((args[0], self.kernel[...], bias), dtype=self.dtype)
+    y = factored.apply(x, kernel).astype(x.dtype)
+    if bias is not None:
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+  return _merged(self, base, found, args, kwargs)
+
+
+def _dropout_call(self, base, found, factored, dropout, args, kwargs):
+  """``layer_{W0}(x) + branch(dropout(x))`` (see :func:`sp.peft.apply_adapters`'s ``adapter_dropout``)."""
+  if len(args) != 1 or kwargs:
+    raise ValueError(
+        f"Adapter dropout needs each adapted layer to be called with one input array; a {base.__name__} "
+        f"was called with {len(args)} positional and {len(kwargs)} keyword arguments.")
+  x_dropped = dropout(args[0])
+  y = base.__call__(self, *args)
+  if factored is not None:
+    xd, kernel = self.promote_dtype((x_dropped, self.kernel[...]), dtype=self.dtype)
+    return y + factored.branch(xd, kernel).astype(y.dtype)
+  return y + (_merged(self, base, found, (x_dropped,), {}) - base.__call__(self, x_dropped))
+
+
+def _merged(self, base, found, args, kwargs):
+  """The layer's own call at its merged weights, rebuilt per layer (:func:`_runtime.merged_call`)."""
   graphdef, state = nnx.split(self)
   weights = {}
   for name, (slot, adapter) in found.items():
@@ -247,6 +273,8 @@ def _detach(owner: nnx.Module) -> None:
     for var_name in slot.param_names() + slot.constant_names():
       delattr(owner, var_name)
   delattr(owner, _SLOTS)
+  if hasattr(owner, _DROPOUT):
+    delattr(owner, _DROPOUT)
   owner.__class__ = _base_class(type(owner))
 
 
@@ -287,3 +315,52 @@ def load_into(model: nnx.Module, adapters: Adapters) -> nnx.Module:
   """Replaces the model's adapters by ``adapters`` (same paths): e.g. after :func:`sp.peft.load_adapters`."""
   detach_adapters(model)
   return attach(model, adapters)
+
+
+def set_adapter_dropout(model: nnx.Module, rate: float, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """Adapter dropout (PEFT's ``lora_dropout``) on every adapted layer of ``model``, in place.
+
+  Each adapted layer gains an ``nnx.Dropout`` submodule ``adapter_dropout`` and computes
+  ``layer_{W0}(x) + x_d @ Delta W``, with ``x_d`` its input with entries zeroed at ``rate`` (the rest
+  scaled by ``1 / (1 - rate)``): only the adapter's branch sees the dropped input, as in
+  :func:`sp.peft.apply_adapters` with ``adapter_dropout=``. ``model.eval()`` turns it off and
+  ``model.train()`` on again (``nnx.Dropout``'s ``deterministic``); the masks come from the
+  ``dropout`` stream of ``rngs`` (a new mask at every call, also under ``nnx.jit``).
+
+  Args:
+    model: a model with adapters (:func:`adapt` / :func:`attach`).
+    rate: in ``[0, 1)``; ``0`` removes the dropout modules.
+    rngs: an ``nnx.Rngs`` with a ``dropout`` (or default) stream; needed when ``rate > 0``.
+
+  Returns:
+    ``model``.
+
+  Raises:
+    ValueError: ``rate`` outside ``[0, 1)``, no ``rngs`` for a positive rate, no adapted layer, or an
+      adapter on a stacked weight (``stack_axes > 0``: its layer runs on the whole stack).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> from flax import nnx
+    >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    >>> _ = sp.nnx.adapt(model, sp.peft.LoRA(2), "kernel", key=jax.random.key(1))
+    >>> _ = sp.nnx.set_adapter_dropout(model, 0.1, rngs=nnx.Rngs(dropout=2))
+    >>> model(jnp.ones((2, 4))).shape
+    (2, 3)
+  """
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
+    raise ValueError(f"`rate` must be a float in [0, 1), got {rate!r}.")
+  owners = list(_adapted_owners(model))
+  if not owners:
+    raise ValueError("The model has no adapters: add them with sp.nnx.adapt or sp.nnx.attach first.")
+  if rate and rngs is None:
+    raise ValueError(f"`rate={rate}` needs `rngs=` (an nnx.Rngs with a 'dropout' stream).")
+  stacked = [slot.path for owner in owners for slot in getattr(owner, _SLOTS) if slot.stack_axes]
+  if rate and stacked:
+    raise ValueError(f"Adapter dropout is not available for stacked weights (stack_axes > 0): {stacked}.")
+  for owner in owners:
+    if hasattr(owner, _DROPOUT):
+      delattr(owner, _DROPOUT)
+    if rate:
+      setattr(owner, _DROPOUT, nnx.Dropout(float(rate), rngs=rngs))
+  return model

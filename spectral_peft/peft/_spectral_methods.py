@@ -163,9 +163,12 @@ class _SparseRealBase(AdapterMethod):
     return self.path == "factored"
 
   def apply(self, params, x, w0, frozen=None):
+    return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
+
+  def branch(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
     update = self.synthesis_matmul(x, params["values"].astype(dtype), frozen["indices"], tuple(w0.shape))
-    return jnp.matmul(x, w0) + (self.scale * update).astype(dtype)
+    return (self.scale * update).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,10 +413,13 @@ class FourierFT(AdapterMethod):
     return self.path == "factored"
 
   def apply(self, params, x, w0, frozen=None):
+    return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
+
+  def branch(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
     values = deltas._check_values(params["values"], real=True).astype(dtype)
     update = deltas.fourier_matmul(x, values, frozen["indices"], tuple(w0.shape), path=self.path)
-    return jnp.matmul(x, w0) + (self.scale * update).astype(dtype)
+    return (self.scale * update).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,10 +565,13 @@ class LFMA(AdapterMethod):
     return self.path == "factored"
 
   def apply(self, params, x, w0, frozen=None):
+    return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
+
+  def branch(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
     update = deltas.fourier_matmul(x, self.coefficients(params), frozen["indices"], tuple(w0.shape),
                                       path=self.path)
-    return jnp.matmul(x, w0) + (self.alpha * update).astype(dtype)
+    return (self.alpha * update).astype(dtype)
 
 
 def _real_dtype(w0) -> Any:
