@@ -9,6 +9,7 @@ input, and the expectation over many keys (``E[x_d] = x``).
 from __future__ import annotations
 
 import itertools
+import os
 
 import flax.linen as nn
 import jax
@@ -72,6 +73,26 @@ def test_method_branch_is_the_dense_delta_product(case):
   jitted = jax.jit(lambda a, x: a.branch(x, w0))(adapter, x)
   np.testing.assert_allclose(jitted, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
   np.testing.assert_allclose(adapter.apply(x, w0) - x @ w0, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+
+
+PEFT_DROPOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "peft", "dropout.npz")
+
+
+@pytest.mark.parametrize("name, method", [("lora", sp.peft.LoRA(rank=2, alpha=4.0)), ("dora", sp.peft.DoRA(rank=2, alpha=4.0))])
+def test_branch_at_a_fixed_mask_matches_peft_training_output(name, method):
+  """PEFT's layer in training mode with ``lora_dropout`` at a committed mask (tests/fixtures/generate_peft_fixtures.py)."""
+  data = np.load(PEFT_DROPOUT)
+  kernel, bias, x = (jnp.asarray(data[k]) for k in ("kernel", "bias", "x"))
+  adapter = sp.peft.init_adapters(jax.random.key(0), {"w": kernel}, method, "w")["w"]
+  params = {"a": jnp.asarray(data[f"{name}_a"]), "b": jnp.asarray(data[f"{name}_b"])}
+  if name == "dora":
+    params["magnitude"] = jnp.asarray(data["dora_magnitude"])
+  adapter = sp.peft.Adapter(params, adapter.frozen, adapter.method, adapter.shape, adapter.dtype, adapter.in_axes)
+  x_dropped = x * jnp.asarray(data["mask"]) / (1.0 - 0.3)
+  ours = x @ kernel + bias + adapter.branch(x_dropped, kernel)
+  np.testing.assert_allclose(ours, data[f"{name}_y"], rtol=1e-5, atol=1e-5)
+  # And without dropout the branch is not what PEFT computed (the mask matters).
+  assert not np.allclose(x @ kernel + bias + adapter.branch(x, kernel), data[f"{name}_y"], atol=1e-3)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
