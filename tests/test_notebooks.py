@@ -91,6 +91,21 @@ def test_readme_uses_the_repository_url_and_links_every_notebook():
     assert f"({COLAB_PREFIX}{os.path.basename(path)})" in readme, f"no README badge for {os.path.basename(path)}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_install_command_names_declared_extras(path, monkeypatch):
+  """Every notebook installs from the repository URL with extras that pyproject.toml declares."""
+  scope: dict = {}
+  exec(_install_cell(nbformat.read(path, as_version=4)), scope)  # noqa: S102  (skips the install here)
+  monkeypatch.delenv("SPECTRAL_PEFT_SOURCE", raising=False)
+  requirement = scope["install_command"]()[5]
+  match = re.fullmatch(rf"spectral_peft\[([a-z,-]+)\] @ git\+{re.escape(REPO_URL)}", requirement)
+  assert match, requirement
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    declared = set(tomllib.load(f)["project"]["optional-dependencies"])
+  extras = match.group(1).split(",")
+  assert "experiments" in extras and set(extras) <= declared, (extras, sorted(declared))
+
+
 def test_install_command_installs_from_the_repository(tmp_path, monkeypatch):
   """The command a fresh runtime runs: the URL form by default, this checkout when pointed at it."""
   scope: dict = {}
