@@ -338,3 +338,57 @@ def test_nnx_adapter_layers_wrap_an_existing_linear(layer_cls, kwargs):
   _assert_relative(grad["values"][...], jax.grad(dense_loss)(layer.values[...]))
   with pytest.raises(ValueError, match="`base_module` maps 8 -> 6"):
     layer_cls(D, 7, base_module=base, rngs=nnx.Rngs(2), **kwargs)
+
+
+# -- layer kinds and lifted transforms beyond the models above ---------------------------------------
+class LinenMore(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # (3, batch, seq, D): the leading axis is mapped by nn.vmap
+    h = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0, out_axes=0)(
+        D, name="vmapped")(x)
+    return nn.ConvTranspose(D, (3,), name="deconv")(jnp.tanh(h))
+
+
+class NNXMore(nnx.Module):
+  def __init__(self, rngs):
+    self.einsum = nnx.Einsum("bsd,de->bse", (D, D), (D,), rngs=rngs)
+    self.deconv = nnx.ConvTranspose(D, D, (3,), rngs=rngs)
+
+  def __call__(self, x):
+    return self.deconv(jnp.tanh(self.einsum(x)))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]], ids=lambda c: c.name)
+def test_linen_vmap_and_conv_transpose_equal_merge(case):
+  model = LinenMore()
+  x = jax.random.normal(jax.random.key(0), (3, 2, 5, D))
+  params = model.init(jax.random.key(1), x)["params"]
+  adapters = _perturb(sp.peft.init_adapters(jax.random.key(2), params, case.method, r"kernel$",
+                                            in_axes={r"deconv/": 2}, stack_axes={r"vmapped/": 1}), case.scale)
+  assert adapters["vmapped/kernel"].shape == (3, D, D)
+  merged_loss = lambda a: jnp.sum(jnp.sin(model.apply({"params": sp.peft.merge(params, a)}, x)))
+  runtime_loss = lambda a: jnp.sum(jnp.sin(sp.peft.apply_adapters(model, params, a, x)))
+  value, grads = jax.value_and_grad(merged_loss)(adapters)
+  got_value, got_grads = jax.jit(jax.value_and_grad(runtime_loss))(adapters)
+  np.testing.assert_allclose(float(got_value), float(value), rtol=1e-5, atol=1e-5)
+  _assert_relative(got_grads, grads, _gradient_rtol(case))
+  assert float(jnp.abs(runtime_loss(adapters) - jnp.sum(jnp.sin(model.apply({"params": params}, x))))) > 1e-4
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]], ids=lambda c: c.name)
+def test_nnx_einsum_and_conv_transpose_equal_merge(case):
+  x = jax.random.normal(jax.random.key(0), (2, 5, D))
+  model = NNXMore(nnx.Rngs(0))
+  sp.nnx.adapt(model, case.method, r"kernel$", key=jax.random.key(1), in_axes={r"einsum/": 1, r"deconv/": 2})
+  nnx.update(model, _perturb(nnx.state(model, sp.nnx.AdapterParam), case.scale))
+  adapters = sp.nnx.adapters_of(model)
+  assert set(adapters) == {"einsum/kernel", "deconv/kernel"}
+  graphdef, base, rest = nnx.split(NNXMore(nnx.Rngs(0)), nnx.Param, ...)
+  merged_loss = lambda a: jnp.sum(jnp.sin(nnx.merge(graphdef, sp.peft.merge(base, a), rest)(x)))
+  value, grads = jax.value_and_grad(merged_loss)(adapters)
+  loss = lambda m: jnp.sum(jnp.sin(m(x)))
+  got_value, got_grads = nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, sp.nnx.AdapterParam)))(model)
+  np.testing.assert_allclose(float(got_value), float(value), rtol=1e-5, atol=1e-5)
+  nnx.update(model, got_grads)
+  _assert_relative({p: a.params for p, a in sp.nnx.adapters_of(model).items()},
+                   {p: a.params for p, a in grads.items()}, _gradient_rtol(case))
