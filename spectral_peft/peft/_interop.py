@@ -743,7 +743,9 @@ def from_peft_config(config: Union[str, Mapping[str, Any]], *, name_map: NameMap
   ``value_init="normal"``) and WaveFT (``n_frequency`` 2592, ``scaling`` 25, ``wavelet_family``
   ``"db1"``, ``random_loc_seed`` 777, zero boundary; ``init_weights=False`` -> ``value_init="normal"``
   with ``init_std=0.01``). Positions then equal PEFT's; random initial values are drawn from our
-  keys, not torch's.
+  keys, not torch's. ``lora_dropout`` is not part of a spec: it is a training-time argument,
+  ``sp.peft.apply_adapters(..., adapter_dropout=config["lora_dropout"], dropout_key=key)``
+  (``sp.nnx.set_adapter_dropout`` in NNX).
 
   Args:
     config: a PEFT config dict (``json.load`` of ``adapter_config.json``, or
