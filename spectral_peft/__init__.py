@@ -6,8 +6,9 @@ Pure functions of arrays at the top level, adapters over parameter pytrees in
 usual), so that ``import spectral_peft`` does not pay for Flax, optax or orbax.
 """
 
-import importlib as _importlib
 from typing import TYPE_CHECKING
+
+from spectral_peft._lazy import lazy_names as _lazy_names
 
 from spectral_peft._version import __version__
 from spectral_peft._lowrank.diagnostics import SineRankBound
@@ -114,18 +115,7 @@ if TYPE_CHECKING:
   from spectral_peft import peft
 
 
-def __getattr__(name: str) -> object:
-  module_name = _LAZY.get(name)
-  if module_name is None:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  module = _importlib.import_module(module_name)
-  value = module if module_name == f"{__name__}.{name}" else getattr(module, name)
-  globals()[name] = value  # Later accesses are plain attribute reads.
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY, globals())
 
 
 __all__ = (

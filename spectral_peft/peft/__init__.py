@@ -10,9 +10,9 @@ Typical use::
   grads = jax.grad(lambda ad: loss(sp.peft.merge(params, ad), batch))(adapters)
 """
 
-import importlib as _importlib
 from typing import TYPE_CHECKING
 
+from spectral_peft._lazy import lazy_names as _lazy_names
 from spectral_peft.peft._checkpoint import load_adapters
 from spectral_peft.peft._checkpoint import save_adapters
 from spectral_peft.peft._combination import WeightedSum
@@ -73,17 +73,7 @@ if TYPE_CHECKING:
   from spectral_peft.peft._intercept import factored
 
 
-def __getattr__(name: str) -> object:
-  module_name = _LAZY.get(name)
-  if module_name is None:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  value = getattr(_importlib.import_module(module_name), name)
-  globals()[name] = value  # Later accesses are plain attribute reads.
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY, globals())
 
 
 __all__ = (

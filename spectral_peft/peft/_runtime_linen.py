@@ -238,7 +238,7 @@ def _interceptor(next_fun, args, kwargs, context):
     x = _input(args, kwargs)
     factored = _factored_kernel(module, context.method_name, found, x)
     if frame.dropout:
-      return _dropout_call(module, context.method_name, found, factored, next_fun, args, kwargs, frame.dropout)
+      return _dropout_call(module, context.method_name, found, factored, next_fun, x, args, kwargs, frame.dropout)
     if factored is not None:
       return _factored_call(module, found["kernel"], x)
     return _merged_call(module, context.method_name, found, args, kwargs)
@@ -258,14 +258,13 @@ def _factored_kernel(module: Any, method_name: str, found, x) -> Array | None:
   return None
 
 
-def _dropout_call(module: Any, method_name: str, found, kernel, next_fun, args, kwargs, rate: float):
+def _dropout_call(module: Any, method_name: str, found, kernel, next_fun, x, args, kwargs, rate: float):
   """``layer_W0(x) + branch(dropout(x))``: PEFT's adapter dropout, only the adapter's branch sees it.
 
   On the factored path the branch is the method's own (``method.branch``); elsewhere it is
   ``layer_{W0 + Delta W}(x_d) - layer_{W0}(x_d)``, exact for layers affine in their weights (every
   Flax kernel layer: the bias cancels).
   """
-  x = _input(args, kwargs)
   if x is None:
     raise ValueError(
         f"Adapter dropout needs each adapted layer to be called with one input array; the layer "
