@@ -105,7 +105,7 @@ def multihost(args):
 
 def alone(args):
   """Only process 0 saves: it must raise (not hang) once the barrier times out."""
-  from spectral_peft.peft import _checkpoint
+  from spectral_peft.peft._formats import checkpoint as _checkpoint
 
   jax.config.update("jax_num_cpu_devices", 2)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

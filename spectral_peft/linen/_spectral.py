@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spectral_peft.peft import _spectral_methods as methods
+from spectral_peft.peft._methods import spectral as methods
 
 Array = jax.Array
 Initializer = Callable[..., Array]

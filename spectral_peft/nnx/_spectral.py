@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spectral_peft import _validation
-from spectral_peft.peft import _runtime
-from spectral_peft.peft import _spectral_methods as methods
-from spectral_peft.peft._method import Adapter
+from spectral_peft.peft._runtime import core as _runtime
+from spectral_peft.peft._methods import spectral as methods
+from spectral_peft.peft._methods.base import Adapter
 
 Array = jax.Array
 

@@ -8,42 +8,47 @@ Typical use::
   tx = optax.adam(1e-3)
   opt_state = tx.init(adapters)
   grads = jax.grad(lambda ad: loss(sp.peft.merge(params, ad), batch))(adapters)
+
+Layout: ``_methods/`` (one spec per method, PEFT's position draw, weighted sums), ``_tree`` and
+``_modules`` (method-free functions over parameter pytrees), ``_runtime/`` (adapters applied inside
+the model's call: a Flax-free core and one provider per Flax API), ``_formats/`` (our checkpoint and
+PEFT's directory) and ``_sharding``. Imports only go down that list, never back.
 """
 
 from typing import TYPE_CHECKING
 
 from spectral_peft._lazy import lazy_names as _lazy_names
-from spectral_peft.peft._checkpoint import load_adapters
-from spectral_peft.peft._checkpoint import save_adapters
-from spectral_peft.peft._combination import WeightedSum
-from spectral_peft.peft._combination import weighted_combination
-from spectral_peft.peft._interop import TrainableSummary
-from spectral_peft.peft._interop import export_peft
-from spectral_peft.peft._interop import from_peft_config
-from spectral_peft.peft._interop import import_peft
-from spectral_peft.peft._interop import merge_modules
-from spectral_peft.peft._interop import modules_to_save
-from spectral_peft.peft._interop import trainable_summary
-from spectral_peft.peft._lowrank_methods import DoRA
-from spectral_peft.peft._lowrank_methods import LoRA
-from spectral_peft.peft._lowrank_methods import SineDoRA
-from spectral_peft.peft._lowrank_methods import SineLoRA
-from spectral_peft.peft._method import Adapter
-from spectral_peft.peft._method import AdapterMethod
-from spectral_peft.peft._method import method_from_config
-from spectral_peft.peft._method import method_registry
+from spectral_peft.peft._formats.checkpoint import load_adapters
+from spectral_peft.peft._formats.checkpoint import save_adapters
+from spectral_peft.peft._formats.peft_files import export_peft
+from spectral_peft.peft._formats.peft_files import from_peft_config
+from spectral_peft.peft._formats.peft_files import import_peft
+from spectral_peft.peft._methods.base import Adapter
+from spectral_peft.peft._methods.base import AdapterMethod
+from spectral_peft.peft._methods.base import method_from_config
+from spectral_peft.peft._methods.base import method_registry
+from spectral_peft.peft._methods.combination import WeightedSum
+from spectral_peft.peft._methods.combination import weighted_combination
+from spectral_peft.peft._methods.lowrank import DoRA
+from spectral_peft.peft._methods.lowrank import LoRA
+from spectral_peft.peft._methods.lowrank import SineDoRA
+from spectral_peft.peft._methods.lowrank import SineLoRA
+from spectral_peft.peft._methods.spectral import FourierFT
+from spectral_peft.peft._methods.spectral import LFMA
+from spectral_peft.peft._methods.spectral import SHiRA
+from spectral_peft.peft._methods.spectral import WaveFT
+from spectral_peft.peft._methods.spectral import init_lfma_adapters
+from spectral_peft.peft._methods.spectral import lfma_gradient_init
+from spectral_peft.peft._methods.spectral import proportional_allocation
+from spectral_peft.peft._modules import TrainableSummary
+from spectral_peft.peft._modules import merge_modules
+from spectral_peft.peft._modules import modules_to_save
+from spectral_peft.peft._modules import trainable_summary
 from spectral_peft.peft._sharding import adapter_partition_specs
 from spectral_peft.peft._sharding import adapter_shardings
 from spectral_peft.peft._sharding import data_model_mesh
 from spectral_peft.peft._sharding import path_shardings
 from spectral_peft.peft._sharding import shard_adapters
-from spectral_peft.peft._spectral_methods import FourierFT
-from spectral_peft.peft._spectral_methods import LFMA
-from spectral_peft.peft._spectral_methods import SHiRA
-from spectral_peft.peft._spectral_methods import WaveFT
-from spectral_peft.peft._spectral_methods import init_lfma_adapters
-from spectral_peft.peft._spectral_methods import lfma_gradient_init
-from spectral_peft.peft._spectral_methods import proportional_allocation
 from spectral_peft.peft._tree import combine
 from spectral_peft.peft._tree import count_parameters
 from spectral_peft.peft._tree import delta_tree
@@ -62,15 +67,15 @@ from spectral_peft.peft._tree import unmerge
 # (here ``flax.linen``); everything imported above is pure JAX. To add a name whose module is heavy:
 # an entry here (name -> module) and the same import in the ``TYPE_CHECKING`` block.
 _LAZY: dict[str, str] = {
-    "apply_adapters": "spectral_peft.peft._runtime_linen",
-    "apply_factored": "spectral_peft.peft._intercept",
-    "factored": "spectral_peft.peft._intercept",
+    "apply_adapters": "spectral_peft.peft._runtime.linen",
+    "apply_factored": "spectral_peft.peft._runtime.aliases",
+    "factored": "spectral_peft.peft._runtime.aliases",
 }
 
 if TYPE_CHECKING:
-  from spectral_peft.peft._runtime_linen import apply_adapters
-  from spectral_peft.peft._intercept import apply_factored
-  from spectral_peft.peft._intercept import factored
+  from spectral_peft.peft._runtime.linen import apply_adapters
+  from spectral_peft.peft._runtime.aliases import apply_factored
+  from spectral_peft.peft._runtime.aliases import factored
 
 
 __getattr__, __dir__ = _lazy_names(__name__, _LAZY, globals())

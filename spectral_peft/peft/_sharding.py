@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spectral_peft import _validation
-from spectral_peft.peft._method import Adapter
+from spectral_peft.peft._methods.base import Adapter
 from spectral_peft.peft._tree import Adapters, _check_adapters, path_to_str
 
 PyTree = Any

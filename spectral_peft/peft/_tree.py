@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_peft import _validation
-from spectral_peft.peft._method import Adapter, AdapterMethod, matrix_shape
+from spectral_peft.peft._methods.base import Adapter, AdapterMethod, matrix_shape
 
 Array = jax.Array
 PyTree = Any

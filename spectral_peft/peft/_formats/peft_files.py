@@ -53,9 +53,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_peft.peft._lowrank_methods import DoRA, LoRA
-from spectral_peft.peft._method import Adapter, matrix_shape
-from spectral_peft.peft._spectral_methods import FourierFT, SHiRA, WaveFT, pywt_haar
+from spectral_peft.peft._methods.lowrank import DoRA, LoRA
+from spectral_peft.peft._methods.positions import peft_positions, torch_randperm_prefix
+from spectral_peft.peft._methods.base import Adapter, matrix_shape
+from spectral_peft.peft._methods.spectral import FourierFT, SHiRA, WaveFT, pywt_haar
 from spectral_peft.peft._tree import Adapters, PyTree, _resolve_in_axes, count_parameters, leaf_paths, path_to_str
 
 NameMap = Union[None, Callable[[str], str], Sequence[tuple[str, str]]]
@@ -63,9 +64,6 @@ NameMap = Union[None, Callable[[str], str], Sequence[tuple[str, str]]]
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-
-# torch's randperm switches to a 64-bit inside-out shuffle from this size on (ATen randperm_cpu).
-_RANDPERM_SMALL_LIMIT = (2**32 - 1) // 20
 
 # The wavelets PEFT's WaveFT implements (peft/tuners/waveft/wavelet.py in PEFT 0.21).
 _PEFT_WAVELETS = frozenset(["haar"] + [f"db{i}" for i in range(1, 11)] + [f"sym{i}" for i in range(2, 11)]
@@ -81,116 +79,6 @@ _ADAPTER_SUFFIXES = {
     "FOURIERFT": (".fourierft_spectrum",),
     "WAVEFT": (".waveft_spectrum",),
 }
-
-
-# -- torch's CPU random permutation, in numpy -------------------------------------------------------
-def _mt19937_key(seed: int) -> np.ndarray:
-  """MT19937 state of ``init_genrand(seed mod 2**32)``: what ``torch.Generator().manual_seed(seed)`` sets."""
-  key = np.empty(624, np.uint32)
-  s = int(seed) & 0xFFFFFFFF
-  key[0] = s
-  for i in range(1, 624):
-    s = (1812433253 * (s ^ (s >> 30)) + i) & 0xFFFFFFFF
-    key[i] = s
-  return key
-
-
-def torch_randperm_prefix(n: int, k: int, seed: int) -> np.ndarray:
-  """The first ``k`` entries of ``torch.randperm(n, generator=torch.Generator().manual_seed(seed))``.
-
-  torch's CPU ``randperm`` (for ``n < (2**32 - 1) // 20``) starts from ``0..n-1`` and, for
-  ``i = 0, ..., n - 2``, swaps entry ``i`` with entry ``i + random() % (n - i)``, ``random()`` the
-  next 32-bit output of MT19937 seeded by ``init_genrand(seed mod 2**32)``. Entry ``i`` is final
-  after step ``i``, so ``k`` steps over a sparse record of the swapped entries give the prefix in
-  ``O(k)`` time and memory, whatever ``n``. The 32-bit outputs come from numpy's MT19937 set to
-  that state.
-
-  Args:
-    n: permutation size, ``1 <= n < 214748364``.
-    k: prefix length, ``1 <= k <= n``.
-    seed: the generator seed (any Python int; torch keeps its low 32 bits).
-
-  Returns:
-    ``(k,)`` int64.
-
-  Raises:
-    ValueError: ``n`` at or above torch's 64-bit limit (another algorithm, needing an ``O(n)`` pass),
-      or ``k`` out of range.
-
-  Example:
-    >>> from spectral_peft.peft._interop import torch_randperm_prefix
-    >>> torch_randperm_prefix(10, 3, 777).shape
-    (3,)
-  """
-  return _randperm_prefix_cached(int(n), int(k), int(seed)).copy()
-
-
-@functools.lru_cache(maxsize=64)  # Every PEFT layer shares one seed; layers of one shape share the draw.
-def _randperm_prefix_cached(n: int, k: int, seed: int) -> np.ndarray:
-  if not 1 <= n < _RANDPERM_SMALL_LIMIT:
-    raise ValueError(
-        f"PEFT positions can be reproduced exactly for weights with fewer than {_RANDPERM_SMALL_LIMIT} "
-        f"entries (torch.randperm's 32-bit path), got {n} entries."
-    )
-  if not 1 <= k <= n:
-    raise ValueError(f"The number of positions must be in [1, {n}], got {k}.")
-  bit_generator = np.random.MT19937()
-  bit_generator.state = {"bit_generator": "MT19937", "state": {"key": _mt19937_key(seed), "pos": 624}}
-  draws = bit_generator.random_raw(min(k, n - 1)) if n > 1 else np.zeros((0,), np.uint64)
-  swapped: dict[int, int] = {}
-  out = np.empty(k, np.int64)
-  for i in range(k):
-    if i < n - 1:
-      z = i + int(draws[i]) % (n - i)
-      out[i] = swapped.get(z, z)
-      swapped[z] = swapped.get(i, i)
-    else:
-      out[i] = swapped.get(i, i)
-  return out
-
-
-def _waveft_relabel(rows_t: np.ndarray, cols_t: np.ndarray, shape: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
-  """PEFT WaveFT positions ``(r, c)`` of the ``(out, in)`` weight -> flat positions of our ``(M, N)`` grid.
-
-  PEFT puts ``(r, c)`` at ``(r + (N - out) // 2, c + (M - in) // 2)`` of its ``(N, M)`` spectrum with
-  ``cH`` top-right and ``cV`` bottom-left. Transposing to the Flax layout swaps the roles of the two
-  axes, so in the transposed ``(M, N)`` grid the horizontal detail sits top-right; our
-  ``pywt.coeffs_to_array`` layout has it bottom-left, hence the swap of those two quadrants.
-  """
-  m, n = shape
-  big_m, big_n = grid
-  i = cols_t + (big_m - m) // 2
-  j = rows_t + (big_n - n) // 2
-  hm, hn = big_m // 2, big_n // 2
-  top_right = (i < hm) & (j >= hn)
-  bottom_left = (i >= hm) & (j < hn)
-  i2 = np.where(top_right, i + hm, np.where(bottom_left, i - hm, i))
-  j2 = np.where(top_right, j - hn, np.where(bottom_left, j + hn, j))
-  return i2 * big_n + j2
-
-
-def peft_positions(kind: str, shape: tuple[int, int], k: int, seed: int, grid: Optional[tuple[int, int]] = None) -> np.ndarray:
-  """PEFT's ``k`` positions for a FourierFT/WaveFT layer, as flat positions of our grid, in PEFT's order.
-
-  Args:
-    kind: ``"fourierft"`` or ``"waveft"``.
-    shape: ``(m, n) = (in_features, out_features)``, the Flax kernel's matrix shape.
-    k: ``n_frequency``.
-    seed: ``random_loc_seed``.
-    grid: WaveFT's coefficient grid ``(M, N)`` (``WaveFT.grid(shape)``); unused for FourierFT.
-
-  Returns:
-    ``(k,)`` int64 flat row-major positions: the ``i``-th is where PEFT's ``spectrum[i]`` sits.
-  """
-  m, n = shape
-  perm = torch_randperm_prefix(m * n, k, seed)
-  rows_t, cols_t = perm // m, perm % m  # In torch's (out, in) weight.
-  if kind == "fourierft":
-    return cols_t * n + rows_t
-  if kind == "waveft":
-    assert grid is not None  # WaveFT positions live in its coefficient grid
-    return _waveft_relabel(rows_t, cols_t, (m, n), (int(grid[0]), int(grid[1])))
-  raise ValueError(f"`kind` must be 'fourierft' or 'waveft', got {kind!r}.")
 
 
 # -- names -------------------------------------------------------------------------------------
@@ -802,125 +690,3 @@ def from_peft_config(config: Union[str, Mapping[str, Any]], *, name_map: NameMap
                   value_init="normal" if random_init else "zeros", init_std=0.01 if random_init else 1.0)
 
   return choose
-
-
-# -- modules_to_save and the trainable summary -------------------------------------------------
-def modules_to_save(params: PyTree, targets: Any) -> dict[str, jax.Array]:
-  """The base leaves to train fully and save with the adapter (PEFT's ``modules_to_save``).
-
-  Args:
-    params: the base parameters.
-    targets: module names (``["classifier"]``: every leaf, bias included, under a module whose path
-      ends in that name), a regex searched in each path, or a predicate ``(path, leaf) -> bool``.
-
-  Returns:
-    ``{path: array}``, a copy of the chosen leaves: a pytree of plain arrays to train beside the
-    adapters (differentiate a loss of ``merge_modules(merge(params, adapters), modules)`` with respect
-    to both and step them with ``optax``; :func:`sp.peft.trainable_mask` marks only adapter arrays, so
-    keep the modules out of a tree masked by it), put back with :func:`merge_modules` and saved with
-    :func:`export_peft` (``modules=``).
-
-  Raises:
-    ValueError: nothing matches.
-
-  Example:
-    >>> import jax.numpy as jnp, spectral_peft as sp
-    >>> params = {"body": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
-    >>> sorted(sp.peft.modules_to_save(params, ["head"]))
-    ['head/bias', 'head/kernel']
-  """
-  from spectral_peft.peft._tree import select_paths
-
-  paths = leaf_paths(params)
-  if isinstance(targets, (list, tuple)):
-    names = [str(t).replace(".", "/") for t in targets]
-
-    def under(path, leaf):
-      del leaf
-      module = path.rsplit("/", 1)[0] if "/" in path else ""
-      return any(module == nm or module.endswith("/" + nm) for nm in names)
-
-    chosen = select_paths(params, under)
-  else:
-    chosen = select_paths(params, targets)
-  return {p: jnp.array(paths[p]) for p in chosen}
-
-
-def merge_modules(params: PyTree, modules: Mapping[str, Any]) -> PyTree:
-  """``params`` with the leaves of ``modules`` (:func:`modules_to_save`) put in place.
-
-  Raises:
-    ValueError: a path of ``modules`` missing from ``params``, or of another shape.
-
-  Example:
-    >>> import jax.numpy as jnp, spectral_peft as sp
-    >>> params = {"head": {"bias": jnp.zeros(2)}}
-    >>> sp.peft.merge_modules(params, {"head/bias": jnp.ones(2)})["head"]["bias"].tolist()
-    [1.0, 1.0]
-  """
-  if not isinstance(modules, Mapping):
-    raise TypeError(f"`modules` must be a {{path: array}} dict, got {type(modules).__name__}.")
-  seen: set[str] = set()
-
-  def visit(key_path, leaf):
-    name = path_to_str(key_path)
-    if name not in modules:
-      return leaf
-    new = modules[name]
-    if tuple(np.shape(new)) != tuple(np.shape(leaf)):
-      raise ValueError(f"`modules[{name!r}]` has shape {tuple(np.shape(new))}, `params` has {tuple(np.shape(leaf))} there.")
-    seen.add(name)
-    return jnp.asarray(new).astype(jnp.result_type(leaf))
-
-  out = jax.tree_util.tree_map_with_path(visit, params)
-  missing = sorted(set(modules) - seen)
-  if missing:
-    raise ValueError(f"`params` has no leaf at module path(s) {missing[:5]}.")
-  return out
-
-
-class TrainableSummary(NamedTuple):
-  """Counts of :func:`trainable_summary`; ``str()`` is PEFT's ``print_trainable_parameters`` line."""
-
-  trainable: int
-  adapter: int
-  modules: int
-  base: int
-  total: int
-
-  @property
-  def percent(self) -> float:
-    return 100.0 * self.trainable / self.total if self.total else 0.0
-
-  def __str__(self) -> str:
-    return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
-
-
-def trainable_summary(params: PyTree, adapters: Adapters, modules_to_save: Optional[Mapping[str, Any]] = None) -> TrainableSummary:
-  """Trainable vs all parameters of an adapted model, as PEFT's ``print_trainable_parameters``.
-
-  ``trainable`` = adapter scalars (:func:`sp.peft.count_parameters`, complex counted twice) +
-  modules-to-save scalars; ``total`` = base scalars + trainable (PEFT counts a module to save
-  twice as well: the frozen original and its trained copy).
-
-  Args:
-    params: the base parameters.
-    adapters: ``{path: Adapter}``.
-    modules_to_save: optional ``{path: array}`` of :func:`modules_to_save`.
-
-  Returns:
-    A :class:`TrainableSummary` ``(trainable, adapter, modules, base, total)``; ``print(summary)``
-    gives ``"trainable params: ... || all params: ... || trainable%: ..."``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, spectral_peft as sp
-    >>> params = {"dense": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
-    >>> ad = sp.peft.init_adapters(jax.random.key(0), params, sp.peft.LoRA(rank=2), ["dense"])
-    >>> print(sp.peft.trainable_summary(params, ad))
-    trainable params: 32 || all params: 104 || trainable%: 30.7692
-  """
-  base = int(sum(int(np.size(x)) for x in jax.tree.leaves(params)))
-  adapter = count_parameters(adapters)
-  modules = int(sum(int(np.size(x)) for x in jax.tree.leaves(dict(modules_to_save or {}))))
-  trainable = adapter + modules
-  return TrainableSummary(trainable, adapter, modules, base, base + trainable)

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_peft.peft._method import Adapter, matrix_shape, method_from_config
+from spectral_peft.peft._methods.base import Adapter, matrix_shape, method_from_config
 from spectral_peft.peft._tree import Adapters, PyTree, _check_adapters, leaf_paths, path_to_str
 
 FORMAT = "spectral_peft.adapters"

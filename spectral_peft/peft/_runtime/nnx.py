@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_peft.peft import _runtime
-from spectral_peft.peft._method import Adapter, AdapterMethod
+from spectral_peft.peft._runtime import core as _runtime
+from spectral_peft.peft._methods.base import Adapter, AdapterMethod
 from spectral_peft.peft._tree import Adapters, init_adapters, leaf_paths
 
 Array = jax.Array

@@ -41,7 +41,8 @@ from spectral_peft import _validation
 from spectral_peft._sparse import deltas
 from spectral_peft._sparse import theory
 from spectral_peft._sparse import wavelets
-from spectral_peft.peft._method import Adapter, AdapterMethod, matrix_shape
+from spectral_peft.peft._methods import positions
+from spectral_peft.peft._methods.base import Adapter, AdapterMethod, matrix_shape
 from spectral_peft.peft._tree import Adapters, PyTree, init_adapters, leaf_paths, merge
 
 Array = jax.Array
@@ -258,10 +259,9 @@ class WaveFT(_SparseRealBase):
     """``{"indices": (p,) int32}``: sorted positions, from ``key`` or from PEFT's ``random_loc_seed``."""
     if self.random_loc_seed is None:
       return super().init_frozen(key, w0)
-    from spectral_peft.peft import _interop  # Local import: _interop imports this module.
 
     self.check_shape(tuple(w0.shape))
-    flat = _interop.peft_positions("waveft", tuple(w0.shape), self.n_params, self.random_loc_seed, self.grid(tuple(w0.shape)))
+    flat = positions.peft_positions("waveft", tuple(w0.shape), self.n_params, self.random_loc_seed, self.grid(tuple(w0.shape)))
     return {"indices": jnp.asarray(np.sort(flat), jnp.int32)}
 
   def scatter_terms(self, values, indices, shape):
@@ -397,9 +397,8 @@ class FourierFT(AdapterMethod):
     """
     self.check_shape(tuple(w0.shape))
     if self.random_loc_seed is not None:
-      from spectral_peft.peft import _interop  # Local import: _interop imports this module.
-
-      flat = _interop.peft_positions("fourierft", tuple(w0.shape), self.n_frequency, self.random_loc_seed)
+  
+      flat = positions.peft_positions("fourierft", tuple(w0.shape), self.n_frequency, self.random_loc_seed)
       return {"indices": jnp.asarray(np.sort(flat), jnp.int32)}
     return {"indices": theory.sparse_positions(key, tuple(w0.shape), self.n_frequency)}
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import jax
 
 from spectral_peft import _validation
-from spectral_peft.peft._method import Adapter, AdapterMethod
+from spectral_peft.peft._methods.base import Adapter, AdapterMethod
 from spectral_peft.peft._tree import Adapters, _check_adapters
 
 Array = jax.Array

@@ -1,4 +1,4 @@
-"""Earlier names of the Linen adapter runtime (:mod:`spectral_peft.peft._runtime_linen`).
+"""Earlier names of the Linen adapter runtime (:mod:`spectral_peft.peft._runtime.linen`).
 
 ``apply_factored(model, params, adapters, ...)`` is :func:`sp.peft.apply_adapters`, and
 ``factored(adapters)`` is the context form that finds adapters by their weight paths. Both apply
@@ -8,7 +8,7 @@ rebuilt in the backward pass otherwise) and raise for an adapter that was not us
 
 from __future__ import annotations
 
-from spectral_peft.peft._runtime_linen import adapted as factored
-from spectral_peft.peft._runtime_linen import apply_adapters as apply_factored
+from spectral_peft.peft._runtime.linen import adapted as factored
+from spectral_peft.peft._runtime.linen import apply_adapters as apply_factored
 
 __all__ = ("apply_factored", "factored")

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from spectral_peft import _validation
 from spectral_peft._lowrank import matrices
-from spectral_peft.peft._method import AdapterMethod
+from spectral_peft.peft._methods.base import AdapterMethod
 
 Array = jax.Array
 

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_peft.peft import _runtime
-from spectral_peft.peft._method import Adapter
+from spectral_peft.peft._runtime import core as _runtime
+from spectral_peft.peft._methods.base import Adapter
 
 Array = jax.Array
 

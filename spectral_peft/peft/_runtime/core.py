@@ -17,7 +17,7 @@ its weight*, in one of two ways, chosen per layer:
   temporaries are alive at any time, whatever the depth. By construction the result is the layer
   evaluated at the merged weight, i.e. exactly what :func:`merge` gives.
 
-The framework providers (:mod:`spectral_peft.peft._runtime_linen`, ``_runtime_nnx``) only find the
+The framework providers (:mod:`spectral_peft.peft._runtime.linen`, ``_runtime_nnx``) only find the
 layers and route them here; every method's per-layer product is written once, in its spec.
 """
 
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_peft.peft._method import Adapter
+from spectral_peft.peft._methods.base import Adapter
 
 Array = jax.Array
 PyTree = Any
