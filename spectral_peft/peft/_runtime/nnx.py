@@ -17,7 +17,7 @@ saves, exports and merges like it. :func:`merge_adapters` folds them into plain 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -312,9 +312,51 @@ def detach_adapters(model: nnx.Module) -> Adapters:
 
 
 def load_into(model: nnx.Module, adapters: Adapters) -> nnx.Module:
-  """Replaces the model's adapters by ``adapters`` (same paths): e.g. after :func:`sp.peft.load_adapters`."""
-  detach_adapters(model)
-  return attach(model, adapters)
+  """Replaces the model's adapters by ``adapters``, all or nothing: e.g. after :func:`sp.peft.load_adapters`.
+
+  Everything is checked before the model changes: ``adapters`` is a ``{path: Adapter}`` dict and
+  every path names a weight of the model's ``nnx.Param`` state with the shape the adapter was made
+  for. Only then are the model's adapters (and their adapter dropout) removed and ``adapters``
+  attached; should attaching still fail, the previous adapters are put back before the error
+  propagates, so a mistyped path never costs the model its trained adapters.
+
+  Args:
+    model: an ``nnx.Module``, with or without adapters.
+    adapters: ``{path: Adapter}`` for the model's ``nnx.Param`` paths (e.g. ``"layers/0/query/kernel"``).
+
+  Returns:
+    ``model``, in place, holding exactly ``adapters``.
+
+  Raises:
+    TypeError: ``adapters`` is not a ``{path: Adapter}`` dict (the model is unchanged).
+    ValueError: a path is not a weight of the model or the weight has another shape (the model is
+      unchanged; the message lists every such path).
+  """
+  if not isinstance(adapters, Mapping) or not all(isinstance(a, Adapter) for a in adapters.values()):
+    raise TypeError(f"`adapters` must be a {{path: Adapter}} dict (sp.peft.load_adapters, sp.nnx.adapters_of), got "
+                    f"{type(adapters).__name__}; the model is unchanged.")
+  available = leaf_paths(base_params(model))
+  problems = []
+  for path, adapter in adapters.items():
+    if path not in available:
+      problems.append(f"{path!r} is not a weight of the model")
+    elif tuple(np.shape(available[path])) != tuple(adapter.shape):
+      problems.append(f"{path!r} was made for shape {tuple(adapter.shape)}, the weight has {tuple(np.shape(available[path]))}")
+  if problems:
+    raise ValueError(f"Cannot load the adapters into the model, which is unchanged: {'; '.join(problems)}. Some weights "
+                     f"of the model (nnx.Param paths): {list(available)[:8]}.")
+  dropouts = [(owner, getattr(owner, _DROPOUT)) for owner in _adapted_owners(model) if hasattr(owner, _DROPOUT)]
+  previous = detach_adapters(model)
+  try:
+    attach(model, adapters)
+  except BaseException:
+    for owner in list(_adapted_owners(model)):
+      _detach(owner)
+    attach(model, previous)
+    for owner, dropout in dropouts:
+      setattr(owner, _DROPOUT, dropout)
+    raise
+  return model
 
 
 def set_adapter_dropout(model: nnx.Module, rate: float, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
