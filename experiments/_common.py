@@ -5,6 +5,7 @@ benchmarks share."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -447,3 +448,210 @@ def spread_verdict(
   return {"mean": mean_a, "std": std_a, "n": int(a.size), "reference_mean": mean_b, "reference_std": std_b,
           "reference_n": int(b.size), "difference": diff, "spread": spread, "beyond_spread": bool(beyond),
           "sign": int(np.sign(diff)) if beyond else 0, "log10": log10, "text": text}
+
+
+# --- Recorded runs ------------------------------------------------------------------------------------------
+# A recorded run is an experiment run at a named preset (usually a paper-size budget that does not fit in
+# ``make report``) whose result is committed under ``experiments/recorded/<experiment>/<preset>.json`` with
+# what it was measured on and what it cost, so that the report can show it beside the quick run it recomputes.
+
+RECORDED_ROOT = os.environ.get("SPECTRAL_PEFT_RECORDED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorded"))
+RECORD_SIZE_LIMIT = 200_000  # characters of JSON above which one top-level result field is left out of a record
+
+
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``'s ``model name``, else ``platform.processor()``, else "unknown")."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.lower().startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+  """What a run was measured on.
+
+  Returns:
+    ``{"cpu", "cores", "platform", "backend", "devices"}``: the CPU model (:func:`cpu_model`), the number of
+    logical cores this process may use (``os.sched_getaffinity``, else ``os.cpu_count()``), the OS and
+    architecture (``platform.platform()``), JAX's default backend and its devices.
+  """
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):  # pragma: no cover - not Linux
+    cores = os.cpu_count() or 0
+  return {"cpu": cpu_model(), "cores": cores, "platform": platform.platform(), "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()]}
+
+
+def versions() -> dict[str, str | None]:
+  """Versions of Python, ``spectral_peft`` and the libraries the numbers depend on (None where not installed)."""
+  from importlib import metadata
+
+  out: dict[str, str | None] = {"python": platform.python_version(), "spectral_peft": sp.__version__}
+  for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def git_revision(path: str | None = None) -> dict[str, Any]:
+  """``{"commit", "dirty"}`` of the git checkout holding ``path`` (default: this package): the HEAD commit and
+  whether tracked files differ from it; both None outside a git checkout."""
+  import subprocess
+
+  cwd = path or os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
+                            timeout=10).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip())
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+  return {"commit": commit, "dirty": dirty}
+
+
+@dataclasses.dataclass
+class Usage:
+  """What a measured call cost.
+
+  Attributes:
+    wall_s: wall-clock seconds (``time.perf_counter``).
+    cpu_s: CPU seconds of this process, all threads, user + system (``time.process_time``); on a machine with
+      several cores this exceeds ``wall_s`` when XLA runs in parallel.
+    children_cpu_s: CPU seconds of waited-for child processes (``resource.getrusage(RUSAGE_CHILDREN)``).
+    max_rss_mb: the process's peak resident memory in MiB so far (``ru_maxrss``; a high-water mark since the
+      process started, not only of the call).
+  """
+
+  wall_s: float = 0.0
+  cpu_s: float = 0.0
+  children_cpu_s: float = 0.0
+  max_rss_mb: float = 0.0
+
+
+def measured(fn: Callable[[], Any]) -> tuple[Any, Usage]:
+  """``(fn(), usage)``: calls ``fn`` and measures its wall and CPU time (see :class:`Usage`).
+
+  Example:
+    >>> value, usage = measured(lambda: sum(range(1000)))
+    >>> value, usage.wall_s >= 0.0
+    (499500, True)
+  """
+  import resource
+
+  def children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+  wall, cpu, kids = time.perf_counter(), time.process_time(), children()
+  value = fn()
+  usage = Usage(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu, children_cpu_s=children() - kids,
+                max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+  return value, usage
+
+
+def _compact(result: Mapping[str, Any], limit: int) -> tuple[dict[str, Any], list[str]]:
+  """The JSON form of ``result`` without its top-level fields longer than ``limit`` characters of JSON (and
+  without ``plot``, a path under ``results/`` that is not committed); returns it and the names left out."""
+  kept, dropped = {}, []
+  for key, value in result.items():
+    value = _jsonable(value)
+    if key == "plot" or len(json.dumps(value, default=str)) > limit:
+      dropped.append(str(key))
+    else:
+      kept[str(key)] = value
+  return kept, dropped
+
+
+def seeds_of(config: Any) -> int:
+  """How many seeds a preset's config runs: ``len(config.seeds)`` for a sequence, ``config.seeds`` for an int,
+  else 1."""
+  seeds = getattr(config, "seeds", 1)
+  return len(seeds) if isinstance(seeds, (list, tuple)) else int(seeds)
+
+
+def record(
+    experiment: str,
+    preset: str,
+    result: Mapping[str, Any],
+    usage: Usage,
+    *,
+    command: str,
+    config: Any = None,
+    root: str | None = None,
+    date: datetime.datetime | None = None,
+) -> str:
+  """Writes a recorded run to ``<root>/<experiment>/<preset>.json`` (and a readable ``<preset>.md``); returns
+  the JSON's path. An earlier record of the same experiment and preset is replaced.
+
+  The JSON holds:
+    experiment, preset: what ran.
+    command: the command line that reproduces it.
+    date: when it finished, ISO 8601 UTC.
+    seeds: the number of seeds of the preset (:func:`seeds_of` of ``config``; 1 where unknown).
+    config: the preset's configuration (``config``, or ``result["config"]``).
+    versions: :func:`versions`; machine: :func:`machine`; git: :func:`git_revision`.
+    usage: :class:`Usage` as a dict (wall and CPU seconds, peak memory).
+    verdict, table: the experiment's own verdict line and Markdown table.
+    result: the rest of the result (fields over ``RECORD_SIZE_LIMIT`` characters of JSON left out);
+    left_out: the names of the fields left out.
+
+  Args:
+    experiment: the experiment module's name (``experiments.<experiment>``).
+    preset: the preset it ran at.
+    result: its ``main(preset)`` output (needs ``table``; ``verdict`` if it has one).
+    usage: what the run cost (:func:`measured`).
+    command: the command line that reproduces it.
+    config: the preset's config object (for ``seeds`` and ``config``).
+    root: the recorded-results folder (default :data:`RECORDED_ROOT`).
+    date: the finishing time (default now).
+  """
+
+  root = RECORDED_ROOT if root is None else root
+  config = result.get("config") if config is None else config
+  rest, dropped = _compact({k: v for k, v in result.items() if k not in ("table", "verdict", "config")}, RECORD_SIZE_LIMIT)
+  when = (date or datetime.datetime.now(datetime.timezone.utc)).astimezone(datetime.timezone.utc)
+  payload = {
+      "experiment": experiment, "preset": preset, "command": command, "date": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+      "seeds": seeds_of(config), "config": _jsonable(config), "versions": versions(), "machine": machine(),
+      "git": git_revision(), "usage": dataclasses.asdict(usage), "verdict": result.get("verdict", ""),
+      "table": result["table"], "result": rest, "left_out": dropped,
+  }
+  folder = os.path.join(root, experiment)
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"{preset}.json")
+  write_json(path, payload)
+  with open(os.path.join(folder, f"{preset}.md"), "w") as f:
+    f.write(f"# {experiment} ({preset}), recorded\n\n{record_heading(payload)}\n\n{payload['table']}\n"
+            f"**Verdict of this run:** {payload['verdict']}\n")
+  return path
+
+
+def record_heading(rec: Mapping[str, Any]) -> str:
+  """One line saying how a recorded run was made: command, date, seeds, machine, versions, wall and CPU time."""
+  m, v, u = rec["machine"], rec["versions"], rec["usage"]
+  return (f"`{rec['command']}` — {rec['date']}, {rec['seeds']} seed{'s' if rec['seeds'] != 1 else ''}, "
+          f"{m['cpu']} ({m['cores']} cores, {m['backend']}), jax {v.get('jax')}, spectral_peft {v.get('spectral_peft')}; "
+          f"wall {u['wall_s'] / 60:.1f} min, CPU {u['cpu_s'] / 60:.1f} min")
+
+
+def load_recorded(experiment: str, root: str | None = None, order: Sequence[str] = ()) -> list[dict[str, Any]]:
+  """The recorded runs of ``experiment`` (the JSON of :func:`record`), in the order of the preset names in
+  ``order`` (an experiment's ``PRESETS`` lists them from small to large budgets), then the others by name;
+  an empty list where none was recorded."""
+  folder = os.path.join(RECORDED_ROOT if root is None else root, experiment)
+  if not os.path.isdir(folder):
+    return []
+  records = []
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".json"):
+      with open(os.path.join(folder, name)) as f:
+        records.append(json.load(f))
+  rank = {p: i for i, p in enumerate(order)}
+  return sorted(records, key=lambda r: (rank.get(r["preset"], len(rank)), r["preset"]))

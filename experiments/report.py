@@ -8,6 +8,15 @@ Run (the README's main command; CPU by default):
   python -m experiments                       # every experiment, quick presets
   python -m experiments --full                # the full presets (hours on a CPU; use an accelerator)
   python -m experiments --only sine_rank_spectrum lrnn_poisson
+  python -m experiments --preset paper --only lrnn_poisson --record   # a named budget, recorded
+
+Recorded runs. ``--record`` writes each chosen experiment's result, with the command, date, versions,
+machine and wall/CPU time, to ``experiments/recorded/<name>/<preset>.json`` (and ``.md``); these files are
+committed. Every report shows, per claim, the run it just made (normally ``quick``) and the recorded
+runs beside it, and says which one the verdict rests on: the recorded run of the largest budget (the last
+of the experiment's ``PRESETS``, which list budgets from small to large, that has a record), else the run
+just made. A hand-written ``experiments/recorded/<name>/NOTES.md``, where present, says what the recorded
+runs settled and what still differs from the paper; it is shown under them.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import datetime
 import importlib
 import importlib.util
 import os
-import time
+import shlex
 import traceback
 
 from experiments import _common
@@ -125,16 +134,63 @@ def _available(claim: Claim) -> bool:
   return importlib.util.find_spec(f"experiments.{claim.module}") is not None
 
 
-def run(preset: str, only: tuple[str, ...] = ()) -> str:
-  """Runs the chosen experiments and writes ``results/REPORT.md``; returns its path."""
+def presets_of(module: str) -> tuple[str, ...]:
+  """The preset names of ``experiments.<module>`` (its ``PRESETS`` keys, small to large budgets)."""
+  return tuple(getattr(importlib.import_module(f"experiments.{module}"), "PRESETS", {"quick": None, "full": None}))
+
+
+def _check_presets(claims: list[Claim], preset: str) -> None:
+  missing = [c.module for c in claims if _available(c) and preset not in presets_of(c.module)]
+  if missing:
+    raise ValueError(f"preset {preset!r} is not defined by {missing}; their presets: "
+                     + "; ".join(f"{m}: {list(presets_of(m))}" for m in missing) + ".")
+
+
+def _headline(verdict: str) -> str:
+  """The verdict's first words, up to its first ' (' or ':' ("Matches", "Does not match", ...)."""
+  cut = [i for i in (verdict.find(" ("), verdict.find(":")) if i > 0]
+  return verdict[:min(cut)] if cut else verdict
+
+
+def recorded_section(module: str, root: str | None = None) -> tuple[str, dict | None]:
+  """The Markdown of ``module``'s recorded runs (empty without any) and the record the verdict rests on (the
+  last in budget order, see the module docstring; None without any)."""
+  order = presets_of(module) if importlib.util.find_spec(f"experiments.{module}") else ()
+  records = _common.load_recorded(module, root, order)
+  if not records:
+    return "", None
+  parts = ["*Recorded at larger budgets* (committed in `experiments/recorded/" + module + "/`; not rerun by this "
+           "report):\n"]
+  for rec in records:
+    parts.append(f"**`{rec['preset']}`**: {_common.record_heading(rec)}.\n\n{rec['table']}\n"
+                 f"**Verdict of the recorded `{rec['preset']}` run:** {rec['verdict']}\n")
+  mod = importlib.import_module(f"experiments.{module}")
+  if hasattr(mod, "summarize_recorded"):
+    parts.append(mod.summarize_recorded(records))
+  notes = os.path.join(root or _common.RECORDED_ROOT, module, "NOTES.md")
+  if os.path.exists(notes):
+    with open(notes) as f:
+      parts.append("*What the recorded runs settled and what still differs from the paper.* " + f.read().strip() + "\n")
+  return "\n".join(parts), records[-1]
+
+
+def run(preset: str, only: tuple[str, ...] = (), *, record: bool = False) -> str:
+  """Runs the chosen experiments at ``preset`` and writes ``results/REPORT.md``; returns its path.
+
+  With ``record``, each experiment's result is also written to ``experiments/recorded/<name>/<preset>.json``
+  (:func:`experiments._common.record`) with the command, date, versions, machine and wall/CPU time.
+  """
   chosen = _known(only)
+  _check_presets(chosen, preset)
   env = _common.environment()
   sections = [
       "# spectral_peft reproduction report\n",
       f"Preset `{preset}`, generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} on "
-      f"{env['backend']} ({', '.join(env['devices'])}), jax {env['jax']}. Every number below was measured by this "
-      "run; each section's files (JSON, PNG, table) are in `results/<name>/`. The paper's figure is quoted beside "
-      "ours; the verdict line is computed from our numbers.\n",
+      f"{env['backend']} ({', '.join(env['devices'])}), jax {env['jax']}. Every number under *Ours* was measured by "
+      "this run; each section's files (JSON, PNG, table) are in `results/<name>/`. Runs recorded earlier at larger "
+      "budgets (committed under `experiments/recorded/`, with their command, machine and run time) are shown beside "
+      "them, and each section says which run its verdict rests on. The paper's figure is quoted beside ours; the "
+      "verdict lines are computed from our numbers.\n",
   ]
   summary = []
   for claim in chosen:
@@ -142,24 +198,41 @@ def run(preset: str, only: tuple[str, ...] = ()) -> str:
     head = f"## {claim.title}\n\n*Claim.* {claim.claim}\n\n*Paper.* {claim.paper}\n"
     if not _available(claim):
       sections.append(head + "\n*Not measured: this experiment is not in this version of the package.*\n")
-      summary.append((claim.title, "not measured (missing)"))
+      summary.append((claim.title, "not measured (missing)", "-", "-"))
       continue
-    start = time.perf_counter()
     try:
-      result = importlib.import_module(f"experiments.{claim.module}").main(preset)
+      result, usage = _common.measured(lambda: importlib.import_module(f"experiments.{claim.module}").main(preset))
     except Exception as err:  # one failing experiment must not hide the others; the failure is reported
       traceback.print_exc()
       sections.append(head + f"\n*Failed:* `{type(err).__name__}: {err}`. Rerun: `{command}`.\n")
-      summary.append((claim.title, f"failed ({type(err).__name__})"))
+      summary.append((claim.title, f"failed ({type(err).__name__})", "-", "-"))
       continue
-    elapsed = time.perf_counter() - start
-    sections.append(head + f"\n*Ours.*\n\n{result['table']}")
+    if record:
+      config = getattr(importlib.import_module(f"experiments.{claim.module}"), "PRESETS", {}).get(preset)
+      recorded_command = f"python -m experiments --preset {shlex.quote(preset)} --only {claim.module} --record"
+      print("recorded", _common.record(claim.module, preset, result, usage, command=recorded_command, config=config))
+    sections.append(head + f"\n*Ours ({preset}, this run).*\n\n{result['table']}")
     if result.get("plot"):
       sections.append(f"![{claim.title}]({os.path.relpath(result['plot'], _common.RESULTS_ROOT)})\n")
     verdict = result.get("verdict", "no verdict computed")
-    sections.append(f"**Direction of the effect:** {verdict}\n\n*Run time {elapsed:.0f} s. Rerun: `{command}`.*\n")
-    summary.append((claim.title, verdict))
-  sections.insert(2, "## Summary\n\n" + _common.markdown_table(["claim", "verdict"], summary))
+    sections.append(f"**Verdict of this `{preset}` run:** {verdict}\n\n*Run time {usage.wall_s:.0f} s (CPU "
+                    f"{usage.cpu_s:.0f} s). Rerun: `{command}`.*\n")
+    recorded, rests_on = recorded_section(claim.module)
+    if rests_on is None or rests_on["preset"] == preset:
+      basis = f"this `{preset}` run"
+      final = verdict
+    else:
+      basis = f"recorded `{rests_on['preset']}` ({rests_on['seeds']} seeds, {rests_on['date'][:10]})"
+      final = rests_on["verdict"]
+    if recorded:
+      sections.append(recorded)
+    sections.append(f"**The verdict rests on:** {basis}"
+                    + ("" if rests_on is None else f"; command `{rests_on['command']}`") + ".\n")
+    summary.append((claim.title, final, basis, _headline(verdict)))
+  sections.insert(2, "## Summary\n\nThe verdict of each claim comes from the run named in *rests on*: the recorded "
+                  "run of the largest budget where there is one, else this report's own run (whose verdict's first "
+                  f"words are in the last column).\n\n"
+                  + _common.markdown_table(["claim", "verdict", "rests on", f"this `{preset}` run"], summary))
   sections.append("## Settings we cannot run here\n\n" + "\n".join(f"- {line}" for line in NOT_REPRODUCIBLE) + "\n")
   report = "\n".join(sections)
   path = os.path.join(_common.RESULTS_ROOT, "REPORT.md")
@@ -172,12 +245,17 @@ def run(preset: str, only: tuple[str, ...] = ()) -> str:
 def cli(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments",
                                    description="Run the reproduction experiments and write results/REPORT.md.")
-  parser.add_argument("--preset", default="quick", choices=("quick", "full"))
+  parser.add_argument("--preset", default="quick",
+                      help="preset of every chosen experiment: quick (default), full, or a named budget that the "
+                           "chosen experiments define (their PRESETS)")
   parser.add_argument("--full", action="store_true", help="shorthand for --preset full")
+  parser.add_argument("--record", action="store_true",
+                      help="also write each result, with command, date, versions, machine and wall/CPU time, to "
+                           "experiments/recorded/<name>/<preset>.json (to be committed)")
   parser.add_argument("--only", nargs="*", default=(), metavar="NAME",
                       help=f"experiment module names to run (default: all of {[c.module for c in CLAIMS]})")
   args = parser.parse_args(argv)
-  path = run("full" if args.full else args.preset, tuple(args.only))
+  path = run("full" if args.full else args.preset, tuple(args.only), record=args.record)
   print(f"wrote {path}")
   return 0
 

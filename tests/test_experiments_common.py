@@ -84,3 +84,74 @@ def test_cli_prints_what_show_returns_and_rejects_an_unknown_preset(monkeypatch,
   with pytest.raises(SystemExit):
     _common.cli(main, ("quick", "full"), "Doc.")
   assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_measured_returns_the_value_and_non_negative_times():
+  value, usage = _common.measured(lambda: sum(range(10_000)))
+  assert value == sum(range(10_000))
+  assert usage.wall_s >= 0.0 and usage.cpu_s >= 0.0 and usage.children_cpu_s >= 0.0 and usage.max_rss_mb > 0.0
+
+
+def test_machine_and_versions_say_what_a_run_was_measured_on():
+  m = _common.machine()
+  assert set(m) == {"cpu", "cores", "platform", "backend", "devices"}
+  assert isinstance(m["cpu"], str) and m["cpu"] and m["cores"] >= 1
+  v = _common.versions()
+  assert v["jax"] == jax.__version__ and v["spectral_peft"] and v["python"]
+  assert set(_common.git_revision(str(os.path.dirname(__file__)))) == {"commit", "dirty"}
+  assert _common.git_revision("/") in ({"commit": None, "dirty": None},) or _common.git_revision("/")["commit"]
+
+
+@pytest.mark.parametrize("config, expected", [(None, 1), (type("C", (), {"seeds": 5})(), 5),
+                                              (type("C", (), {"seeds": (0, 1, 2)})(), 3)])
+def test_seeds_of_reads_an_int_or_a_sequence(config, expected):
+  assert _common.seeds_of(config) == expected
+
+
+def test_record_writes_a_loadable_run_with_its_command_machine_and_cost(tmp_path, monkeypatch):
+  import dataclasses
+  import datetime
+
+  @dataclasses.dataclass(frozen=True)
+  class Config:
+    steps: int = 10
+    seeds: int = 3
+
+  monkeypatch.setattr(_common, "RECORD_SIZE_LIMIT", 1000)
+  result = {"table": "| a |\n", "verdict": "Matches (3 seeds)", "config": Config(), "plot": "results/x.png",
+            "rows": [{"psnr": np.float32(1.5)}], "curves": list(range(1000))}
+  usage = _common.Usage(wall_s=120.0, cpu_s=230.0, children_cpu_s=0.0, max_rss_mb=512.0)
+  when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+  path = _common.record("demo", "long", result, usage, command="python -m experiments --preset long --only demo --record",
+                        root=str(tmp_path), date=when)
+  assert path == str(tmp_path / "demo" / "long.json")
+  rec = json.load(open(path))
+  assert rec["experiment"] == "demo" and rec["preset"] == "long" and rec["seeds"] == 3
+  assert rec["date"] == "2026-01-02T03:04:05Z" and rec["command"].startswith("python -m experiments")
+  assert rec["config"] == {"steps": 10, "seeds": 3} and rec["verdict"] == "Matches (3 seeds)" and rec["table"] == "| a |\n"
+  assert rec["usage"] == {"wall_s": 120.0, "cpu_s": 230.0, "children_cpu_s": 0.0, "max_rss_mb": 512.0}
+  assert rec["result"] == {"rows": [{"psnr": 1.5}]} and sorted(rec["left_out"]) == ["curves", "plot"]
+  assert {"jax", "spectral_peft"} <= set(rec["versions"]) and rec["machine"]["cores"] >= 1
+  md = open(tmp_path / "demo" / "long.md").read()
+  assert "wall 2.0 min, CPU 3.8 min" in md and "3 seeds" in md and "Matches (3 seeds)" in md
+  # load_recorded orders by the preset list (small to large budgets), then by name; nothing -> [].
+  _common.record("demo", "short", result, usage, command="c", root=str(tmp_path), date=when)
+  _common.record("demo", "other", result, usage, command="c", root=str(tmp_path), date=when)
+  assert [r["preset"] for r in _common.load_recorded("demo", str(tmp_path), ("short", "long"))] == ["short", "long", "other"]
+  assert _common.load_recorded("missing", str(tmp_path)) == []
+
+
+def test_report_shows_the_recorded_run_beside_and_rests_on_it(tmp_path, monkeypatch):
+  from experiments import report
+
+  result = {"table": "| recorded |\n", "verdict": "Matches (5 seeds)", "config": None}
+  _common.record("sinusoidal_init", "seeds3", result, _common.Usage(1.0, 2.0, 0.0, 1.0), command="cmd",
+                 root=str(tmp_path))
+  (tmp_path / "sinusoidal_init" / "NOTES.md").write_text("Settled by the recorded run.\n")
+  text, rests_on = report.recorded_section("sinusoidal_init", str(tmp_path))
+  assert rests_on["preset"] == "seeds3" and "| recorded |" in text and "Matches (5 seeds)" in text
+  assert "Settled by the recorded run." in text
+  assert report.recorded_section("sinusoidal_init", str(tmp_path / "none")) == ("", None)
+  assert report._headline("Does not match (3 seeds): x") == "Does not match"
+  with pytest.raises(ValueError, match="not defined"):
+    report._check_presets(report._known(("sinusoidal_init",)), "no_such_preset")
