@@ -41,11 +41,15 @@ References:
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import json
 import math
 import os
 import re
+import shutil
+import stat
+import tempfile
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -155,23 +159,157 @@ def _patterns(name: str, values: Mapping[str, Any], names: Mapping[str, str], de
 
 
 # -- import ------------------------------------------------------------------------------------
+def _read_config(directory: Any) -> dict[str, Any]:
+  """The JSON object in ``directory/adapter_config.json``; errors name the file and what is wrong."""
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(f"`path` must be a directory path (str or os.PathLike), got {type(directory).__name__}.")
+  config_file = os.path.join(os.fspath(directory), CONFIG_NAME)
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(
+        f"`path` {os.fspath(directory)!r} is not a PEFT adapter directory: {CONFIG_NAME} is missing "
+        "(PEFT's save_pretrained writes adapter_config.json and adapter_model.safetensors; .bin files are not read)."
+    )
+  try:
+    with open(config_file, "rb") as f:
+      text = f.read().decode("utf-8")
+    config = json.loads(text)
+  except (UnicodeDecodeError, ValueError) as err:
+    raise ValueError(
+        f"{config_file!r} is not valid JSON ({type(err).__name__}: {err}); the file is truncated or corrupt. "
+        "Write it again with PEFT's save_pretrained or sp.peft.export_peft."
+    ) from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_file!r} must hold a JSON object (PEFT's config fields), got a {type(config).__name__}.")
+  return config
+
+
 def _read(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so BF16 tensors load (JAX imports it anyway).
   from safetensors.numpy import load_file
 
-  if not isinstance(directory, (str, os.PathLike)):
-    raise TypeError(f"`path` must be a directory path, got {type(directory).__name__}.")
-  config_file = os.path.join(directory, CONFIG_NAME)
-  weights_file = os.path.join(directory, WEIGHTS_NAME)
-  for file in (config_file, weights_file):
-    if not os.path.isfile(file):
-      raise FileNotFoundError(
-          f"`path` {str(directory)!r} is not a PEFT adapter directory: {os.path.basename(file)} is missing "
-          "(PEFT's save_pretrained writes adapter_config.json and adapter_model.safetensors; .bin files are not read)."
+  config = _read_config(directory)
+  weights_file = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+  if not os.path.isfile(weights_file):
+    raise FileNotFoundError(
+        f"`path` {os.fspath(directory)!r} is not a PEFT adapter directory: {WEIGHTS_NAME} is missing "
+        "(PEFT's save_pretrained writes adapter_config.json and adapter_model.safetensors; .bin files are not read)."
+    )
+  try:
+    tensors = load_file(weights_file)
+  except Exception as err:  # safetensors raises SafetensorError (and others) for damaged files.
+    text = str(err).strip().splitlines()
+    raise ValueError(
+        f"{weights_file!r} is not a readable safetensors file ({type(err).__name__}: {text[0] if text else ''}); "
+        "the file is truncated or corrupt."
+    ) from None
+  return config, tensors
+
+
+# -- config checks shared by import_peft and from_peft_config -------------------------------------
+# Fields PEFT LoRA configs may set that change the model in ways these adapters do not represent.
+_LORA_UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "target_parameters", "trainable_token_indices")
+# init_lora_weights values whose saved adapter belongs to a *modified* base model (PiSSA, OLoRA,
+# CorDA and LoftQ subtract or quantise the base weights).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_MAX_INT = 2**31 - 1
+
+
+def _config_int(config: Mapping[str, Any], field: str, default: int, where: str, *, minimum: int = 1) -> int:
+  value = config.get(field, default)
+  if value is None:
+    value = default
+  if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _MAX_INT:
+    raise ValueError(f"{where}: `{field}` must be an int in [{minimum}, {_MAX_INT}], got {value!r}.")
+  return value
+
+
+def _config_float(config: Mapping[str, Any], field: str, default: float, where: str) -> float:
+  value = config.get(field, default)
+  if value is None:
+    value = default
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ValueError(f"{where}: `{field}` must be a finite number, got {value!r}.")
+  return float(value)
+
+
+def _config_bool(config: Mapping[str, Any], field: str, default: bool, where: str) -> bool:
+  value = config.get(field, default)
+  if value is None:
+    value = default
+  if not isinstance(value, bool):
+    raise ValueError(f"{where}: `{field}` must be true or false, got {value!r}.")
+  return value
+
+
+def _config_pattern(config: Mapping[str, Any], field: str, where: str, kind: str) -> dict[str, Any]:
+  patterns = config.get(field) or {}
+  if not isinstance(patterns, Mapping):
+    raise ValueError(f"{where}: `{field}` must be a {{module regex: value}} object, got {patterns!r}.")
+  for key, value in patterns.items():
+    ok = (isinstance(value, int) and 1 <= value <= _MAX_INT) if kind == "int" else (
+        isinstance(value, (int, float)) and math.isfinite(value))
+    if isinstance(value, bool) or not ok:
+      expected = f"an int in [1, {_MAX_INT}]" if kind == "int" else "a finite number"
+      raise ValueError(f"{where}: `{field}[{key!r}]` must be {expected}, got {value!r}.")
+    try:
+      re.compile(key)
+    except re.error as err:
+      raise ValueError(f"{where}: `{field}` key {key!r} is not a valid regular expression ({err}).") from None
+  return dict(patterns)
+
+
+def _check_config(config: Mapping[str, Any], where: str) -> str:
+  """Checks the fields of a PEFT config that this module reads; returns its ``peft_type``.
+
+  The same checks guard :func:`import_peft` and :func:`from_peft_config`, so a config one refuses
+  the other refuses too. ``where`` names the config in messages (its file or "`config`").
+  """
+  peft_type = config.get("peft_type")
+  if peft_type not in _ADAPTER_SUFFIXES:
+    raise ValueError(f"{where}: `peft_type` must be one of {sorted(_ADAPTER_SUFFIXES)}, got {peft_type!r}.")
+  bias = config.get("bias", "none")
+  if bias not in (None, "none"):
+    raise ValueError(
+        f"{where}: `bias` = {bias!r} trains the biases of the base model, which sp.peft adapters do not; only "
+        "bias='none' is supported (train biases beside the adapters with sp.peft.modules_to_save)."
+    )
+  fan_in_fan_out = _config_bool(config, "fan_in_fan_out", False, where)
+  if peft_type == "LORA":
+    for field in _LORA_UNSUPPORTED:
+      value = config.get(field)
+      if value not in (None, False, [], {}):
+        raise ValueError(f"{where}: PEFT LoRA `{field}` = {value!r} is not supported by sp.peft.")
+    _config_int(config, "r", 8, where)
+    _config_float(config, "lora_alpha", 8, where)
+    _config_pattern(config, "rank_pattern", where, "int")
+    _config_pattern(config, "alpha_pattern", where, "float")
+    _config_bool(config, "use_rslora", False, where)
+    _config_bool(config, "use_dora", False, where)
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+      raise ValueError(
+          f"{where}: `init_lora_weights` = {init!r} belongs to a modified base model ({init} changes the base "
+          "weights), so these adapters do not apply to the original weights. Convert it to plain LoRA with PEFT "
+          "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first."
       )
-  with open(config_file) as f:
-    config = json.load(f)
-  return config, load_file(weights_file)
+  elif peft_type == "SHIRA":
+    if fan_in_fan_out:
+      raise ValueError(f"{where}: PEFT's SHiRA adapts torch Linear layers only; `fan_in_fan_out` = true is not one.")
+    _config_int(config, "r", 32, where)
+  else:
+    _config_int(config, "n_frequency", 1000 if peft_type == "FOURIERFT" else 2592, where)
+    _config_pattern(config, "n_frequency_pattern", where, "int")
+    _config_float(config, "scaling", 150.0 if peft_type == "FOURIERFT" else 25.0, where)
+    seed = config.get("random_loc_seed", 777)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+      raise ValueError(f"{where}: `random_loc_seed` must be an int, got {seed!r}.")
+    if peft_type == "WAVEFT":
+      wavelet = config.get("wavelet_family", "db1")
+      if wavelet not in _PEFT_WAVELETS:
+        raise ValueError(f"{where}: `wavelet_family` must be one of PEFT's wavelets {sorted(_PEFT_WAVELETS)}, got {wavelet!r}.")
+      _config_bool(config, "use_idwt", True, where)
+      _config_bool(config, "proportional_parameters", False, where)
+  return peft_type
 
 
 def _group(tensors: Mapping[str, np.ndarray], peft_type: str, prefix: str, modules_to_save: Sequence[str]):
@@ -196,7 +334,7 @@ def _group(tensors: Mapping[str, np.ndarray], peft_type: str, prefix: str, modul
   return dict(grouped), extra
 
 
-def _target(params_paths, module, name_map, in_axes):
+def _target(params_paths, module, name_map, in_axes, layout="in_out"):
   path = _apply_name_map(module, name_map, _default_path, "module")
   if path not in params_paths:
     from spectral_peft.peft._tree import _available_paths
@@ -208,14 +346,18 @@ def _target(params_paths, module, name_map, in_axes):
   leaf = params_paths[path]
   shape = tuple(int(d) for d in np.shape(leaf))
   axes = _resolve_in_axes(in_axes, path, shape)
-  return path, leaf, shape, axes, matrix_shape(shape, axes)
+  return path, leaf, shape, axes, Adapter({}, {}, None, shape, jnp.dtype(leaf.dtype).name, axes, layout).matrix_shape
 
 
 def _check_tensor(module: str, what: str, array: np.ndarray, expected: tuple[int, ...], mshape: tuple[int, int]) -> None:
   if tuple(array.shape) != tuple(expected):
+    hint = ""
+    if len(expected) == 2 and mshape[0] != mshape[1] and set(array.shape) <= set(expected) | set(mshape):
+      hint = (" If `params` holds torch-layout (out, in) weights, pass layout='out_in'; Flax kernels are (in, out) "
+              "(layout='in_out', the default).")
     raise ValueError(
         f"PEFT tensor {what} of module {module!r} has shape {tuple(array.shape)}, but the target kernel of matrix "
-        f"shape (in, out) = {tuple(mshape)} needs {tuple(expected)} (torch's (out, in) layout)."
+        f"shape (in, out) = {tuple(mshape)} needs {tuple(expected)} (torch's (out, in) layout).{hint}"
     )
 
 
@@ -224,9 +366,10 @@ def _sorted(flat: np.ndarray, values: np.ndarray) -> tuple[jax.Array, jax.Array]
   return jnp.asarray(flat[order], jnp.int32), jnp.asarray(values[order])
 
 
-def _import_layer(peft_type, config, module, tensors, leaf, shape, axes, mshape):
+def _import_layer(peft_type, config, module, tensors, leaf, shape, axes, mshape, layout, where):
   m, n = mshape
   dtype = jnp.dtype(leaf.dtype).name
+  shell = Adapter({}, {}, None, shape, dtype, axes, layout)
   if peft_type == "LORA":
     for suffix in (".lora_A.weight", ".lora_B.weight"):
       if suffix not in tensors:
@@ -235,6 +378,12 @@ def _import_layer(peft_type, config, module, tensors, leaf, shape, axes, mshape)
     if lora_a.ndim != 2:
       raise ValueError(f"PEFT LoRA module {module!r}: lora_A must be a Linear (r, in) matrix, got shape {lora_a.shape}.")
     r = lora_a.shape[0]
+    config_r = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+    if r != config_r:
+      raise ValueError(
+          f"{where}: module {module!r} has rank {config_r} by the config (`r`/`rank_pattern`), but its lora_A.weight "
+          f"has shape {tuple(lora_a.shape)} (rank {r}); PEFT refuses such a checkpoint, and so does import_peft."
+      )
     _check_tensor(module, "lora_A.weight", lora_a, (r, m), mshape)
     _check_tensor(module, "lora_B.weight", lora_b, (n, r), mshape)
     alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
@@ -248,26 +397,43 @@ def _import_layer(peft_type, config, module, tensors, leaf, shape, axes, mshape)
       magnitude = tensors[".lora_magnitude_vector"]
       _check_tensor(module, "lora_magnitude_vector", magnitude, (n,), mshape)
       params["magnitude"] = jnp.asarray(magnitude)
-    frozen = spec.init_frozen(jax.random.key(0), jnp.reshape(jnp.asarray(leaf), mshape))
-    return Adapter(params, frozen, spec, shape, dtype, axes)
+    frozen = spec.init_frozen(jax.random.key(0), shell.to_matrix(jnp.asarray(leaf)))
+    return Adapter(params, frozen, spec, shape, dtype, axes, layout)
   if peft_type == "SHIRA":
     weight, indices = tensors.get(".shira_weight"), tensors.get(".shira_indices")
     if weight is None or indices is None:
       raise ValueError(f"PEFT SHiRA module {module!r} needs shira_weight and shira_indices tensors.")
     if indices.ndim != 2 or indices.shape[0] != 2 or weight.shape != (indices.shape[1],):
       raise ValueError(f"PEFT SHiRA module {module!r}: shira_indices must be (2, p) and shira_weight (p,), got {indices.shape}, {weight.shape}.")
+    budget = _config_int(config, "r", 32, where) * (m + n)
+    if weight.shape[0] != budget:
+      raise ValueError(
+          f"{where}: SHiRA module {module!r} holds {weight.shape[0]} weights, but the config's r = {config.get('r', 32)} "
+          f"gives r * (in + out) = {budget} for its ({n}, {m}) torch weight; PEFT refuses such a checkpoint."
+      )
+    if not np.all(np.isfinite(indices)) or not np.all(indices == np.round(indices)):
+      raise ValueError(f"{where}: SHiRA module {module!r} has shira_indices that are not whole numbers.")
     rows_t, cols_t = indices.astype(np.int64)  # Saved as float32 on Windows; integers otherwise.
     if rows_t.min(initial=0) < 0 or rows_t.max(initial=0) >= n or cols_t.min(initial=0) < 0 or cols_t.max(initial=0) >= m:
       raise ValueError(f"PEFT SHiRA module {module!r}: shira_indices fall outside the ({n}, {m}) torch weight.")
     flat, values = _sorted(cols_t * n + rows_t, weight)
     spec = SHiRA(n_params=int(weight.shape[0]))
-    return Adapter({"values": values}, {"indices": flat}, spec, shape, dtype, axes)
+    return Adapter({"values": values}, {"indices": flat}, spec, shape, dtype, axes, layout)
   # FourierFT / WaveFT: positions regenerated from the seed, as PEFT does.
   key = ".fourierft_spectrum" if peft_type == "FOURIERFT" else ".waveft_spectrum"
   spectrum = tensors[key]
   if spectrum.ndim != 1:
     raise ValueError(f"PEFT module {module!r}: {key[1:]} must be (n_frequency,), got {spectrum.shape}.")
   p = int(spectrum.shape[0])
+  if not (peft_type == "WAVEFT" and config.get("proportional_parameters")):
+    default = config.get("n_frequency", 1000 if peft_type == "FOURIERFT" else 2592)
+    style = "dotted" if peft_type == "FOURIERFT" else "suffix"
+    expected_p = _pattern_value(config.get("n_frequency_pattern"), module, default, style=style)
+    if p != expected_p:
+      raise ValueError(
+          f"{where}: module {module!r} has n_frequency {expected_p} by the config (`n_frequency`/"
+          f"`n_frequency_pattern`), but its {key[1:]} holds {p} values; PEFT refuses such a checkpoint."
+      )
   if p > m * n:
     raise ValueError(f"PEFT module {module!r}: {p} frequencies for a weight of only {m * n} entries.")
   seed = config.get("random_loc_seed")
@@ -286,7 +452,7 @@ def _import_layer(peft_type, config, module, tensors, leaf, shape, axes, mshape)
                   boundary="zero", random_loc_seed=seed)
     flat = peft_positions("waveft", (m, n), p, seed, spec.grid((m, n)))
   flat, values = _sorted(flat, spectrum)
-  return Adapter({"values": values}, {"indices": flat}, spec, shape, dtype, axes)
+  return Adapter({"values": values}, {"indices": flat}, spec, shape, dtype, axes, layout)
 
 
 def import_peft(
@@ -295,15 +461,22 @@ def import_peft(
     *,
     name_map: NameMap = None,
     in_axes: Any = None,
+    layout: str = "in_out",
     prefix: str = PEFT_PREFIX,
     return_modules: bool = False,
 ) -> Union[Adapters, tuple[Adapters, dict[str, jax.Array]]]:
   """Loads a PEFT ``save_pretrained`` directory as our adapters on ``params``.
 
   Supports PEFT's LoRA (with ``use_dora``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``),
-  SHiRA, FourierFT and WaveFT (``use_idwt=False`` loads as :class:`SHiRA`) on ``Linear`` layers.
-  ``merge(params, import_peft(...))`` then holds PEFT's merged weights (transposed to the Flax
-  layout); FourierFT/WaveFT positions are PEFT's, redrawn from ``random_loc_seed`` exactly.
+  SHiRA, FourierFT and WaveFT (``use_idwt=False`` loads as :class:`SHiRA`) on ``Linear`` layers, and
+  on GPT-2 ``Conv1D`` layers (``fan_in_fan_out=true``: PEFT's update of a Conv1D weight ``(in, out)``
+  is the transpose of its ``(out, in)`` delta, which is exactly what the ``(in, out)`` kernel receives).
+  ``merge(params, import_peft(...))`` then holds PEFT's merged weights (in the layout of ``params``);
+  FourierFT/WaveFT positions are PEFT's, redrawn from ``random_loc_seed`` exactly.
+
+  The config is checked as PEFT checks it when it loads: ``r`` (and ``rank_pattern``) must be the
+  rank of the LoRA tensors, ``r * (in + out)`` the number of SHiRA weights, ``n_frequency`` (and its
+  pattern) the length of each FourierFT/WaveFT spectrum; numbers must be finite and in range.
 
   Args:
     path: the directory (``adapter_config.json`` + ``adapter_model.safetensors``).
@@ -313,6 +486,10 @@ def import_peft(
       ``"a.b.query"`` -> ``"a/b/query/kernel"``. For Linen's ``{"params": ...}`` dicts pass e.g.
       ``lambda m: "params/" + m.replace(".", "/") + "/kernel"``.
     in_axes: reshape rule for kernels with more than 2 axes, as in :func:`sp.peft.init_adapters`.
+    layout: how ``params`` store each weight: ``"in_out"`` (default: Flax kernels ``(in, out)``, and
+      GPT-2 ``Conv1D`` weights) or ``"out_in"`` (torch ``Linear`` weights ``(out, in)`` kept as they
+      are). A square weight cannot tell the two apart, so pass the layout your ``params`` use; the
+      adapters record it (``Adapter.layout``) and ``merge`` updates ``params`` in that layout.
     prefix: the key prefix PEFT writes (``"base_model.model."``), stripped from every key.
     return_modules: also return the ``modules_to_save`` weights (see :func:`modules_to_save`).
 
@@ -323,35 +500,40 @@ def import_peft(
 
   Raises:
     FileNotFoundError: not a PEFT adapter directory.
-    ValueError: an unsupported PEFT type or option, a module with no matching path, tensor shapes
-      that do not fit the kernel, or a weight too large for an exact FourierFT/WaveFT position draw.
+    TypeError: ``path`` is not a str or os.PathLike.
+    ValueError: a truncated or corrupt ``adapter_config.json`` / ``adapter_model.safetensors`` (the
+      message names the file), an unsupported PEFT type or option (``bias`` other than ``"none"``,
+      ``lora_bias``, PiSSA/OLoRA/CorDA/LoftQ initialisation...), a config that disagrees with its
+      tensors (``r``, ``n_frequency``), a ``layout`` other than ``"in_out"``/``"out_in"``, a module with
+      no matching path, tensor shapes that do not fit the kernel, or a weight too large for an exact
+      FourierFT/WaveFT position draw.
 
   Example:
     >>> import spectral_peft as sp  # doctest: +SKIP
     >>> adapters = sp.peft.import_peft("my_peft_adapter", params)  # doctest: +SKIP
     >>> merged = sp.peft.merge(params, adapters)  # doctest: +SKIP
   """
+  if layout not in ("in_out", "out_in"):
+    raise ValueError(f"`layout` must be 'in_out' (Flax kernels, (in, out)) or 'out_in' (torch Linear weights, "
+                     f"(out, in)), got {layout!r}.")
   config, tensors = _read(path)
-  peft_type = config.get("peft_type")
-  if peft_type not in _ADAPTER_SUFFIXES:
-    raise ValueError(f"PEFT type {peft_type!r} is not supported; supported: {sorted(_ADAPTER_SUFFIXES)}.")
-  if peft_type == "LORA":
-    for field in ("lora_bias", "use_qalora", "layer_replication", "target_parameters", "trainable_token_indices"):
-      value = config.get(field)
-      if value not in (None, False, [], {}):
-        raise ValueError(f"PEFT LoRA config `{field}` = {value!r} is not supported by sp.peft.import_peft.")
-  if peft_type != "LORA" and config.get("fan_in_fan_out"):
-    raise ValueError(f"PEFT {peft_type} config `fan_in_fan_out=True` (GPT-2 Conv1D layers) is not supported by sp.peft.import_peft.")
-  saved = list(config.get("modules_to_save") or [])
+  where = repr(os.path.join(os.fspath(path), CONFIG_NAME))
+  peft_type = _check_config(config, where)
+  saved = config.get("modules_to_save") or []
+  if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+    raise ValueError(f"{where}: `modules_to_save` must be a list of module names, got {saved!r}.")
   grouped, extra = _group(tensors, peft_type, prefix, saved)
   if not grouped:
     raise ValueError(f"The checkpoint in {str(path)!r} holds no {peft_type} tensors.")
   paths = leaf_paths(params)
   adapters: Adapters = {}
   for module in sorted(grouped):
-    target, leaf, shape, axes, mshape = _target(paths, module, name_map, in_axes)
-    adapters[target] = _import_layer(peft_type, config, module, grouped[module], leaf, shape, axes, mshape)
-  modules = _import_modules(extra, paths, name_map)
+    target, leaf, shape, axes, mshape = _target(paths, module, name_map, in_axes, layout)
+    if target in adapters:
+      raise ValueError(f"`name_map` maps several PEFT modules to the path {target!r} (one of them is {module!r}).")
+    adapters[target] = _import_layer(peft_type, config, module, grouped[module], leaf, shape, axes, mshape, layout,
+                                     where)
+  modules = _import_modules(extra, paths, name_map, layout)
   if return_modules:
     return adapters, modules
   if modules:
@@ -366,13 +548,14 @@ def _module_prefix(module: str, name_map: NameMap) -> str:
   return _apply_name_map(module, name_map, _default_path, "module").rsplit("/", 1)[0]
 
 
-def _import_modules(extra: Mapping[str, np.ndarray], paths: Mapping[str, Any], name_map: NameMap) -> dict[str, jax.Array]:
+def _import_modules(extra: Mapping[str, np.ndarray], paths: Mapping[str, Any], name_map: NameMap,
+                    layout: str = "in_out") -> dict[str, jax.Array]:
   modules: dict[str, jax.Array] = {}
   for key, value in extra.items():
     module, leaf_name = key.rsplit(".", 1)
     base = _module_prefix(module, name_map)
     if leaf_name == "weight":
-      candidates = [(f"{base}/kernel", True), (f"{base}/embedding", False), (f"{base}/scale", False)]
+      candidates = [(f"{base}/kernel", layout == "in_out"), (f"{base}/embedding", False), (f"{base}/scale", False)]
     else:
       candidates = [(f"{base}/{leaf_name}", False)]
     for target, transpose in candidates:
@@ -444,8 +627,17 @@ def export_peft(
     base_model_name_or_path: Optional[str] = None,
     extra_config: Optional[Mapping[str, Any]] = None,
     prefix: str = PEFT_PREFIX,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
   """Writes ``adapters`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+  Safe to point at any directory: everything is computed and serialised in memory first, then
+  written into a fresh private directory that this call creates beside ``path`` and moved into
+  place with ``rename(2)``; links planted at ``path`` or at its file names are never followed
+  (a link named ``adapter_config.json`` is replaced, not written through), and nothing but the two
+  files PEFT reads is ever replaced or removed. An existing export is replaced only with
+  ``overwrite=True``, and a failed export (a bad ``extra_config``, a refused adapter, a full disk)
+  leaves the previous one as it was.
 
   The torch model must have ``Linear`` layers at the mapped module names with
   ``weight = kernel.T`` (``(out, in)``); PEFT's merged weight (or ``get_delta_weight``) then equals
@@ -463,8 +655,10 @@ def export_peft(
     PEFT's function (``boundary="zero"``, or ``"haar"`` at level 1, written as ``"db1"``).
 
   Args:
-    path: output directory (created).
-    adapters: ``{path: Adapter}``.
+    path: output directory: created if missing; an existing directory may hold other files (they are
+      kept), but not ``adapter_config.json``/``adapter_model.safetensors`` unless ``overwrite``.
+    adapters: ``{path: Adapter}``, one weight per adapter (``stack_axes=0``: for ``nn.scan``-stacked
+      kernels export ``adapter.unstacked(i)`` per layer under per-layer paths).
     name_map: our kernel path -> PEFT module name (see the module docstring); default
       ``"a/b/query/kernel"`` -> ``"a.b.query"``.
     modules: optional ``modules_to_save`` weights ``{path: array}`` (:func:`modules_to_save`),
@@ -475,25 +669,41 @@ def export_peft(
       "lora_dropout": 0.05}``); a field that fixes ``Delta W`` (``r``, ``lora_alpha``, ``scaling``...)
       may only repeat the value the adapters give.
     prefix: key prefix PEFT expects.
+    overwrite: replace an existing export at ``path`` (its two files; other files are kept).
 
   Returns:
     The config dict written to ``adapter_config.json``.
 
   Raises:
+    FileExistsError: ``path`` already holds an export and ``overwrite`` is False, or ``path`` is a file.
+    TypeError: ``extra_config`` is not a dict of JSON values, ``overwrite`` not a bool, ``path`` not a str.
     ValueError: empty or mixed adapters, a method or option PEFT cannot represent, positions that are
-      not PEFT's, a path the name map cannot turn into a module name.
+      not PEFT's, a stacked (``nn.scan``) adapter, a path the name map cannot turn into a module name,
+      or ``path`` is a symbolic link.
 
   Example:
     >>> sp.peft.export_peft("my_adapter", adapters)  # doctest: +SKIP
   """
   import ml_dtypes  # noqa: F401  bfloat16 adapters are written as BF16.
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save as save_tensors
 
   from spectral_peft.peft._tree import _check_adapters
 
   _check_adapters(adapters)
+  if not isinstance(overwrite, bool):
+    raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}.")
+  target = _export_target(path)
   if not adapters:
     raise ValueError("`adapters` is empty: nothing to export.")
+  if extra_config is not None and not isinstance(extra_config, Mapping):
+    raise TypeError(f"`extra_config` must be a dict of PEFT config fields, got {type(extra_config).__name__}.")
+  stacked = {p: a.shape for p, a in adapters.items() if a.stack_axes}
+  if stacked:
+    raise ValueError(
+        f"PEFT holds one 2-D adapter per torch module, but these adapters are stacked over layers (nn.scan / "
+        f"nnx.vmap; stack_axes > 0): {stacked}. Export one adapter per layer: e.g. "
+        "{f'layers/{i}/query/kernel': adapter.unstacked(i) for i in range(n_layers)} with a matching `name_map`."
+    )
   families = {p: _family(a.method) for p, a in adapters.items()}
   family = _uniform("method family (peft_type)", families)
   names = {p: _apply_name_map(p, name_map, _default_module, "path") for p in adapters}
@@ -585,17 +795,103 @@ def export_peft(
   saved = _export_modules(modules, name_map, prefix, tensors)
   config["modules_to_save"] = saved or None
   for field, value in dict(extra_config or {}).items():
-    if field in config and field not in _FREE_FIELDS and json.loads(json.dumps(value)) != json.loads(json.dumps(config[field])):
+    if not isinstance(field, str):
+      raise TypeError(f"`extra_config` keys must be PEFT field names (str), got {field!r}.")
+    try:
+      as_json = json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as err:
+      raise TypeError(f"`extra_config[{field!r}]` = {value!r} is not a JSON value ({err}); nothing was written.") from None
+    if field in config and field not in _FREE_FIELDS and as_json != json.loads(json.dumps(config[field])):
       raise ValueError(
           f"`extra_config[{field!r}]` = {value!r} contradicts the adapters ({field} = {config[field]!r}); "
           f"only fields that do not change Delta W can be set freely: {sorted(_FREE_FIELDS)} and fields not written."
       )
     config[field] = value
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, CONFIG_NAME), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+  config_bytes = (json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+  weights_bytes = save_tensors(tensors, metadata={"format": "pt"})
+  _publish(target, {WEIGHTS_NAME: weights_bytes, CONFIG_NAME: config_bytes}, overwrite)
   return config
+
+
+# -- writing a directory safely ------------------------------------------------------------------
+def _export_target(path: Any) -> str:
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"`path` must be a directory path (str or os.PathLike), got {type(path).__name__}.")
+  raw = os.fsdecode(os.fspath(path))
+  if raw.strip() in ("", ".", "./", "..") or os.path.abspath(raw) in (os.path.abspath(os.sep), os.getcwd()):
+    raise ValueError(f"`path` must name an export directory of its own, got {raw!r}.")
+  return os.path.abspath(raw)
+
+
+def _publish(path: str, files: Mapping[str, bytes], overwrite: bool) -> None:
+  """Puts ``files`` (``{name: content}``) in the directory ``path`` without following any link there.
+
+  The files are written (``O_CREAT | O_EXCL | O_NOFOLLOW``, fsync) into a fresh private directory
+  made by ``mkdtemp`` beside ``path``. A missing ``path`` then appears whole with one ``rename``; in
+  an existing directory (opened ``O_NOFOLLOW``, so a directory swapped for a link meanwhile is not
+  used) each file is moved in with ``os.replace``, which replaces a link at that name rather than
+  writing through it. Only our private directory is ever removed.
+  """
+  name = os.path.basename(path)
+  try:
+    st = os.lstat(path)
+  except FileNotFoundError:
+    st = None
+  if st is not None:
+    if stat.S_ISLNK(st.st_mode):
+      raise ValueError(
+          f"`path` {path!r} is a symbolic link; export_peft never writes through links. Pass the directory it "
+          f"points to ({os.path.realpath(path)!r}) if that is where the export belongs.")
+    if not stat.S_ISDIR(st.st_mode):
+      raise FileExistsError(f"`path` {path!r} exists and is not a directory; a PEFT export is a directory.")
+    present = [f for f in files if os.path.lexists(os.path.join(path, f))]
+    if present and not overwrite:
+      raise FileExistsError(f"`path` {path!r} already holds a PEFT export ({', '.join(present)}); pass overwrite=True "
+                            "to replace it.")
+    for f in present:
+      if stat.S_ISDIR(os.lstat(os.path.join(path, f)).st_mode):
+        raise FileExistsError(f"{os.path.join(path, f)!r} is a directory; export_peft replaces only files.")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent)
+  try:
+    for file, data in files.items():
+      fd = os.open(os.path.join(staging, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+      with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    if st is None:
+      try:
+        os.rename(staging, path)  # Atomic; fails if `path` appeared meanwhile (then nothing is changed).
+        return
+      except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+          raise
+        raise FileExistsError(f"`path` {path!r} was created by someone else while the export was written; nothing "
+                              "was changed: export again (with overwrite=True to replace an export there).") from None
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+      if os.fstat(dir_fd).st_ino != st.st_ino:
+        raise FileExistsError(f"`path` {path!r} was replaced while the export was written; nothing was changed.")
+      for file in files:  # The weights first, the config (which PEFT reads first) last.
+        _replace_into(staging, file, dir_fd)
+      os.fsync(dir_fd)
+    finally:
+      os.close(dir_fd)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_into(staging: str, file: str, dir_fd: int) -> None:
+  src_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+  try:
+    os.replace(file, file, src_dir_fd=src_fd, dst_dir_fd=dir_fd)
+  finally:
+    os.close(src_fd)
 
 
 def _export_modules(modules, name_map, prefix, tensors) -> list[str]:
@@ -645,7 +941,14 @@ def from_peft_config(config: Union[str, Mapping[str, Any]], *, name_map: NameMap
     ``targets=config["target_modules"]`` when it is a list of names).
 
   Raises:
-    ValueError: an unsupported ``peft_type`` or option (``proportional_parameters``, ``use_idwt=False``).
+    FileNotFoundError: ``config`` is a directory without ``adapter_config.json``.
+    TypeError: ``config`` is neither a dict nor a path.
+    ValueError: what :func:`import_peft` refuses (an unsupported ``peft_type``; ``bias`` other than
+      ``"none"``; ``lora_bias`` and other LoRA extensions; PiSSA-style initialisations; ``r``,
+      ``n_frequency``, ``lora_alpha``, ``scaling`` or a ``*_pattern`` value of the wrong type or out of
+      range; a corrupt ``adapter_config.json``), and options with no counterpart here
+      (``proportional_parameters``, ``use_idwt=False``, ``init_lora_weights`` other than
+      ``true``/``"gaussian"``).
 
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
@@ -654,14 +957,20 @@ def from_peft_config(config: Union[str, Mapping[str, Any]], *, name_map: NameMap
     LoRA(rank=4, alpha=16.0, param_dtype=None, use_rslora=True)
   """
   if isinstance(config, (str, os.PathLike)):
-    with open(os.path.join(config, CONFIG_NAME)) as f:
-      config = json.load(f)
-  if not isinstance(config, Mapping):
+    where = repr(os.path.join(os.fspath(config), CONFIG_NAME))
+    config = _read_config(config)
+  elif isinstance(config, Mapping):
+    where = "`config`"
+  else:
     raise TypeError(f"`config` must be a PEFT config dict or a directory path, got {type(config).__name__}.")
   config = dict(config)
-  peft_type = config.get("peft_type")
-  if peft_type not in _ADAPTER_SUFFIXES:
-    raise ValueError(f"`config['peft_type']` must be one of {sorted(_ADAPTER_SUFFIXES)}, got {peft_type!r}.")
+  peft_type = _check_config(config, where)
+  init = config.get("init_lora_weights", True)
+  if peft_type == "LORA" and init not in (True, None, "gaussian"):
+    raise ValueError(
+        f"{where}: `init_lora_weights` = {init!r} has no counterpart in sp.peft's LoRA/DoRA (which start at "
+        "Delta W = 0, as PEFT's default true and 'gaussian' do); import trained adapters with sp.peft.import_peft."
+    )
   if peft_type == "WAVEFT" and config.get("proportional_parameters"):
     raise ValueError("WaveFT `proportional_parameters=True` needs every layer at once: use sp.peft.proportional_allocation.")
   if peft_type == "WAVEFT" and not config.get("use_idwt", True):
