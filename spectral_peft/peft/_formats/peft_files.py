@@ -258,8 +258,10 @@ def _config_pattern(config: Mapping[str, Any], field: str, where: str, kind: str
   return dict(patterns)
 
 
-def _check_config(config: Mapping[str, Any], where: str) -> str:
-  """Checks the fields of a PEFT config that this module reads; returns its ``peft_type``.
+def _check_config(config: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+  """Checks the fields of a PEFT config that this module reads: ``(peft_type, config)``.
+
+  The returned copy has PEFT's default in place of every checked field that is absent or null.
 
   The same checks guard :func:`import_peft` and :func:`from_peft_config`, so a config one refuses
   the other refuses too. ``where`` names the config in messages (its file or "`config`").
@@ -273,18 +275,19 @@ def _check_config(config: Mapping[str, Any], where: str) -> str:
         f"{where}: `bias` = {bias!r} trains the biases of the base model, which sp.peft adapters do not; only "
         "bias='none' is supported (train biases beside the adapters with sp.peft.modules_to_save)."
     )
-  fan_in_fan_out = _config_bool(config, "fan_in_fan_out", False, where)
+  config = dict(config)
+  fan_in_fan_out = config["fan_in_fan_out"] = _config_bool(config, "fan_in_fan_out", False, where)
   if peft_type == "LORA":
     for field in _LORA_UNSUPPORTED:
       value = config.get(field)
       if value not in (None, False, [], {}):
         raise ValueError(f"{where}: PEFT LoRA `{field}` = {value!r} is not supported by sp.peft.")
-    _config_int(config, "r", 8, where)
-    _config_float(config, "lora_alpha", 8, where)
-    _config_pattern(config, "rank_pattern", where, "int")
-    _config_pattern(config, "alpha_pattern", where, "float")
-    _config_bool(config, "use_rslora", False, where)
-    _config_bool(config, "use_dora", False, where)
+    config["r"] = _config_int(config, "r", 8, where)
+    config["lora_alpha"] = _config_float(config, "lora_alpha", 8, where)
+    config["rank_pattern"] = _config_pattern(config, "rank_pattern", where, "int")
+    config["alpha_pattern"] = _config_pattern(config, "alpha_pattern", where, "float")
+    config["use_rslora"] = _config_bool(config, "use_rslora", False, where)
+    config["use_dora"] = _config_bool(config, "use_dora", False, where)
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
       raise ValueError(
@@ -295,21 +298,22 @@ def _check_config(config: Mapping[str, Any], where: str) -> str:
   elif peft_type == "SHIRA":
     if fan_in_fan_out:
       raise ValueError(f"{where}: PEFT's SHiRA adapts torch Linear layers only; `fan_in_fan_out` = true is not one.")
-    _config_int(config, "r", 32, where)
+    config["r"] = _config_int(config, "r", 32, where)
   else:
-    _config_int(config, "n_frequency", 1000 if peft_type == "FOURIERFT" else 2592, where)
-    _config_pattern(config, "n_frequency_pattern", where, "int")
-    _config_float(config, "scaling", 150.0 if peft_type == "FOURIERFT" else 25.0, where)
+    config["n_frequency"] = _config_int(config, "n_frequency", 1000 if peft_type == "FOURIERFT" else 2592, where)
+    config["n_frequency_pattern"] = _config_pattern(config, "n_frequency_pattern", where, "int")
+    config["scaling"] = _config_float(config, "scaling", 150.0 if peft_type == "FOURIERFT" else 25.0, where)
     seed = config.get("random_loc_seed", 777)
     if isinstance(seed, bool) or not isinstance(seed, int):
       raise ValueError(f"{where}: `random_loc_seed` must be an int, got {seed!r}.")
+    config["random_loc_seed"] = seed
     if peft_type == "WAVEFT":
       wavelet = config.get("wavelet_family", "db1")
       if wavelet not in _PEFT_WAVELETS:
         raise ValueError(f"{where}: `wavelet_family` must be one of PEFT's wavelets {sorted(_PEFT_WAVELETS)}, got {wavelet!r}.")
-      _config_bool(config, "use_idwt", True, where)
-      _config_bool(config, "proportional_parameters", False, where)
-  return peft_type
+      config["use_idwt"] = _config_bool(config, "use_idwt", True, where)
+      config["proportional_parameters"] = _config_bool(config, "proportional_parameters", False, where)
+  return peft_type, config
 
 
 def _group(tensors: Mapping[str, np.ndarray], peft_type: str, prefix: str, modules_to_save: Sequence[str]):
@@ -518,7 +522,7 @@ def import_peft(
                      f"(out, in)), got {layout!r}.")
   config, tensors = _read(path)
   where = repr(os.path.join(os.fspath(path), CONFIG_NAME))
-  peft_type = _check_config(config, where)
+  peft_type, config = _check_config(config, where)
   saved = config.get("modules_to_save") or []
   if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
     raise ValueError(f"{where}: `modules_to_save` must be a list of module names, got {saved!r}.")
@@ -964,7 +968,7 @@ def from_peft_config(config: Union[str, Mapping[str, Any]], *, name_map: NameMap
   else:
     raise TypeError(f"`config` must be a PEFT config dict or a directory path, got {type(config).__name__}.")
   config = dict(config)
-  peft_type = _check_config(config, where)
+  peft_type, config = _check_config(config, where)
   init = config.get("init_lora_weights", True)
   if peft_type == "LORA" and init not in (True, None, "gaussian"):
     raise ValueError(
