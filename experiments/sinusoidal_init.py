@@ -36,10 +36,12 @@ class Config:
   learning_rate: float = 2e-3
   batch_size: int | None = 8192  # None: full batch.
   seed: int = 0
+  seeds: int = 1  # repeats; repeat s uses seed + 1000 s (network init, frequencies and batches)
 
 
 PRESETS = {
     "quick": Config(),
+    "seeds3": Config(seeds=3),  # the quick budget at 3 seeds: the spread the quick run cannot measure
     "full": Config(frequencies=128, hidden=256, steps=3000, batch_size=None),
 }
 NAME = "sinusoidal_init"
@@ -58,9 +60,62 @@ def first_layers(config: Config) -> dict:
   }
 
 
+def mean_std(values) -> "float | str":
+  """One value as it is; several as ``"mean +- std"`` (ddof = 1)."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  if len(values) == 1:
+    return values[0]
+  return f"{np.mean(values):.4g} +- {_common.sample_std(values):.2g}"
+
+
 def main(preset: str = "quick") -> dict:
   config, out = _common.setup(PRESETS, preset, NAME)
   image, x, y = img.task(config.size)
+  per_seed = [run_seed(dataclasses.replace(config, seed=config.seed + 1000 * s), image, x, y) for s in range(config.seeds)]
+  rows = [row for seed_rows, _ in per_seed for row in seed_rows]
+  curves = per_seed[0][1]
+  names = list(curves)
+
+  fig, ax = _common.subplots(figsize=(6, 4))
+  for name, curve in curves.items():
+    ax.plot(curve, label=name)
+  ax.set(xlabel="step", ylabel="training PSNR (dB, batch)",
+         title=f"cameraman {config.size}^2, m={config.frequencies}, n={config.hidden} (seed {config.seed})")
+  ax.legend()
+  plot = _common.save_figure(fig, os.path.join(out, "convergence.png"))
+
+  col = lambda name, key: [r[key] for r in rows if r["init"] == name]  # noqa: E731
+  table = _common.markdown_table(
+      ["first layer", "final PSNR (dB)", f"PSNR near step {config.steps // 4}", "steps to 20 dB", "steps to 24 dB", "max |f(x+2) - f(x)|"],
+      [[name, mean_std(col(name, "psnr")), mean_std(col(name, "psnr_at_quarter")), mean_std(col(name, "steps_to_20db")),
+        mean_std(col(name, "steps_to_24db")), max(col(name, "max_abs_f(x+2)-f(x)"))] for name in names],
+  ) + (f"\nMean +- std over {config.seeds} seeds (seed {config.seed} + 1000 s: network init, frequencies, batches)."
+       if config.seeds > 1 else "")
+  pairs = [(names[0], names[1]), (names[2], names[3])]
+  spreads = [_common.paired_spread_verdict(col(a, "psnr"), col(b, "psnr")) for a, b in pairs]
+  if config.seeds == 1:
+    # One seed: no spread is measured, so the verdict can only state the direction, never "Matches".
+    wins = [d["diff_mean"] > 0 for d in spreads]
+    word = ("Same direction as the paper" if all(wins) else "Partly the paper's direction" if any(wins)
+            else "Does not match")
+    verdict = (f"{word} (1 seed, spread not measured): after {config.steps} steps at equal band, integer vs SIREN first layer: "
+               + "; ".join(f"{a} {d['mean_a']:.2f} dB vs {b} {d['mean_b']:.2f} dB" for (a, b), d in zip(pairs, spreads)) + ".")
+  else:
+    held = sum(d["beyond_spread"] and d["diff_mean"] > 0 for d in spreads)
+    verdict = (f"{_common.agreement(held, len(pairs))} (final PSNR after {config.steps} steps, {config.seeds} seeds; "
+               "'matches' needs the integer layer above SIREN by more than the spread at both bands): "
+               + "; ".join(f"{a} vs {b}: {d['text']}" for (a, b), d in zip(pairs, spreads)) + ".")
+  result = {"config": config, "rows": rows, "environment": _common.environment(), "plot": plot, "table": table,
+            "verdict": verdict, "spread": spreads}
+  _common.save(out, {**result, "curves": curves})
+  return result
+
+
+def run_seed(config: Config, image, x, y) -> tuple[list[dict], dict]:
+  """Fits every first layer of :func:`first_layers` at ``config.seed``; returns one row per layer and the
+  training PSNR curves."""
   rows, curves = [], {}
   for name, omega in first_layers(config).items():
     params = sp.periodic_siren_init(jax.random.key(config.seed + 1), omega, config.hidden, 1)
@@ -74,33 +129,12 @@ def main(preset: str = "quick") -> dict:
     reach = {t: int(np.argmax(smooth >= t)) + 10 if (smooth >= t).any() else None for t in (20.0, 24.0)}
     periodic = sp.periodic_siren_apply(fit.params, x[:64] + 2.0) - sp.periodic_siren_apply(fit.params, x[:64])
     rows.append({
-        "init": name, "psnr": img.psnr(fit.params, image), "steps_to_20db": reach[20.0], "steps_to_24db": reach[24.0],
+        "init": name, "seed": config.seed, "psnr": img.psnr(fit.params, image), "steps_to_20db": reach[20.0], "steps_to_24db": reach[24.0],
         "psnr_at_quarter": float(np.mean(curve[config.steps // 4 - 5: config.steps // 4 + 5])),
         "max_abs_f(x+2)-f(x)": float(np.abs(np.asarray(periodic)).max()),
     })
 
-  fig, ax = _common.subplots(figsize=(6, 4))
-  for name, curve in curves.items():
-    ax.plot(curve, label=name)
-  ax.set(xlabel="step", ylabel="training PSNR (dB, batch)", title=f"cameraman {config.size}^2, m={config.frequencies}, n={config.hidden}")
-  ax.legend()
-  plot = _common.save_figure(fig, os.path.join(out, "convergence.png"))
-
-  table = _common.markdown_table(
-      ["first layer", "final PSNR (dB)", f"PSNR near step {config.steps // 4}", "steps to 20 dB", "steps to 24 dB", "max |f(x+2) - f(x)|"],
-      [[r["init"], r["psnr"], r["psnr_at_quarter"], r["steps_to_20db"] or "-", r["steps_to_24db"] or "-", r["max_abs_f(x+2)-f(x)"]] for r in rows],
-  )
-  pairs = [(rows[0], rows[1]), (rows[2], rows[3])]
-  wins = [a["psnr"] > b["psnr"] for a, b in pairs]
-  # One seed: no spread is measured, so the verdict can only state the direction, never "Matches".
-  word = ("Same direction as the paper" if all(wins) else "Partly the paper's direction" if any(wins)
-          else "Does not match")
-  verdict = (f"{word} (1 seed, spread not measured): after {config.steps} steps at equal band, integer vs SIREN first layer: "
-             + "; ".join(f"{a['init']} {a['psnr']:.2f} dB vs {b['init']} {b['psnr']:.2f} dB" for a, b in pairs) + ".")
-  result = {"config": config, "rows": rows, "environment": _common.environment(), "plot": plot, "table": table,
-            "verdict": verdict}
-  _common.save(out, {**result, "curves": curves})
-  return result
+  return rows, curves
 
 
 if __name__ == "__main__":
