@@ -11,6 +11,10 @@ Modes:
 * ``multihost --process-id I --num-processes 2 --port N --path P``: two ``jax.distributed``
   processes save adapters sharded over both processes, overwrite them, and load them back.
 * ``alone ...`` (same flags): only process 0 calls ``save_adapters``; it must raise, not hang.
+* ``overwrite --path P --tag T --count N``: overwrites ``P`` N times with adapters marked ``T``
+  (prints ``done``).
+* ``read --path P --count N``: loads ``P`` N times; prints ``tag <t>`` or ``error <type>: <message>``
+  per load.
 """
 
 from __future__ import annotations
@@ -123,9 +127,24 @@ def alone(args):
   os._exit(0)  # The coordination service is in a failed barrier: skip the orderly shutdown.
 
 
+def overwrite(args):
+  for _ in range(args.count):
+    sp.peft.save_adapters(args.path, marked_adapters(args.tag), overwrite=True)
+  print("done", flush=True)
+
+
+def read(args):
+  for _ in range(args.count):
+    try:
+      print(f"tag {tag_of(sp.peft.load_adapters(args.path, base_params()))}", flush=True)
+    except Exception as err:  # The test counts these: there must be none.
+      print(f"error {type(err).__name__}: {str(err).splitlines()[0][:300]}", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=("race", "loop", "multihost", "alone"))
+  parser.add_argument("mode", choices=("race", "loop", "multihost", "alone", "overwrite", "read"))
+  parser.add_argument("--count", type=int, default=1)
   parser.add_argument("--tag", type=float, default=0.0)
   parser.add_argument("--paths", default="")
   parser.add_argument("--go-dir", default="")
@@ -134,7 +153,8 @@ def main(argv=None):
   parser.add_argument("--num-processes", type=int, default=2)
   parser.add_argument("--port", type=int, default=0)
   args = parser.parse_args(argv)
-  {"race": race, "loop": loop, "multihost": multihost, "alone": alone}[args.mode](args)
+  {"race": race, "loop": loop, "multihost": multihost, "alone": alone, "overwrite": overwrite,
+   "read": read}[args.mode](args)
 
 
 if __name__ == "__main__":

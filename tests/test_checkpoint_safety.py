@@ -94,29 +94,40 @@ def test_overwrite_switches_versions_and_keeps_foreign_files_inside(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
-def test_leftovers_of_interrupted_saves_are_removed_but_running_saves_are_not(tmp_path):
+def test_leftovers_of_interrupted_saves_are_removed_but_running_saves_and_user_folders_are_not(tmp_path):
+  import contextlib
+
+  from spectral_peft.peft._formats import checkpoint as _checkpoint
+
   path = tmp_path / "ckpt"
   sp.peft.save_adapters(path, adapters(1.0))
-  # What a save killed before its rename leaves: a hidden sibling whose lock nobody holds.
-  stale = tmp_path / ".ckpt.saving-dead"
-  (stale / "version-x").mkdir(parents=True)
-  (stale / ".lock").write_text("")
-  empty = tmp_path / ".ckpt.saving-empty"  # Killed before it even created its lock.
+  token = json.loads((path / "spectral_peft_adapters.json").read_text())["token"]
+  # What a save killed before its rename leaves: a marked hidden sibling whose lock nobody holds.
+  with contextlib.ExitStack() as dead_stack:
+    dead = _checkpoint._new_staging(str(path), dead_stack)
+    os.mkdir(os.path.join(dead, "version-x"))
+  empty = tmp_path / ".ckpt.saving-abcd1234"  # Killed before it even wrote its marker.
   empty.mkdir()
-  # A save in progress in another process: its lock is held (flock conflicts across descriptors).
-  running = tmp_path / ".ckpt.saving-live"
-  running.mkdir()
-  fd = os.open(running / ".lock", os.O_RDWR | os.O_CREAT)
-  fcntl.flock(fd, fcntl.LOCK_EX)
+  # A save in progress in another process: its staging directory is locked.
+  live_stack = contextlib.ExitStack()
+  live = _checkpoint._new_staging(str(path), live_stack)
   # An unreferenced, half-written version inside the checkpoint (killed mid-overwrite).
-  (path / "version-half").mkdir()
+  _checkpoint._new_version(str(path), "version-half", token)
+  # Look-alikes the library did not write: kept, whatever their names.
+  user_sibling = tmp_path / ".ckpt.saving-userdata"
+  user_sibling.mkdir()
+  (user_sibling / "notes.txt").write_text("mine")
+  (path / "version-mine").mkdir()
+  (path / "version-mine" / "data.txt").write_text("mine")
   try:
     sp.peft.save_adapters(path, adapters(2.0), overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == [".ckpt.saving-live", "ckpt"]
-    assert len(versions(path)) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(live), ".ckpt.saving-userdata", "ckpt"])
+    remaining = versions(path)
+    assert "version-half" not in remaining and "version-mine" in remaining and len(remaining) == 2
+    assert (path / "version-mine" / "data.txt").read_text() == "mine"
+    assert (user_sibling / "notes.txt").read_text() == "mine"
   finally:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
+    live_stack.close()
 
 
 # -- concurrency, kills, multi-host ----------------------------------------------------------------
@@ -216,8 +227,9 @@ def saved(tmp_path):
 
 
 def _version(path):
+  """The orbax checkpoint of the current version."""
   (v,) = versions(path)
-  return path / v
+  return path / v / "checkpoint"
 
 
 def _data_file(path):
@@ -247,7 +259,7 @@ def test_partly_deleted(saved):
   shutil.rmtree(_version(saved) / "metadata")
   with pytest.raises(ValueError, match=rf"Checkpoint '{saved}' is corrupted: its metadata cannot be read"):
     sp.peft.load_adapters(saved)
-  shutil.rmtree(_version(saved))
+  shutil.rmtree(_version(saved).parent)
   with pytest.raises(ValueError, match=rf"Checkpoint '{saved}' is corrupted: its current version .* is missing"):
     sp.peft.load_adapters(saved)
   os.remove(saved / "spectral_peft_adapters.json")
@@ -260,7 +272,7 @@ def test_hand_edited_pointer(saved):
   with pytest.raises(ValueError, match="is not valid JSON"):
     sp.peft.load_adapters(saved)
   (saved / "spectral_peft_adapters.json").write_text(json.dumps({"format": "spectral_peft.adapters",
-                                                                  "format_version": 2, "current": "../../etc"}))
+                                                                  "format_version": 3, "current": "../../etc"}))
   with pytest.raises(ValueError, match="names no valid version"):
     sp.peft.load_adapters(saved)
 
@@ -350,7 +362,9 @@ def test_format_1_checkpoints_are_named_and_may_be_overwritten(tmp_path):
     sp.peft.load_adapters(legacy)
   sp.peft.save_adapters(legacy, adapters(4.0), overwrite=True)
   assert checkpoint_worker.tag_of(sp.peft.load_adapters(legacy, PARAMS)) == 4.0
-  assert sorted(e for e in os.listdir(legacy) if not e.startswith("version-")) == [".lock", "spectral_peft_adapters.json"]
+  # The format-1 files carry no proof that this library wrote them: they are left, not deleted.
+  assert sorted(e for e in os.listdir(legacy) if not e.startswith("version-")) == [
+      "_CHECKPOINT_METADATA", "arrays", "metadata", "spectral_peft_adapters.json"]
 
 
 def test_a_save_on_one_process_only_raises_instead_of_hanging(tmp_path):

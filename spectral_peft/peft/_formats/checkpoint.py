@@ -1,29 +1,46 @@
 """Saving and loading adapters alone with orbax-checkpoint, without ever losing data.
 
-Layout. A checkpoint is a directory that holds a small pointer file, ``spectral_peft_adapters.json``
-(``{"format": "spectral_peft.adapters", "format_version": 2, "current": "version-<hex>"}``), a
-lock file and the version it points to: an orbax checkpoint with two items, ``arrays`` and
-``metadata``. ``arrays`` is the *named* adapter tree, one branch per adapter path split at ``'/'``,
-then ``params`` and ``frozen`` with the method's own names, e.g.
-``encoder/layer_0/query/kernel/params/a``. ``metadata`` is JSON: per adapter its path, weight shape
-and dtype, ``in_axes`` and method spec. The parameter structure of each adapter is rebuilt from
-its method with ``jax.eval_shape`` and checked against the arrays, so nothing is pickled and a
-checkpoint whose metadata disagrees with its arrays is refused.
+Layout (format version 3). A checkpoint is a directory that holds
+
+* ``spectral_peft_adapters.json``: the pointer, and the checkpoint's human-readable description,
+  e.g. ``{"format": "spectral_peft.adapters", "format_version": 3, "current": "version-<hex>",
+  "token": "<hex>", "library": "spectral_peft", "library_version": "0.3.0", "trainable_parameters":
+  160, "adapters": [{"path": "enc/query/kernel", "method": {"method": "LoRA", "rank": 4, ...},
+  "shape": [8, 6], "dtype": "float32", "in_axes": 1, "layout": "in_out", "stack_axes": 0,
+  "trainable_parameters": 56}, ...]}`` (like PEFT's ``adapter_config.json``);
+* the version it points to, ``version-<hex>/``: a marker ``spectral_peft_version.json``
+  (``{"token", "version"}``) and the orbax checkpoint ``checkpoint/`` with two items, ``arrays`` and
+  ``metadata``. ``arrays`` is the *named* adapter tree, one branch per adapter path split at ``'/'``,
+  then ``params`` and ``frozen`` with the method's own names, e.g.
+  ``encoder/layer_0/query/kernel/params/a``. ``metadata`` is JSON: per adapter its path, weight shape
+  and dtype, ``in_axes`` and method spec. The parameter structure of each adapter is rebuilt from
+  its method with ``jax.eval_shape`` and checked against the arrays, so nothing is pickled and a
+  checkpoint whose metadata disagrees with its arrays is refused.
+
+Nothing else: no lock file (locks are ``flock`` on the directories themselves). Format 2 (the
+orbax checkpoint directly in the version directory, no token) is still read.
 
 Why saving is safe (POSIX semantics):
 
-* A new checkpoint is written completely in a hidden sibling ``.<name>.saving-<hex>`` and appears at
-  ``path`` with one ``rename(2)`` of the directory, which fails when ``path`` is a non-empty
-  directory: of two concurrent ``overwrite=False`` saves exactly one wins, the other raises
-  ``FileExistsError``.
+* Never outside what we made. ``path`` itself must not be a link; files are created with
+  ``O_CREAT | O_EXCL | O_NOFOLLOW`` and switched in with ``os.replace`` (which replaces a link, never
+  writes through it). Nothing is deleted unless proven ours: a version directory only when its
+  marker holds the token of the checkpoint's pointer (a random value chosen when the checkpoint was
+  created), a hidden staging sibling only when it holds our staging marker (or our pointer and
+  marked version); a forged pointer therefore deletes nothing. Files of format 1/2 checkpoints, which
+  carry no token, are left in place when such a checkpoint is overwritten.
+* A new checkpoint is written completely in a hidden sibling ``.<name>.saving-<random>`` (made by
+  ``mkdtemp``) and appears at ``path`` with one ``rename(2)`` of the directory, which fails when
+  ``path`` is a non-empty directory: of two concurrent ``overwrite=False`` saves exactly one wins,
+  the other raises ``FileExistsError``.
 * Overwriting writes the new version *inside* the existing checkpoint, then switches the pointer
-  file with one atomic ``os.replace`` of a file; the old version is removed afterwards. At every
-  instant ``path`` holds the old or the new complete checkpoint, whatever kills the process.
-* Only a directory that holds our pointer file is ever overwritten; nothing else in it is deleted
-  but our own unreferenced versions.
-* Writers hold an exclusive ``flock`` on the checkpoint's (or the hidden sibling's) lock file; the
-  kernel releases it when a process dies, so leftovers of interrupted saves (hidden siblings whose
-  lock is free, unreferenced versions) are recognised and removed by the next save.
+  file with one atomic ``os.replace``; the old version is removed afterwards. At every instant
+  ``path`` holds the old or the new complete checkpoint, whatever kills the process.
+* Writers hold an exclusive ``flock`` on the checkpoint directory (or the staging sibling); readers
+  hold a shared ``flock`` on the version they read, and a writer removes an old version only when it
+  gets that version's exclusive lock without waiting (else the next save removes it). So a load
+  concurrent with overwrites always reads the old or the new checkpoint. The kernel releases locks
+  when a process dies, so leftovers of interrupted saves are recognised and removed by the next save.
 
 Multi-host: :func:`save_adapters` is collective under ``jax.distributed`` (every process calls it
 with the same arguments, as with orbax). Process 0 alone touches the file system (siblings, locks,
@@ -39,6 +56,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -48,14 +66,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectral_peft._version import __version__
 from spectral_peft.peft._methods.base import Adapter, matrix_shape, method_from_config
 from spectral_peft.peft._tree import Adapters, PyTree, _check_adapters, leaf_paths, path_to_str
 
 FORMAT = "spectral_peft.adapters"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 POINTER = "spectral_peft_adapters.json"
-LOCK = ".lock"
 VERSION_PREFIX = "version-"
+VERSION_MARKER = "spectral_peft_version.json"  # In each version directory: {"token", "version"}.
+STAGING_MARKER = ".spectral_peft_staging.json"  # In a hidden staging directory until its rename.
+ORBAX_DIR = "checkpoint"  # The orbax checkpoint inside a (format 3) version directory.
 
 
 def _orbax():
@@ -143,22 +165,38 @@ def _flatten_for_save(adapters: Adapters) -> tuple[dict[str, Any], list[dict[str
 
 
 # -- file system helpers -------------------------------------------------------------------------
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def _open_dir(path: str) -> int:
+  """A descriptor of the directory ``path`` itself (``O_NOFOLLOW``: a link there raises ``OSError``)."""
+  return os.open(path, _DIR_FLAGS)
+
+
 @contextlib.contextmanager
-def _locked(lock_path: str, *, blocking: bool = True) -> Iterator[bool]:
-  """Holds an exclusive ``flock`` on ``lock_path`` (created if needed); yields whether it got it."""
-  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def _locked(path: str, *, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
+  """Holds a ``flock`` on the directory ``path`` itself (no lock file); yields whether it got it.
+
+  Also yields ``False`` when ``path`` vanished or was replaced while we waited for the lock.
+  """
+  try:
+    fd = _open_dir(path)
+  except OSError:
+    yield False
+    return
   try:
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+      fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
       yield False
       return
     try:
-      yield True
-    finally:
-      fcntl.flock(fd, fcntl.LOCK_UN)
+      same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except OSError:
+      same = False
+    yield same
   finally:
-    os.close(fd)
+    os.close(fd)  # Releases the lock.
 
 
 def _fsync_dir(path: str) -> None:
@@ -174,22 +212,67 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-_LEGACY_ENTRIES = ("arrays", "metadata", "_CHECKPOINT_METADATA", "commit_success.txt")
+def _write_new_file(path: str, data: bytes) -> None:
+  """Creates ``path`` (never an existing file or link: ``O_EXCL | O_NOFOLLOW``), writes, fsyncs."""
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+  with os.fdopen(fd, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _read_json_file(path: str) -> Any:
+  """The JSON content of the regular file ``path`` (never through a link), or ``None``."""
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+  except OSError:
+    return None
+  try:
+    with os.fdopen(fd, "rb") as f:
+      return json.loads(f.read(1 << 20).decode("utf-8"))
+  except (OSError, ValueError):
+    return None
+
+
+def _is_our_version(directory: str, name: str, token: Optional[str]) -> bool:
+  """Whether ``directory/name`` is a version this library wrote for the checkpoint of ``token``."""
+  full = os.path.join(directory, name)
+  if token is None or not name.startswith(VERSION_PREFIX) or os.path.islink(full) or not os.path.isdir(full):
+    return False
+  marker = _read_json_file(os.path.join(full, VERSION_MARKER))
+  return isinstance(marker, dict) and marker.get("token") == token and marker.get("version") == name
+
+
+def _new_version(root: str, version: str, token: str) -> None:
+  """Creates the version directory ``root/version`` with its marker (orbax then writes inside it)."""
+  full = os.path.join(root, version)
+  os.mkdir(full)
+  _write_new_file(os.path.join(full, VERSION_MARKER), json.dumps({"token": token, "version": version}).encode())
+
+
+def _remove_version(directory: str, name: str, token: Optional[str]) -> None:
+  """Removes our version ``name`` unless a reader holds it (it is then removed by a later save)."""
+  full = os.path.join(directory, name)
+  if not _is_our_version(directory, name, token):
+    return
+  with _locked(full, blocking=False) as got:
+    if got:
+      shutil.rmtree(full, ignore_errors=True)
+
+
 
 
 def _is_legacy(path: str) -> bool:
   """Whether ``path`` is a format-1 checkpoint (one orbax checkpoint, no pointer file)."""
-  try:
-    with open(os.path.join(path, "metadata", "metadata"), encoding="utf-8") as f:
-      content = json.load(f)
-  except (OSError, ValueError):
-    return False
+  content = _read_json_file(os.path.join(path, "metadata", "metadata"))
   return isinstance(content, dict) and content.get("format_version") == 1 and "adapters" in content
 
 
 def _read_pointer(path: str) -> dict[str, Any]:
   """The pointer file of the checkpoint directory ``path``; ``ValueError`` when it is not ours."""
   pointer = os.path.join(path, POINTER)
+  if os.path.islink(pointer):
+    raise ValueError(f"`path` {path!r} is not an adapter checkpoint: {POINTER!r} is a symbolic link.")
   if not os.path.isfile(pointer):
     if _is_legacy(path):
       raise ValueError(
@@ -198,42 +281,53 @@ def _read_pointer(path: str) -> dict[str, Any]:
       )
     raise ValueError(f"`path` {path!r} is not an adapter checkpoint: it has no {POINTER!r} file.")
   try:
-    with open(pointer, encoding="utf-8") as f:
-      content = json.load(f)
+    with open(pointer, "rb") as f:
+      content = json.loads(f.read().decode("utf-8"))
   except (OSError, ValueError) as err:
     raise ValueError(f"`path` {path!r} is not a readable adapter checkpoint: {POINTER!r} is not valid JSON ({err}).") from None
   if not isinstance(content, dict) or content.get("format") != FORMAT:
     raise ValueError(f"`path` {path!r} is not an adapter checkpoint: {POINTER!r} does not name the format {FORMAT!r}.")
-  if content.get("format_version") != FORMAT_VERSION:
+  if content.get("format_version") not in READABLE_VERSIONS:
     raise ValueError(
         f"Checkpoint {path!r} has format version {content.get('format_version')!r}; this version of "
-        f"spectral_peft reads version {FORMAT_VERSION}."
+        f"spectral_peft reads versions {list(READABLE_VERSIONS)}."
     )
   current = content.get("current")
-  if not isinstance(current, str) or not current.startswith(VERSION_PREFIX) or os.sep in current:
+  if (not isinstance(current, str) or not current.startswith(VERSION_PREFIX) or os.sep in current
+      or (os.altsep and os.altsep in current) or current in (".", "..")):
     raise ValueError(f"Checkpoint {path!r} is corrupted: {POINTER!r} names no valid version ({current!r}).")
+  token = content.get("token")
+  if content["format_version"] >= 3 and not (isinstance(token, str) and len(token) == 32):
+    raise ValueError(f"Checkpoint {path!r} is corrupted: {POINTER!r} has no valid token.")
   return content
 
 
-def _write_pointer(directory: str, version: str) -> None:
-  """Atomically makes ``version`` the current version of ``directory`` (write, fsync, rename)."""
-  content = {"format": FORMAT, "format_version": FORMAT_VERSION, "current": version}
-  tmp = os.path.join(directory, f".{POINTER}.{uuid.uuid4().hex}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(content, f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(directory, POINTER))
+def _write_pointer(directory: str, version: str, token: str, description: dict[str, Any]) -> None:
+  """Atomically makes ``version`` the current version of ``directory`` (write, fsync, rename).
+
+  The pointer is also the checkpoint's human-readable description (format, library version,
+  adapters with their methods and shapes), so it always describes the current version.
+  """
+  content = {"format": FORMAT, "format_version": FORMAT_VERSION, "current": version, "token": token, **description}
+  tmp = os.path.join(directory, f".{POINTER}.{token}.{uuid.uuid4().hex}.tmp")
+  _write_new_file(tmp, (json.dumps(content, indent=2) + "\n").encode("utf-8"))
+  os.replace(tmp, os.path.join(directory, POINTER))  # Replaces a file (or a link) named POINTER, never its target.
   _fsync_dir(directory)
 
 
-def _remove_unreferenced(directory: str, keep: Optional[str]) -> None:
-  """Removes our versions other than ``keep`` and stale pointer temporaries (caller holds the lock)."""
+def _remove_unreferenced(directory: str, keep: Optional[str], token: Optional[str]) -> None:
+  """Removes our versions other than ``keep`` and our stale pointer temporaries (caller holds the lock).
+
+  "Ours" means proven: a version directory whose marker holds this checkpoint's ``token``; a pointer
+  temporary whose name carries it. Anything else, whatever its name, is left alone.
+  """
+  if token is None:
+    return
   for entry in os.listdir(directory):
     full = os.path.join(directory, entry)
     if entry.startswith(VERSION_PREFIX) and entry != keep:
-      shutil.rmtree(full, ignore_errors=True)
-    elif entry.startswith(f".{POINTER}.") and entry.endswith(".tmp"):
+      _remove_version(directory, entry, token)
+    elif entry.startswith(f".{POINTER}.{token}.") and entry.endswith(".tmp") and not os.path.islink(full):
       with contextlib.suppress(OSError):
         os.remove(full)
 
@@ -242,11 +336,28 @@ def _staging_prefix(path: str) -> str:
   return f".{os.path.basename(path)}.saving-"
 
 
-def _remove_stale_staging(path: str) -> None:
-  """Removes hidden ``.<name>.saving-*`` siblings of ``path`` left by interrupted saves (lock free).
+_MKDTEMP_NAME = re.compile(r"\..+\.saving-[a-z0-9_]{8}")
 
-  Any checkpoint name in the same parent counts, so repeated interrupted saves to different names
-  do not accumulate either; a staging directory whose lock is held belongs to a running save.
+
+def _is_our_staging(full: str) -> bool:
+  """A hidden staging directory this library made: it holds our staging marker, or (killed just before
+  its rename) our pointer whose token its current version's marker carries."""
+  marker = _read_json_file(os.path.join(full, STAGING_MARKER))
+  if isinstance(marker, dict) and marker.get("format") == FORMAT and marker.get("staging") == os.path.basename(full):
+    return True
+  try:
+    pointer = _read_pointer(full)
+  except ValueError:
+    return False
+  return _is_our_version(full, pointer["current"], pointer.get("token"))
+
+
+def _remove_stale_staging(path: str) -> None:
+  """Removes hidden ``.<name>.saving-*`` siblings of ``path`` left by interrupted saves.
+
+  Only directories proven ours (:func:`_is_our_staging`) whose lock is free are removed (a held lock
+  is a running save); an empty directory with mkdtemp's exact name (a save killed before it wrote
+  its marker) is removed with ``rmdir``, which cannot remove anything in it.
   """
   parent = os.path.dirname(path)
   try:
@@ -255,41 +366,39 @@ def _remove_stale_staging(path: str) -> None:
     return
   for entry in entries:
     full = os.path.join(parent, entry)
-    if not (entry.startswith(".") and ".saving-" in entry) or not os.path.isdir(full) or os.path.islink(full):
+    if not _MKDTEMP_NAME.fullmatch(entry) or os.path.islink(full) or not os.path.isdir(full):
       continue
-    lock = os.path.join(full, LOCK)
-    if not os.path.exists(lock):
-      with contextlib.suppress(OSError):
-        os.rmdir(full)  # Only an empty directory: a save killed before it took its lock.
-      continue
-    try:
-      with _locked(lock, blocking=False) as got:
-        if got:
-          shutil.rmtree(full, ignore_errors=True)
-    except OSError:
-      pass
+    with _locked(full, blocking=False) as got:
+      if not got:
+        continue
+      if _is_our_staging(full):
+        shutil.rmtree(full, ignore_errors=True)
+      else:
+        with contextlib.suppress(OSError):
+          os.rmdir(full)  # Succeeds only on an empty directory.
 
 
 def _new_staging(path: str, stack: contextlib.ExitStack) -> str:
-  """A new hidden sibling of ``path`` whose lock this process holds (until ``stack`` closes).
+  """A new hidden sibling of ``path`` that this process holds locked (until ``stack`` closes).
 
   Another save's cleanup may remove a staging directory in the instant between its creation and
-  its lock; the lock is therefore checked to still be the file at its path, else we start over.
+  its lock; the locked directory is therefore checked to still be the one at its path.
   """
   for _ in range(100):
     staging = tempfile.mkdtemp(prefix=_staging_prefix(path), dir=os.path.dirname(path))
-    lock = os.path.join(staging, LOCK)
     try:
-      fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except FileNotFoundError:
+      fd = _open_dir(staging)
+    except OSError:
       continue
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-      same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
+      same = os.stat(staging, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except OSError:
       same = False
     if same:
       stack.callback(os.close, fd)  # Closing the descriptor releases the lock.
+      marker = {"format": FORMAT, "staging": os.path.basename(staging)}
+      _write_new_file(os.path.join(staging, STAGING_MARKER), json.dumps(marker).encode())
       return staging
     os.close(fd)
   raise OSError(f"Could not create a staging directory next to `path` {path!r}.")
@@ -297,14 +406,18 @@ def _new_staging(path: str, stack: contextlib.ExitStack) -> str:
 
 def _check_target(path: str, overwrite: bool) -> str:
   """``"new"`` (nothing or an empty directory at ``path``) or ``"overwrite"`` (our checkpoint)."""
+  if os.path.islink(path):
+    raise ValueError(
+        f"`path` {path!r} is a symbolic link; save_adapters never writes through links. Pass the directory it "
+        f"points to ({os.path.realpath(path)!r}) if the checkpoint belongs there.")
   if os.path.lexists(path) and not os.path.isdir(path):
     raise FileExistsError(f"`path` {path!r} exists and is not a directory; adapters are saved as a directory.")
   if not os.path.exists(path) or not os.listdir(path):
     return "new"
   if not overwrite:
     raise FileExistsError(f"`path` {path!r} already exists; pass overwrite=True to replace it.")
-  if _is_legacy(path) and not os.path.exists(os.path.join(path, POINTER)):
-    return "overwrite"  # Format 1: replaced in place once the pointer of the new version is written.
+  if _is_legacy(path) and not os.path.lexists(os.path.join(path, POINTER)):
+    return "overwrite"  # Format 1: the new version and pointer are added; its files are left in place.
   try:
     _read_pointer(path)
   except ValueError as err:
@@ -385,7 +498,9 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
   The checkpoint appears at ``path`` only once complete; with ``overwrite=True`` the new version is
   switched in by one atomic rename, so at every instant ``path`` holds the old or the new complete
   checkpoint (see the module docstring). Only a directory written by ``save_adapters`` is ever
-  replaced. Leftovers of interrupted saves are removed by the next save to the same ``path``.
+  replaced, no link is followed, and nothing is deleted that this library cannot prove it wrote.
+  Leftovers of interrupted saves are removed by the next save to the same ``path``. The directory
+  describes itself in ``spectral_peft_adapters.json`` (methods, paths, shapes, library version).
 
   Multi-host (``jax.distributed``): a collective; call it on every process with the same arguments.
   Called on some processes only, it raises ``RuntimeError`` after ``BARRIER_TIMEOUT_S`` seconds
@@ -400,8 +515,8 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
   Raises:
     FileExistsError: ``path`` exists and ``overwrite`` is False, or another save won the race to
       create it, or it is a file.
-    ValueError: ``path`` is ``""``/``"."``/the working directory, or ``overwrite=True`` but ``path``
-      is not an adapter checkpoint.
+    ValueError: ``path`` is ``""``/``"."``/the working directory or a symbolic link, or
+      ``overwrite=True`` but ``path`` is not an adapter checkpoint.
     TypeError: ``adapters`` is not an adapters dict, holds tracers (inside ``jit``), or a method spec
       that is not JSON-serialisable.
     RuntimeError: (multi-host) not every process called it.
@@ -421,27 +536,42 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
   path = _normalize_path(path)
   arrays, entries = _flatten_for_save(adapters)
   metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapters": entries}
+  sizes = {name: int(sum(np.size(x) for x in jax.tree.leaves(a.params))) for name, a in adapters.items()}
+  description = {
+      "library": "spectral_peft",
+      "library_version": __version__,
+      "trainable_parameters": int(sum(sizes.values())),
+      "adapters": [{**entry, "trainable_parameters": sizes[entry["path"]]} for entry in entries],
+  }
+  json.dumps(description)  # Checked serialisable before anything is written (entries already are).
   version = VERSION_PREFIX + uuid.uuid4().hex  # Process 0's choice is broadcast below.
   ocp, checkpointer = _checkpointer()
   _enter_collective("save_adapters")
   primary = jax.process_index() == 0
 
   with contextlib.ExitStack() as stack:
+    stack.callback(_close, checkpointer)
 
     def prepare() -> dict[str, str]:
       mode = _check_target(path, overwrite)
-      parent = os.path.dirname(path)
-      os.makedirs(parent, exist_ok=True)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
       _remove_stale_staging(path)
       if mode == "new":
-        return {"mode": mode, "root": _new_staging(path, stack), "version": version}
-      stack.enter_context(_locked(os.path.join(path, LOCK)))
-      if os.path.exists(os.path.join(path, POINTER)) or not _is_legacy(path):
-        _remove_unreferenced(path, keep=_read_pointer(path)["current"])  # Still ours under the lock.
-      return {"mode": mode, "root": path, "version": version}
+        root, token = _new_staging(path, stack), uuid.uuid4().hex
+      else:
+        if not stack.enter_context(_locked(path)):
+          raise FileExistsError(f"`path` {path!r} was removed or replaced while this save waited for it; save again.")
+        token = None
+        if os.path.lexists(os.path.join(path, POINTER)):
+          pointer = _read_pointer(path)  # Still ours, under the lock.
+          token = pointer.get("token")
+          _remove_unreferenced(path, keep=pointer["current"], token=token)
+        token, root = token or uuid.uuid4().hex, path
+      _new_version(root, version, token)
+      return {"mode": mode, "root": root, "version": version, "token": token}
 
     plan = _run_on_primary(prepare)
-    target = os.path.join(plan["root"], plan["version"])
+    target = os.path.join(plan["root"], plan["version"], ORBAX_DIR)
     items = {"metadata": ocp.args.JsonSave(metadata)}
     if arrays:
       items["arrays"] = ocp.args.PyTreeSave(arrays)
@@ -450,44 +580,49 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
     except Exception:
       if primary and plan["mode"] == "new":
         shutil.rmtree(plan["root"], ignore_errors=True)
+      elif primary:
+        _remove_version(plan["root"], plan["version"], plan["token"])
       raise
 
     def commit() -> bool:
-      legacy = plan["mode"] == "overwrite" and not os.path.exists(os.path.join(path, POINTER)) and _is_legacy(path)
-      _write_pointer(plan["root"], plan["version"])
+      root, version, token = plan["root"], plan["version"], plan["token"]
+      _write_pointer(root, version, token, description)
       if plan["mode"] == "overwrite":
-        _remove_unreferenced(path, keep=plan["version"])
-        for entry in _LEGACY_ENTRIES if legacy else ():
-          full = os.path.join(path, entry)
-          if os.path.isdir(full):
-            shutil.rmtree(full, ignore_errors=True)
-          elif os.path.exists(full):
-            os.remove(full)
+        _remove_unreferenced(path, keep=version, token=token)
         return True
+      os.remove(os.path.join(root, STAGING_MARKER))
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(root, 0o777 & ~umask)  # mkdtemp made it private; a checkpoint gets ordinary permissions.
       try:
-        os.rename(plan["root"], path)  # Atomic; fails if another save already created `path`.
+        os.rename(root, path)  # Atomic; fails if another save already created `path`.
         _fsync_dir(os.path.dirname(path))
         return True
       except OSError as err:
         if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-          shutil.rmtree(plan["root"], ignore_errors=True)
+          shutil.rmtree(root, ignore_errors=True)
           raise
       # Another save created `path` while we wrote: we lost the race.
       if not overwrite:
-        shutil.rmtree(plan["root"], ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
         raise FileExistsError(
             f"`path` {path!r} was created by another save while this one was writing; pass overwrite=True to "
             "replace it."
         )
       try:
         _check_target(path, overwrite=True)
-        with _locked(os.path.join(path, LOCK)):
-          _read_pointer(path)
-          os.rename(os.path.join(plan["root"], plan["version"]), os.path.join(path, plan["version"]))
-          _write_pointer(path, plan["version"])
-          _remove_unreferenced(path, keep=plan["version"])
+        with _locked(path) as got:
+          if not got:
+            raise FileExistsError(f"`path` {path!r} was removed or replaced while this save waited for it; save again.")
+          theirs = _read_pointer(path).get("token") or token
+          marker = os.path.join(root, version, VERSION_MARKER)
+          _write_new_file(marker + ".tmp", json.dumps({"token": theirs, "version": version}).encode())
+          os.replace(marker + ".tmp", marker)
+          os.rename(os.path.join(root, version), os.path.join(path, version))
+          _write_pointer(path, version, theirs, description)
+          _remove_unreferenced(path, keep=version, token=theirs)
       finally:
-        shutil.rmtree(plan["root"], ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
       return True
 
     _run_on_primary(commit)
@@ -523,11 +658,36 @@ def load_adapters(path: str | os.PathLike, params: Optional[PyTree] = None) -> A
     raise ValueError(f"`path` {path!r} is a file, not an adapter checkpoint directory.")
   if os.path.isfile(os.path.join(path, "adapter_config.json")):
     raise ValueError(f"`path` {path!r} is a HuggingFace PEFT adapter directory: read it with sp.peft.import_peft(path, params).")
-  version_dir = os.path.join(path, _read_pointer(path)["current"])
-  if not os.path.isdir(version_dir):
-    raise ValueError(f"Checkpoint {path!r} is corrupted: its current version {os.path.basename(version_dir)!r} is missing.")
+  for _ in range(1000):
+    pointer = _read_pointer(path)
+    version_dir = os.path.join(path, pointer["current"])
+    # A shared lock on the version keeps a concurrent overwrite from removing it while we read it.
+    with _locked(version_dir, shared=True) as got:
+      if got:
+        orbax_dir = version_dir if pointer["format_version"] == 2 else os.path.join(version_dir, ORBAX_DIR)
+        return _load_version(path, orbax_dir, params)
+    if _read_pointer(path)["current"] == pointer["current"]:
+      raise ValueError(f"Checkpoint {path!r} is corrupted: its current version {pointer['current']!r} is missing "
+                       "(or is not a directory).")
+    # An overwrite switched versions meanwhile: read the new one.
+  raise ValueError(f"Checkpoint {path!r} changed more than 1000 times while it was being read.")
 
+
+def _load_version(path: str, version_dir: str, params: Optional[PyTree]) -> Adapters:
+  """Reads the orbax checkpoint ``version_dir`` of the checkpoint ``path`` (see :func:`load_adapters`)."""
   ocp, checkpointer = _checkpointer()
+  try:
+    return _restore(path, version_dir, params, ocp, checkpointer)
+  finally:
+    _close(checkpointer)
+
+
+def _close(checkpointer: Any) -> None:
+  with contextlib.suppress(Exception):
+    checkpointer.close()
+
+
+def _restore(path, version_dir, params, ocp, checkpointer) -> Adapters:
   try:
     metadata = checkpointer.restore(version_dir, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
   except Exception as err:  # orbax raises many types for missing or damaged files.
