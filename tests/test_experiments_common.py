@@ -155,3 +155,16 @@ def test_report_shows_the_recorded_run_beside_and_rests_on_it(tmp_path, monkeypa
   assert report._headline("Does not match (3 seeds): x") == "Does not match"
   with pytest.raises(ValueError, match="not defined"):
     report._check_presets(report._known(("sinusoidal_init",)), "no_such_preset")
+
+
+def test_sine_lora_summarize_recorded_pairs_the_val_chosen_omega_with_lora():
+  from experiments import sine_lora_finetune
+
+  runs = [{"rank": 4, "method": "LoRA", "paper_omega": None, "learning_rate": 0.01, "val": [0.5, 0.5], "test": [0.70, 0.72]},
+          {"rank": 4, "method": "sine LoRA", "paper_omega": 100.0, "learning_rate": 0.01, "val": [0.4, 0.4], "test": [0.9, 0.9]},
+          {"rank": 4, "method": "sine LoRA", "paper_omega": 400.0, "learning_rate": 0.003, "val": [0.6, 0.6], "test": [0.75, 0.78]}]
+  records = [{"preset": "steps250", "config": {"finetune_steps": 250}, "result": {"runs": runs}},
+             {"preset": "other", "config": {"finetune_steps": 1}, "result": {}}]
+  text = sine_lora_finetune.summarize_recorded(records)
+  assert "| steps250 | 250 | 4 | 2 |" in text and "omega 400" in text and "+0.0550 +- 0.0071" in text
+  assert sine_lora_finetune.summarize_recorded(records[1:]) == ""
