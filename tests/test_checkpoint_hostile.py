@@ -136,3 +136,29 @@ def test_loads_during_concurrent_overwrites_always_get_the_old_or_the_new_checkp
   assert {l for l in lines} <= {"tag 1.0", "tag 2.0"}
   assert "Event loop is closed" not in err, err[-3000:]
   assert len(versions(path)) >= 1 and sorted(e for e in os.listdir(tmp_path)) == ["ckpt"]
+
+
+def _as_format_2(path):
+  """Rewrites a fresh checkpoint into the format-2 layout (orbax files in the version, no token)."""
+  (version,) = versions(path)
+  inner = path / version / "checkpoint"
+  os.remove(path / version / "spectral_peft_version.json")
+  for name in os.listdir(inner):
+    os.rename(inner / name, path / version / name)
+  os.rmdir(inner)
+  (path / POINTER).write_text(json.dumps({"format": "spectral_peft.adapters", "format_version": 2, "current": version}))
+  (path / ".lock").write_text("")
+  return version
+
+
+def test_format_2_checkpoints_load_and_are_overwritten_without_deleting_their_files(tmp_path):
+  path = tmp_path / "ckpt"
+  sp.peft.save_adapters(path, adapters(5.0))
+  old = _as_format_2(path)
+  assert checkpoint_worker.tag_of(sp.peft.load_adapters(path, PARAMS)) == 5.0
+  sp.peft.save_adapters(path, adapters(6.0), overwrite=True)
+  assert checkpoint_worker.tag_of(sp.peft.load_adapters(path, PARAMS)) == 6.0
+  assert old in versions(path) and (path / ".lock").exists()  # No token proves them ours: left in place.
+  sp.peft.save_adapters(path, adapters(7.0), overwrite=True)
+  assert checkpoint_worker.tag_of(sp.peft.load_adapters(path, PARAMS)) == 7.0
+  assert len(versions(path)) == 2  # The format-2 version and the current one; our own old one is gone.

@@ -634,7 +634,10 @@ def load_adapters(path: str | os.PathLike, params: Optional[PyTree] = None) -> A
   Everything is checked before anything is returned: the pointer file, the metadata (methods,
   shapes), and every array's name, shape and dtype against the structure the method builds for the
   recorded weight shape. A damaged checkpoint gives one ``ValueError`` naming ``path`` and what is
-  wrong.
+  wrong. Loading while other processes overwrite ``path`` reads the old or the new checkpoint,
+  never a mixture and never a spurious error: the version being read is held with a shared
+  ``flock`` (a writer leaves it for a later save to remove), and a version switched away before it
+  could be locked is followed to the new one. Format 2 and 3 checkpoints are read.
 
   Args:
     path: checkpoint directory.
