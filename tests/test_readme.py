@@ -1,9 +1,12 @@
-"""The README's quickstart runs as written."""
+"""The README's Python blocks run as written, in sequence, and use no name that is not imported or
+defined before them; the quickstart prints its loss falling."""
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
+import symtable
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +15,64 @@ import numpy as np
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 
 
-def test_readme_quickstart_runs(tmp_path, monkeypatch):
+def _blocks() -> list[str]:
   with open(README) as f:
-    blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-  assert len(blocks) == 4
-  code = "\n".join(blocks).replace("/tmp/qv_adapter", str(tmp_path / "qv_adapter"))
-  code = code.replace("/tmp/nnx_adapter", str(tmp_path / "nnx_adapter"))
-  code = code.replace("/tmp/peft_lora", str(tmp_path / "peft_lora"))
+    return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+def _reads_and_binds(code: str) -> tuple[set[str], set[str]]:
+  """Global names the code reads (at top level or inside its functions, lambdas and comprehensions)
+  and the names it binds at top level (assignment, import, def, class, loop and with targets)."""
+  table = symtable.symtable(code, "README.md", "exec")
+  binds = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+  reads: set[str] = set()
+
+  def walk(scope: symtable.SymbolTable, top: bool) -> None:
+    for symbol in scope.get_symbols():
+      if symbol.is_referenced() and (top or symbol.is_global()):
+        reads.add(symbol.get_name())
+    for child in scope.get_children():
+      walk(child, False)
+
+  walk(table, True)
+  return reads, binds
+
+
+def _undefined_names(blocks: list[str]) -> dict[int, set[str]]:
+  """Per block (1-based): the names it reads that neither it nor an earlier block binds."""
+  known = set(dir(builtins))
+  undefined = {}
+  for index, code in enumerate(blocks, start=1):
+    reads, binds = _reads_and_binds(code)
+    known |= binds
+    if reads - known:
+      undefined[index] = reads - known
+  return undefined
+
+
+def test_undefined_name_check_catches_a_missing_import():
+  assert _undefined_names(["import jax\nx = jax.numpy.ones(3)", "y = P(None, 'model')"]) == {2: {"P"}}
+  assert _undefined_names(["f = lambda: jnp.ones(3)"]) == {1: {"jnp"}}
+  assert _undefined_names(["def g():\n  return np.zeros(2)"]) == {1: {"np"}}
+  assert _undefined_names(["y = x", "x = 1"]) == {1: {"x"}}  # used before the block that defines it
+  assert not _undefined_names(["from jax.sharding import PartitionSpec as P", "for i in range(2): print(P(i))"])
+
+
+def test_readme_blocks_use_only_names_defined_before_them():
+  assert not _undefined_names(_blocks()), "README code uses names it never imports or defines (block: names)"
+
+
+def test_readme_quickstart_runs(tmp_path, capsys):
+  blocks = _blocks()
+  assert len(blocks) == 5
   scope: dict = {}
-  exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+  for index, code in enumerate(blocks, start=1):  # one namespace, built only by the blocks before
+    for old in ("/tmp/qv_adapter", "/tmp/nnx_adapter", "/tmp/peft_lora"):
+      code = code.replace(old, str(tmp_path / os.path.basename(old)))
+    exec(compile(code, f"README.md (python block {index})", "exec"), scope)  # noqa: S102
+  printed = capsys.readouterr().out
+  losses = [float(v) for v in re.findall(r"^step +\d+ +loss ([\d.]+)$", printed, flags=re.M)]
+  assert len(losses) >= 3 and all(b < a for a, b in zip(losses, losses[1:])), printed  # the loss falls
   sp, params, adapters, model, x = (scope[k] for k in ("sp", "params", "adapters", "model", "x"))
   assert set(adapters) == {"SelfAttention_0/query/kernel", "SelfAttention_0/value/kernel"}
   untrained = scope["loss"](sp.peft.init_adapters(jax.random.key(2), params, scope["method"], r"(query|value)/kernel", in_axes=1))
@@ -37,3 +89,6 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
   saved = sp.peft.load_adapters(tmp_path / "nnx_adapter", sp.nnx.base_params(net))
   assert sorted(saved) == ["layers/0/kernel", "layers/2/kernel"]
   assert any(float(jnp.max(jnp.abs(a.params["b"]))) > 0 for a in saved.values())
+  # Sharding: the base and its adapters placed on the mesh the block built.
+  mesh = scope["mesh"]
+  assert params["SelfAttention_0"]["query"]["kernel"].sharding.mesh == mesh
