@@ -182,7 +182,7 @@ def test_scanned_layers_draw_their_own_masks():
 
   value, grads = jax.jit(jax.value_and_grad(loss))(adapters, jax.random.key(3))
   assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-  keys = sp.peft._runtime.LayerAdapter.from_adapter("layer/kernel", adapters["layer/kernel"], jax.random.key(3)).dropout_key
+  keys = sp.peft._runtime.core.LayerAdapter.from_adapter("layer/kernel", adapters["layer/kernel"], jax.random.key(3)).dropout_key
   assert keys.shape == (3,)
   data = np.asarray(jax.random.key_data(keys))
   assert len({tuple(row) for row in data.reshape(3, -1)}) == 3  # one key per scanned layer

@@ -166,6 +166,39 @@ def test_lemma1_full_rank_probability_at_the_threshold():
     assert abs(np.mean(full) - limit) < 4 * sd + 0.03, (c, np.mean(full), limit)
 
 
+def test_large_grid_positions_are_distinct_deterministic_and_uniform():
+  """Above 2**16 entries the O(p) draw: distinct, in range, jit == eager, rows and columns uniform."""
+  grid, p = (300, 301), 3000
+  draws = [np.asarray(sp.sparse_positions(jax.random.key(i), grid, p)) for i in range(40)]
+  for x in draws:
+    assert len(np.unique(x)) == p and x.min() >= 0 and x.max() < grid[0] * grid[1]
+    assert np.all(np.diff(x) > 0)
+  jitted = jax.jit(sp.sparse_positions, static_argnums=(1, 2))(jax.random.key(3), grid, p)
+  np.testing.assert_array_equal(jitted, draws[3])
+  assert not np.array_equal(draws[0], draws[1])
+  x = np.concatenate(draws)
+  for counts in (np.bincount(x // grid[1], minlength=grid[0]), np.bincount(x % grid[1], minlength=grid[1])):
+    expected = len(x) / len(counts)
+    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    dof = len(counts) - 1
+    assert chi2 < dof + 6 * math.sqrt(2 * dof), (chi2, dof)  # chi2 has mean dof, sd sqrt(2 dof).
+
+
+def test_large_grid_positions_reproduce_lemma1():
+  """The O(p) draw's joint law: P(full rank) at p = n (ln n + 2) near exp(-2 exp(-2)) on a 300 x 300 grid."""
+  n, trials, c = 300, 150, 2.0
+  p = round(sp.lemma1_threshold(n, c))
+  full = [_structural_rank(sp.sparse_positions(jax.random.key(t), (n, n), p), n, n) == n for t in range(trials)]
+  limit = math.exp(-2 * math.exp(-c))
+  sd = math.sqrt(limit * (1 - limit) / trials)
+  assert abs(np.mean(full) - limit) < 4 * sd + 0.03, (np.mean(full), limit)
+
+
+def test_sparse_positions_refuses_grids_past_int32():
+  with pytest.raises(ValueError, match="fewer than 2\\*\\*31"):
+    sp.sparse_positions(jax.random.key(0), (65536, 65536), 4)
+
+
 # -- paper 002, Lemma 3 ---------------------------------------------------------------------------
 @hypothesis.settings(deadline=None, max_examples=10, derandomize=True)
 @hypothesis.given(k=st.integers(1, 4), n_in=st.integers(6, 14), n_out=st.integers(3, 9), seed=st.integers(0, 10_000))

@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Optional, Sequence
@@ -32,22 +33,70 @@ def _check_shape(shape: Any) -> tuple[int, int]:
   return int(shape[0]), int(shape[1])
 
 
-def sparse_positions(key: Array, grid: Sequence[int], n_params: int) -> Array:
-  """``n_params`` distinct flat positions drawn uniformly (without replacement) from an ``(M, N)`` grid.
+# Grids up to this many entries draw with ``jax.random.permutation`` (exactly uniform, O(M N) but
+# cheap at this size); larger ones with the keyed Feistel permutation below (O(p)).
+_PERMUTATION_LIMIT = 2**16
+_FEISTEL_ROUNDS = 6
 
-  The draw is a function of ``key`` alone (``jax.random.permutation``), so the same key gives the
-  same positions on every machine. Positions are returned sorted, which keeps gathers local.
+
+def _mix32(x: Array, round_key: Array) -> Array:
+  """A keyed 32-bit integer hash (murmur3's finaliser over ``x ^ round_key``): a Feistel round function."""
+  h = (x ^ round_key) * jnp.uint32(0x9E3779B1)
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # One compilation per (grid size, p): a model has few.
+def _feistel_prefix(key: Array, size: int, p: int) -> Array:
+  """``pi(0), ..., pi(p - 1)`` for a key-chosen permutation ``pi`` of ``[0, size)``, in ``O(p)``.
+
+  ``pi`` is a balanced Feistel network (keyed :func:`_mix32` rounds) over the smallest ``2^(2h) >=
+  size``, restricted to ``[0, size)`` by cycle walking (re-apply until the value falls inside; each
+  walk ends because the value's cycle passes through its start). The outputs are distinct because
+  ``pi`` is a bijection, and each is close to uniform over ``[0, size)``; nothing of size ``size``
+  is formed.
+  """
+  bits = max(2, (size - 1).bit_length())
+  half = (bits + 1) // 2
+  mask = jnp.uint32((1 << half) - 1)
+  round_keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+
+  def permute(x):
+    left, right = x >> half, x & mask
+    for r in range(_FEISTEL_ROUNDS):
+      left, right = right, left ^ (_mix32(right, round_keys[r]) & mask)
+    return (left << half) | right
+
+  bound = jnp.uint32(size)
+  out = jax.lax.while_loop(lambda y: jnp.any(y >= bound), lambda y: jnp.where(y >= bound, permute(y), y),
+                           permute(jnp.arange(p, dtype=jnp.uint32)))
+  return out
+
+
+def sparse_positions(key: Array, grid: Sequence[int], n_params: int) -> Array:
+  """``n_params`` distinct flat positions drawn (without replacement) from an ``(M, N)`` grid.
+
+  The draw is a function of ``key`` alone, so the same key gives the same positions on every machine,
+  with and without ``jit``. Up to ``2**16`` grid entries it is ``jax.random.permutation(key, M * N)[:p]``
+  (exactly uniform); above, the first ``p`` images of a key-chosen pseudorandom permutation of the
+  grid (a 6-round Feistel network with cycle walking), which costs ``O(p)`` time and memory whatever
+  ``M * N``: attaching sparse adapters to a 4096 x 11008 weight draws ``p`` numbers, not 45 million.
+  Positions are returned sorted, which keeps gathers local.
 
   Args:
     key: a ``jax.random`` key.
-    grid: ``(M, N)``.
+    grid: ``(M, N)``, ``M * N < 2**31``.
     n_params: ``p``, ``1 <= p <= M * N``.
 
   Returns:
     ``(p,)`` int32 flat row-major positions, sorted ascending.
 
   Raises:
-    ValueError: ``p < 1`` or ``p > M * N``; TypeError: non-integer ``p``.
+    ValueError: ``p < 1`` or ``p > M * N``, or a grid of ``2**31`` entries or more; TypeError:
+      non-integer ``p``.
 
   Example:
     >>> import jax, spectral_peft as sp
@@ -56,9 +105,15 @@ def sparse_positions(key: Array, grid: Sequence[int], n_params: int) -> Array:
   """
   big_m, big_n = _check_shape(tuple(grid))
   p = _validation.check_positive_int("n_params", n_params)
-  if p > big_m * big_n:
-    raise ValueError(f"`n_params` must be at most the {big_m} x {big_n} = {big_m * big_n} grid positions, got {p}.")
-  chosen = jax.random.permutation(key, big_m * big_n)[:p]
+  size = big_m * big_n
+  if p > size:
+    raise ValueError(f"`n_params` must be at most the {big_m} x {big_n} = {size} grid positions, got {p}.")
+  if size >= 2**31:
+    raise ValueError(f"`grid` must have fewer than 2**31 entries (int32 flat positions), got {big_m} x {big_n} = {size}.")
+  if size <= _PERMUTATION_LIMIT:
+    chosen = jax.random.permutation(key, size)[:p]
+  else:
+    chosen = _feistel_prefix(key, size, p)
   return jnp.sort(chosen).astype(jnp.int32)
 
 

@@ -397,7 +397,6 @@ class FourierFT(AdapterMethod):
     """
     self.check_shape(tuple(w0.shape))
     if self.random_loc_seed is not None:
-  
       flat = positions.peft_positions("fourierft", tuple(w0.shape), self.n_frequency, self.random_loc_seed)
       return {"indices": jnp.asarray(np.sort(flat), jnp.int32)}
     return {"indices": theory.sparse_positions(key, tuple(w0.shape), self.n_frequency)}

@@ -247,17 +247,21 @@ def merged_call(adapters: Mapping[str, tuple[LayerAdapter, Array]],
 
 
 def _tie(params: Any, anchor: Any) -> Any:
-  """``params`` made data-dependent on ``anchor`` without changing their values (for finite ``anchor``).
+  """``params`` made data-dependent on ``anchor``, their values unchanged whatever ``anchor`` holds.
 
   ``optimization_barrier`` orders the rebuild on GPU/TPU, but XLA:CPU removes barriers before
-  scheduling; adding ``0 * anchor[0]`` (which XLA does not fold for floating types) gives every
-  backend a real dependency: a layer's merged weight cannot be built before its input (forward) or
-  its output cotangent (backward) exists.
+  scheduling, so every backend also gets a real dependency: a layer's merged weight cannot be built
+  before its input (forward) or its output cotangent (backward) exists. The dependency is on one
+  element, read by indexing (not by flattening, which would make a sharded activation gather
+  whole), through ``where(isfinite(e), 0 * e, 0)``: exactly zero for every value of ``e``, inf and
+  NaN included (so one non-finite input element never reaches another example), and not folded
+  away by XLA (``0 * e`` is not zero for non-finite floats).
   """
   floats = [x for x in jax.tree.leaves(anchor) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and jnp.size(x)]
   if not floats:
     return params
-  zero = jnp.real(jnp.ravel(floats[0])[0]) * 0
+  element = jnp.real(floats[0][(0,) * jnp.ndim(floats[0])])
+  zero = jnp.where(jnp.isfinite(element), element * 0, jnp.zeros((), element.dtype))
 
   def tie(p):
     if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):

@@ -1,8 +1,8 @@
 """The adapter runtime for Flax NNX: adapters added in place to an existing module graph.
 
 :func:`adapt` adds one adapter per target weight to the module that owns it, as variables of
-their own types: :class:`AdapterParam` (trainable, so ``nnx.Optimizer(model, tx,
-wrt=AdapterParam)`` trains exactly the adapters) and :class:`AdapterConstant` (positions, masks,
+their own types: :class:`AdapterParam` (trainable; an ``nnx.LoRAParam``, so ``nnx.Optimizer(model, tx,
+wrt=nnx.LoRAParam)`` and Tunix's ``PeftTrainer`` train exactly the adapters) and :class:`AdapterConstant` (positions, masks,
 reference norms: never trained, but sliced with the weight by ``nnx.scan``/``nnx.vmap``). The
 owning module's ``__call__`` then routes through :mod:`spectral_peft.peft._runtime` (factored
 product for ``nnx.Linear`` with a low-rank method, the layer at its merged weight rebuilt per layer
@@ -31,8 +31,27 @@ from spectral_peft.peft._tree import Adapters, init_adapters, leaf_paths
 Array = jax.Array
 
 
-class AdapterParam(nnx.Param):
-  """A trainable adapter array (an ``nnx.Param``, so ``wrt=nnx.Param`` full fine-tuning includes it)."""
+class AdapterParam(nnx.LoRAParam):
+  """A trainable adapter array, of every method: flax's ``nnx.LoRAParam`` convention for "the adapter".
+
+  Being an ``nnx.LoRAParam`` (itself an ``nnx.Param``), it is what the ecosystem's adapter filters
+  select: Tunix's ``PeftTrainer`` (which trains and checkpoints ``nnx.LoRAParam`` state only when a
+  model holds one), qwix-style ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and
+  ``nnx.state(model, nnx.LoRAParam)``. The filters, on an adapted model:
+
+  =========================================================  ===================================
+  filter                                                     selects
+  =========================================================  ===================================
+  ``nnx.LoRAParam`` or ``sp.nnx.AdapterParam``               the adapters' trainable arrays only
+  ``nnx.Param``                                              base weights and adapters (full
+                                                             fine-tuning, as flax defines it)
+  ``nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))`` /           the base weights only
+  :func:`base_params`
+  :class:`AdapterConstant`                                   positions, masks, reference norms
+  =========================================================  ===================================
+
+  ``AdapterParam`` (a subclass) singles out our adapters beside qwix's ``LoRAParam`` in one model.
+  """
 
 
 class AdapterConstant(nnx.Variable):
