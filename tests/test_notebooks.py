@@ -52,6 +52,8 @@ ROUND_OFF = 1e-3      # numbers both below this (round-off residues, converged l
 PNG_BYTES = 300_000   # per image
 NOTEBOOK_BYTES = 1_200_000
 NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|\bnan\b|\binf\b")
+# Written into the notebook metadata with the outputs, to tell a numerical drift from a new release.
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "transformers")
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/tmp/|/home/|/Users/|/work/|/root/|/private/|/var/folders/|[A-Z]:\\)")
 
 
@@ -97,6 +99,16 @@ def _shrink_pngs(notebook) -> None:
       flat.quantize(colors=256, dither=Image.Dither.NONE).save(buffer, format="PNG", optimize=True)
       if len(buffer.getvalue()) < len(raw):
         out.data["image/png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _versions() -> dict[str, str]:
+  found = {}
+  for name in VERSIONED:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return found
 
 
 def _kind(out) -> str:
@@ -173,7 +185,7 @@ def _require_flax_transformers() -> None:
 
 
 def test_there_are_notebooks():
-  assert len(NOTEBOOKS) >= 3, NOTEBOOKS
+  assert len(NOTEBOOKS) >= 4, NOTEBOOKS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -199,15 +211,19 @@ def test_notebook_runs_and_plots(path, tmp_path, monkeypatch):
   fresh = _committed_form(notebook, metadata=committed.metadata)
   if UPDATE:
     _shrink_pngs(fresh)
+    fresh.metadata["spectral_peft"] = {"outputs_computed_with": _versions()}
     nbformat.write(fresh, path)
     return
   if os.environ["JAX_PLATFORMS"] != "cpu":
     return  # the committed outputs are a CPU run's
   problems = _output_mismatches(_committed_form(committed), fresh)
+  then = committed.metadata.get("spectral_peft", {}).get("outputs_computed_with", {})
+  now = {k: v for k, v in _versions().items() if k in then}
   assert not problems, (
       f"{os.path.basename(path)}: the committed outputs are not what the committed code gives now "
-      f"(rewrite them with SPECTRAL_PEFT_UPDATE_NOTEBOOKS=1, see this module's docstring):\n  "
-      + "\n  ".join(problems))
+      f"(rewrite them with SPECTRAL_PEFT_UPDATE_NOTEBOOKS=1, see this module's docstring)"
+      + (f"; they were computed with {then}, this run has {now}" if then != now else "")
+      + ":\n  " + "\n  ".join(problems))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -221,6 +237,7 @@ def test_notebook_is_committed_with_its_outputs(path):
   assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "not executed top to bottom in one run"
   assert all("execution" not in c.metadata for c in notebook.cells), "per-run timestamps in the cell metadata"
   assert "version" not in notebook.metadata.get("language_info", {}), "the kernel's Python version in the metadata"
+  assert "jax" in notebook.metadata.get("spectral_peft", {}).get("outputs_computed_with", {}), "no library versions"
   outputs = [out for cell in code for out in cell.outputs]
   assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"], "stderr output committed"
   assert not [o for o in outputs if o.output_type == "error"], "an error output committed"
