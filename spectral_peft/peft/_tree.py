@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_peft import _validation
-from spectral_peft.peft._methods.base import Adapter, AdapterMethod, matrix_shape
+from spectral_peft.peft._methods.base import Adapter, AdapterMethod, matrix_shape, normalize_layout
 
 Array = jax.Array
 PyTree = Any
@@ -192,18 +192,70 @@ def _resolve_method(method: MethodChoice, path: str, shape: tuple[int, ...]) -> 
   return chosen
 
 
+def _resolve_axes(in_axes: InAxes, layout: Any, path: str, shape: tuple[int, ...]) -> tuple[int, Any]:
+  """``(in_axes count, layout)`` of one target slice from the user's ``in_axes`` and ``layout`` choices.
+
+  An ``in_axes`` tuple names the input axes explicitly (the rest, in order, are outputs); a
+  ``layout`` pair names both. Either gives the explicit layout ``(input_axes, output_axes)``.
+  """
+  value = _resolve_in_axes_value(in_axes, path, shape)
+  explicit_layout = not isinstance(layout, str)
+  if isinstance(value, tuple):
+    ndim = len(shape)
+    ins = tuple(int(a) + ndim if int(a) < 0 else int(a) for a in value)
+    outs = tuple(a for a in range(ndim) if a not in ins)
+    pair = normalize_layout((ins, outs), shape, len(ins))
+    if explicit_layout and normalize_layout(layout, shape, len(layout[0])) != pair:
+      raise ValueError(f"For target {path!r}, `in_axes={value!r}` and `layout={layout!r}` disagree.")
+    if not explicit_layout and layout != "in_out":
+      raise ValueError(f"For target {path!r}, `in_axes` as explicit axes {value!r} needs the default layout, got "
+                       f"`layout={layout!r}`.")
+    return len(ins), pair
+  if explicit_layout:
+    try:
+      count = len(layout[0])
+    except TypeError:
+      raise ValueError(f"`layout` for target {path!r} must be 'in_out', 'out_in' or an (input_axes, output_axes) "
+                       f"pair, got {layout!r}.") from None
+    if value is not None and value != count:
+      raise ValueError(f"For target {path!r}, `in_axes={value}` disagrees with `layout={layout!r}` ({count} input axes).")
+    return count, normalize_layout(layout, shape, count)
+  return _check_in_axes_count(value, path, shape), normalize_layout(layout, shape, 1)
+
+
 def _resolve_in_axes(in_axes: InAxes, path: str, shape: tuple[int, ...]) -> int:
-  value: Optional[int]
+  """The number of leading input axes of a target (``in_axes`` as a count)."""
+  value = _resolve_in_axes_value(in_axes, path, shape)
+  if isinstance(value, tuple):
+    raise ValueError(f"`in_axes` for target {path!r} must be a count here, got the explicit axes {value!r}.")
+  return _check_in_axes_count(value, path, shape)
+
+
+def _resolve_in_axes_value(in_axes: InAxes, path: str, shape: tuple[int, ...]) -> Any:
+  value: Any
   if in_axes is None:
     value = None
-  elif isinstance(in_axes, int):
+  elif isinstance(in_axes, (int, tuple, list)) and not isinstance(in_axes, bool):
     value = in_axes
   elif isinstance(in_axes, Mapping):
     value = next((v for pattern, v in in_axes.items() if _compile("in_axes", pattern).search(path)), None)
   elif callable(in_axes):
     value = in_axes(path, shape)
   else:
-    raise TypeError(f"`in_axes` must be None, an int, a {{regex: int}} mapping or a callable, got {in_axes!r}.")
+    raise TypeError(f"`in_axes` must be None, an int, a tuple of input axes, a {{regex: int | tuple}} mapping or a "
+                    f"callable, got {in_axes!r}.")
+  if isinstance(value, list):
+    value = tuple(value)
+  if isinstance(value, tuple):
+    ndim = len(shape)
+    if (not value or len(value) >= ndim or len(set(value)) != len(value)
+        or not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) and -ndim <= a < ndim for a in value)):
+      raise ValueError(f"`in_axes` for target {path!r} of shape {shape}: explicit input axes must be distinct axis "
+                       f"positions in [{-ndim}, {ndim - 1}], at least one and fewer than {ndim}; got {value!r}.")
+  return value
+
+
+def _check_in_axes_count(value: Any, path: str, shape: tuple[int, ...]) -> int:
   if len(shape) < 2:
     raise ValueError(
         f"Target {path!r} has shape {shape}, which is not a matrix: adapters need a weight with at "
@@ -248,11 +300,14 @@ def init_adapters(
       different rank or budget per layer), a ``{regex: spec}`` mapping (first match wins) or a
       callable ``(path, shape) -> spec``.
     targets: regex searched in ``'/'``-joined paths, or a predicate ``(path, leaf) -> bool``.
-    in_axes: reshape rule for weights with more than 2 axes (see the module docstring): an int for
-      all targets, ``{regex: int}``, or ``(path, shape) -> int | None``.
+    in_axes: reshape rule for weights with more than 2 axes (see the module docstring): an int
+      (that many leading input axes), a tuple of axis positions (the input axes at any position,
+      the other axes outputs: ``(1,)`` for Gemma's ``q_einsum`` kernel ``(heads, embed, head_dim)``),
+      ``{regex: int | tuple}``, or ``(path, shape) -> int | tuple | None``. Positions count within
+      one slice (after ``stack_axes``).
     layout: ``"in_out"`` (Flax kernels, the default) or ``"out_in"`` for weights stored
       ``(out_features, in_features)`` (PyTorch ``Linear`` / GPT-2 ``Conv1D`` style; PEFT's
-      ``fan_in_fan_out``), or ``{regex: layout}``. The method always sees ``(in, out)``, so DoRA's
+      ``fan_in_fan_out``), an explicit ``(input_axes, output_axes)`` pair, or ``{regex: layout}``. The method always sees ``(in, out)``, so DoRA's
       magnitude and the sine gain use the right axis.
     stack_axes: number of leading axes that index independent weights (kernels stacked by
       ``nn.scan``/``nn.vmap``/``nnx.vmap``, shape ``(layers, ...)``), or ``{regex: int}``. Each slice
@@ -282,8 +337,7 @@ def init_adapters(
       raise ValueError(f"`stack_axes` for target {path!r} of shape {shape} must be an int in [0, {len(shape) - 2}], "
                        f"got {stack!r}.")
     slice_shape = shape[stack:]
-    axes = _resolve_in_axes(in_axes, path, slice_shape)
-    kind = _resolve_per_path(layout, path, "layout", "in_out")
+    axes, kind = _resolve_axes(in_axes, _resolve_per_path(layout, path, "layout", "in_out"), path, slice_shape)
     shell = Adapter({}, {}, _NoMethod(), slice_shape, "float32", axes, kind)
     mshape = shell.matrix_shape
     spec = _resolve_method(method, path, slice_shape)

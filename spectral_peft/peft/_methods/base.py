@@ -187,6 +187,37 @@ class Constants:
 LAYOUTS = ("in_out", "out_in")
 
 
+def normalize_layout(layout: Any, slice_shape: tuple[int, ...], in_axes: int) -> Any:
+  """``"in_out"``, ``"out_in"``, or an explicit ``(input_axes, output_axes)`` pair checked against the slice.
+
+  An explicit layout names the axes of one weight slice (stack axes excluded) that are inputs and
+  those that are outputs, at any position: Gemma's ``q_einsum`` kernel ``(heads, embed, head_dim)``
+  is ``((1,), (0, 2))``. Together they must name every axis once, and ``in_axes`` must equal the
+  number of input axes. The matrix the method sees is ``transpose(w, input_axes + output_axes)``
+  flattened to ``(prod(inputs), prod(outputs))``.
+
+  Raises:
+    ValueError: an unknown string, axes that are not a partition of the slice's axes, an empty side,
+      or an ``in_axes`` that disagrees.
+  """
+  if isinstance(layout, str):
+    if layout not in LAYOUTS:
+      raise ValueError(f"`layout` must be one of {LAYOUTS} or an (input_axes, output_axes) pair, got {layout!r}.")
+    return layout
+  ndim = len(slice_shape)
+  try:
+    ins, outs = (tuple(int(a) for a in side) for side in layout)
+  except (TypeError, ValueError):
+    raise ValueError(f"`layout` must be one of {LAYOUTS} or an (input_axes, output_axes) pair of int tuples, "
+                     f"got {layout!r}.") from None
+  if not ins or not outs or sorted(ins + outs) != list(range(ndim)):
+    raise ValueError(f"An explicit `layout` (input_axes, output_axes) must split the axes 0..{ndim - 1} of a weight "
+                     f"slice of shape {tuple(slice_shape)} into two non-empty groups, each axis once; got {layout!r}.")
+  if in_axes != len(ins):
+    raise ValueError(f"`in_axes={in_axes}` disagrees with the explicit layout {layout!r} ({len(ins)} input axes).")
+  return (ins, outs)
+
+
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class Adapter:
@@ -203,9 +234,11 @@ class Adapter:
     shape: shape of the adapted weight leaf ``w0`` (stack axes included).
     dtype: dtype name of ``w0``.
     in_axes: number of input axes of one slice of ``w0``.
-    layout: ``"in_out"`` (Flax: the first ``in_axes`` axes of a slice are inputs) or ``"out_in"``
+    layout: ``"in_out"`` (Flax: the first ``in_axes`` axes of a slice are inputs), ``"out_in"``
       (PyTorch ``Linear`` / GPT-2 ``Conv1D`` style, PEFT's ``fan_in_fan_out=False`` for torch: the last
-      ``in_axes`` axes are inputs). The method always sees the matrix ``(in, out)``.
+      ``in_axes`` axes are inputs), or an explicit ``(input_axes, output_axes)`` pair of a slice's
+      axis positions (:func:`normalize_layout`; e.g. ``((1,), (0, 2))`` for Gemma's ``(heads, embed,
+      head_dim)`` query kernel). The method always sees the matrix ``(in, out)``.
     stack_axes: leading axes of ``w0`` that index independent weights (``nn.scan``/``nnx.vmap``
       stacked layers): each slice ``w0[i]`` has its own adapter, stacked along the same axes.
   """
@@ -224,8 +257,7 @@ class Adapter:
     object.__setattr__(self, "_constants", constants)
     object.__setattr__(self, "frozen", constants.tree)
     object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-    if self.layout not in LAYOUTS:
-      raise ValueError(f"`layout` must be one of {LAYOUTS}, got {self.layout!r}.")
+    object.__setattr__(self, "layout", normalize_layout(self.layout, self.shape[self.stack_axes:], self.in_axes))
 
   def __eq__(self, other: Any) -> bool:
     if not isinstance(other, Adapter):
@@ -271,23 +303,39 @@ class Adapter:
   @property
   def matrix_shape(self) -> tuple[int, int]:
     """``(m, n)`` = ``(in_features, out_features)``: the matrix the method adapts."""
-    shape = self.slice_shape
+    ins, outs = self.io_shapes()
+    return math.prod(ins), math.prod(outs)
+
+  @property
+  def io_axes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(input_axes, output_axes)`` of one slice, as positions (any layout)."""
+    ndim = len(self.slice_shape)
     if self.layout == "in_out":
-      return matrix_shape(shape, self.in_axes)
-    return math.prod(shape[len(shape) - self.in_axes:]), math.prod(shape[: len(shape) - self.in_axes])
+      return tuple(range(self.in_axes)), tuple(range(self.in_axes, ndim))
+    if self.layout == "out_in":
+      return tuple(range(ndim - self.in_axes, ndim)), tuple(range(ndim - self.in_axes))
+    return self.layout
 
   def to_matrix(self, w: Array) -> Array:
     """One weight slice in its stored layout -> the ``(in, out)`` matrix the method sees."""
     m, n = self.matrix_shape
     if self.layout == "in_out":
       return w.reshape(m, n)
-    return w.reshape(n, m).T
+    if self.layout == "out_in":
+      return w.reshape(n, m).T
+    ins, outs = self.layout
+    return jnp.transpose(w, ins + outs).reshape(m, n)
 
   def from_matrix(self, matrix: Array) -> Array:
     """Inverse of :meth:`to_matrix`: an ``(in, out)`` matrix -> one weight slice."""
     if self.layout == "in_out":
       return matrix.reshape(self.slice_shape)
-    return matrix.T.reshape(self.slice_shape)
+    if self.layout == "out_in":
+      return matrix.T.reshape(self.slice_shape)
+    ins, outs = self.layout
+    order = ins + outs
+    shape = self.slice_shape
+    return jnp.transpose(matrix.reshape(tuple(shape[a] for a in order)), tuple(np.argsort(order)))
 
   def unstacked(self, index: Any) -> "Adapter":
     """The adapter of slice ``index`` of a stacked adapter (``params``/``frozen`` indexed along the stack axes)."""
@@ -341,11 +389,10 @@ class Adapter:
     return self.map_slices(one, w)
 
   def io_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(input_axes, output_axes)`` of one slice in its stored order."""
+    """``(input sizes, output sizes)`` of one slice, in the order of :attr:`io_axes`."""
     shape = self.slice_shape
-    if self.layout == "in_out":
-      return shape[: self.in_axes], shape[self.in_axes:]
-    return shape[len(shape) - self.in_axes:], shape[: len(shape) - self.in_axes]
+    ins, outs = self.io_axes
+    return tuple(shape[a] for a in ins), tuple(shape[a] for a in outs)
 
   def apply(self, x: Array, w0: Array) -> Array:
     """``x @ (w0 + Delta W)`` for inputs ``x: (..., *input_axes)`` (one unstacked weight).

@@ -320,3 +320,95 @@ def unused_adapters_error(unused: list[str], seen: Mapping[str, str]) -> ValueEr
   return ValueError(
       "Adapters were not applied during this call (the runtime never skips an adapter silently): "
       + "; ".join(lines) + ". Check the adapter paths against the model's parameters and that these layers run.")
+
+
+# -- einsum layers: the adapter's branch placed by the layer's own equation ----------------------------
+def _einsum_specs(equation: str, operand_ndims: tuple[int, int]) -> tuple[list[str], str]:
+  """``([spec_0, spec_1], out)`` of a two-operand einsum with ``...`` spelled out as fresh letters."""
+  equation = equation.replace(" ", "")
+  if "->" not in equation:
+    raise ValueError(f"Einsum equation {equation!r} has no '->': the runtime needs an explicit output.")
+  lhs, out = equation.split("->")
+  specs = lhs.split(",")
+  if len(specs) != 2:
+    raise ValueError(f"Einsum equation {equation!r} must have two operands (input, kernel).")
+  used = set(equation)
+  fresh = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+  ellipsis = ""
+  for i, spec in enumerate(specs):
+    if "..." in spec:
+      count = operand_ndims[i] - (len(spec) - 3)
+      ellipsis = "".join(fresh[:count])
+      specs[i] = spec.replace("...", ellipsis)
+  return specs, out.replace("...", ellipsis)
+
+
+def einsum_io_axes(equation: str, kernel_ndim: int, kernel_operand: int = 1) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """``(input_axes, output_axes, other_axes)`` of the kernel operand of a two-operand einsum.
+
+  Input axes are contracted with the other operand (letters in both operands, not in the output),
+  output axes reach the output only from the kernel. Other axes are those in the other operand and
+  the output too (a per-head weight: one independent matrix per index) or summed out of the kernel
+  alone; a single ``(in, out)`` matrix cannot describe them.
+
+  Example:
+    >>> einsum_io_axes("BTD,NDH->BTNH", 3)
+    ((1,), (0, 2), ())
+  """
+  specs, out = _einsum_specs(equation, (kernel_ndim, kernel_ndim))
+  kernel, other = specs[kernel_operand], specs[1 - kernel_operand]
+  if len(kernel) != kernel_ndim or len(set(kernel)) != len(kernel):
+    raise ValueError(f"Einsum equation {equation!r}: the kernel operand {kernel!r} does not name its {kernel_ndim} "
+                     "axes with distinct letters.")
+  ins = tuple(i for i, c in enumerate(kernel) if c in other and c not in out)
+  outs = tuple(i for i, c in enumerate(kernel) if c in out and c not in other)
+  rest = tuple(i for i in range(kernel_ndim) if i not in ins and i not in outs)
+  return ins, outs, rest
+
+
+def check_einsum_layout(adapter: Any, equation: str, path: str, kernel_operand: int = 1) -> None:
+  """Raises when the adapter's input/output axes contradict the layer's einsum contraction.
+
+  Raises:
+    ValueError: naming the weight, the equation, the axes it contracts and the adapter's axes.
+  """
+  ins, outs, rest = einsum_io_axes(equation, len(adapter.slice_shape), kernel_operand)
+  mine_in, mine_out = adapter.io_axes
+  if set(mine_in) == set(ins) and set(mine_out) == set(outs) and not rest:
+    return
+  if rest and set(mine_in) | set(mine_out) == set(range(len(adapter.slice_shape))) and set(mine_in) >= set(ins) - set(rest):
+    detail = (f"its axes {rest} index independent matrices (per-head weights): adapt them with `stack_axes` "
+              "after moving them first, or choose input/output axes that the contraction uses")
+  else:
+    detail = f"it contracts kernel axes {ins} with the input and writes axes {outs} to the output"
+  raise ValueError(
+      f"The adapter at {path!r} takes kernel axes {mine_in} as inputs and {mine_out} as outputs, but the layer's "
+      f"einsum {equation!r} disagrees: {detail}. Pass `in_axes={ins}` (or leave `in_axes` unset to read it from "
+      "the equation).")
+
+
+def einsum_branch(adapter: LayerAdapter, equation: str, x: Array, kernel: Array, kernel_operand: int = 1) -> Array | None:
+  """The adapter's part of ``einsum(equation, x, W0 + Delta W)``: ``einsum(equation, x, Delta W)``, factored.
+
+  ``x`` is transposed so that its contracted axes come last in the adapter's input-axis order, the
+  method's factored ``branch`` maps them to the output axes (never forming ``Delta W`` for LoRA-type
+  methods), and the result is arranged as the equation's output. Returns ``None`` where no single
+  matrix describes the kernel (per-head or summed-out kernel axes): the caller rebuilds instead.
+  """
+  shell = adapter.shell
+  ndims = (x.ndim, kernel.ndim) if kernel_operand == 1 else (kernel.ndim, x.ndim)
+  specs, out = _einsum_specs(equation, ndims)
+  w_spec, x_spec = specs[kernel_operand], specs[1 - kernel_operand]
+  ins, outs = shell.io_axes
+  if len(w_spec) != kernel.ndim or len(ins) + len(outs) != kernel.ndim:
+    return None
+  in_letters = "".join(w_spec[a] for a in ins)
+  out_letters = "".join(w_spec[a] for a in outs)
+  if any(c not in x_spec or c in out for c in in_letters) or any(c in x_spec or c not in out for c in out_letters):
+    return None
+  keep = "".join(c for c in x_spec if c not in in_letters)
+  if len(set(x_spec)) != len(x_spec):
+    return None
+  x_t = jnp.einsum(f"{x_spec}->{keep}{in_letters}", x)
+  y = adapter.branch(x_t, kernel)
+  return jnp.einsum(f"{keep}{out_letters}->{out}", y)

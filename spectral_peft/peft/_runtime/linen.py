@@ -167,24 +167,44 @@ def _factored_call(module: Any, adapter: _runtime.LayerAdapter, x: Array) -> Arr
   return y
 
 
-def _check_layer_in_axes(module: nn.Module, name: str, adapter: _runtime.LayerAdapter) -> None:
-  """For layers whose contraction is known, the adapter must read the kernel with the same input axes."""
-  if name != "kernel" or adapter.shell.layout != "in_out":
-    return
+def _layer_io_axes(module: nn.Module, name: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+  """The (input, output) kernel axes of a layer whose contraction is known; None for other layers."""
+  if name != "kernel":
+    return None
   kind = type(module)
   if kind is nn.Dense:
-    expected = 1
-  elif kind is nn.DenseGeneral and not module.batch_dims:
-    expected = len(module.axis) if isinstance(module.axis, (tuple, list)) else 1
-  elif kind in (nn.Conv, nn.ConvTranspose):
-    expected = len(adapter.shell.slice_shape) - 1
-  else:
+    return (0,), (1,)
+  if kind is nn.DenseGeneral and not module.batch_dims:
+    count = len(module.axis) if isinstance(module.axis, (tuple, list)) else 1
+    return tuple(range(count)), tuple(range(count, ndim))
+  if kind in (nn.Conv, nn.ConvTranspose):
+    return tuple(range(ndim - 1)), (ndim - 1,)
+  if kind is nn.Einsum and isinstance(module.einsum_str, str):
+    ins, outs, rest = _runtime.einsum_io_axes(module.einsum_str.replace(" ", ""), ndim)
+    return (ins, outs) if not rest else None
+  return None
+
+
+def _check_layer_in_axes(module: nn.Module, name: str, adapter: _runtime.LayerAdapter) -> None:
+  """For layers whose contraction is known, the adapter must read the kernel with the same axes.
+
+  Raises:
+    ValueError: naming the adapter, the layer and the axes it contracts (a ``layout="out_in"`` on a
+      Flax ``Dense`` kernel, a wrong ``in_axes`` on a Conv or an einsum, ...).
+  """
+  shell = adapter.shell
+  expected = _layer_io_axes(module, name, len(shell.slice_shape))
+  if expected is None:
     return  # Unknown contraction: the merged path is exact whatever the reading.
-  if expected != adapter.shell.in_axes:
-    raise ValueError(
-        f"The adapter at {adapter.path!r} has in_axes={adapter.shell.in_axes} but the layer "
-        f"{'/'.join(module.path)!r} ({kind.__name__}) contracts {expected} input axes of its kernel "
-        f"{adapter.shell.slice_shape}; build it with in_axes={expected}.")
+  mine = shell.io_axes
+  if set(mine[0]) == set(expected[0]) and set(mine[1]) == set(expected[1]):
+    return
+  hint = (f"in_axes={len(expected[0])}" if expected[0] == tuple(range(len(expected[0]))) else f"in_axes={expected[0]}")
+  raise ValueError(
+      f"The adapter at {adapter.path!r} reads its kernel {shell.slice_shape} with input axes {mine[0]} and output "
+      f"axes {mine[1]} (layout {shell.layout!r}), but the layer {'/'.join(module.path)!r} ({type(module).__name__}) "
+      f"contracts input axes {expected[0]} and writes output axes {expected[1]}; build it with {hint} and the "
+      "default layout.")
 
 
 def _own_variables(module: Any) -> dict:
@@ -241,9 +261,26 @@ def _interceptor(next_fun, args, kwargs, context):
       return _dropout_call(module, context.method_name, found, factored, next_fun, x, args, kwargs, frame.dropout)
     if factored is not None:
       return _factored_call(module, found["kernel"], x)
+    if _einsum_ok(module, context.method_name, found, x, kwargs):
+      kernel = module.scope.variables()["params"]["kernel"]
+      xp, kp, _ = module.promote_dtype(x, kernel, None, dtype=module.dtype)
+      branch = _runtime.einsum_branch(found["kernel"], module.einsum_str.replace(" ", ""), xp, kp)
+      if branch is not None:
+        y = next_fun(*args, **kwargs)
+        return y + branch.astype(y.dtype)
     return _merged_call(module, context.method_name, found, args, kwargs)
   finally:
     frame.running.discard(id(module))
+
+
+def _einsum_ok(module: Any, method_name: str, found, x, kwargs) -> bool:
+  """Whether an ``nn.Einsum`` call can add the factored branch to its own output (linear in the kernel)."""
+  if type(module) is not nn.Einsum or set(found) != {"kernel"} or x is None or method_name != "__call__":
+    return False
+  adapter = found["kernel"]
+  if adapter.shell.stack_axes or not _runtime.uses_factored_product(adapter) or not isinstance(module.einsum_str, str):
+    return False
+  return kwargs.get("einsum_str") in (None, module.einsum_str)
 
 
 def _factored_kernel(module: Any, method_name: str, found, x) -> Array | None:

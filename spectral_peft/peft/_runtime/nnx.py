@@ -16,7 +16,9 @@ saves, exports and merges like it. :func:`merge_adapters` folds them into plain 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import Any, Mapping, Optional
 
 import jax
@@ -118,6 +120,64 @@ def _factored_ok(module: Any, slot: _Slot, adapter: _runtime.LayerAdapter, kerne
           and module.preferred_element_type is None)
 
 
+def _einsum_equation(module: Any, name: str) -> Optional[str]:
+  """The einsum equation a module contracts its weight ``name`` with, when it declares one.
+
+  ``nnx.Einsum`` (weight ``kernel``) and modules in its style, such as Tunix's and Gemma's
+  ``Einsum`` (one ``nnx.Param`` ``w`` of rank >= 2 and a string ``einsum_str``), contract
+  ``einsum(einsum_str, x, weight)``; ``None`` for every other module.
+  """
+  equation = getattr(module, "einsum_str", None)
+  if not isinstance(equation, str) or "->" not in equation:
+    return None
+  base = _base_class(type(module))
+  if issubclass(base, nnx.Einsum):
+    return equation.replace(" ", "") if name == "kernel" else None
+  weights = [n for n, v in vars(module).items() if isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam)
+             and np.ndim(v.get_value() if hasattr(v, "get_value") else v.value) >= 2]
+  return equation.replace(" ", "") if weights == [name] else None
+
+
+def _check_known_layer(owner: Any, name: str, adapter: Adapter, path: str) -> None:
+  """A ``Linear``/``Conv``/``ConvTranspose`` kernel read with other input/output axes than the layer's is refused."""
+  base = _base_class(type(owner))
+  ndim = len(adapter.slice_shape)
+  if name != "kernel" or not issubclass(base, (nnx.Linear, nnx.Conv, nnx.ConvTranspose)):
+    return
+  expected = ((0,), (1,)) if issubclass(base, nnx.Linear) else (tuple(range(ndim - 1)), (ndim - 1,))
+  mine = adapter.io_axes
+  if set(mine[0]) != set(expected[0]) or set(mine[1]) != set(expected[1]):
+    raise ValueError(
+        f"The adapter at {path!r} reads its kernel {adapter.slice_shape} with input axes {mine[0]} and output axes "
+        f"{mine[1]} (layout {adapter.layout!r}), but {base.__name__} contracts input axes {expected[0]} and writes "
+        f"output axes {expected[1]}; build it with in_axes={len(expected[0])} and the default layout.")
+
+
+def _einsum_in_axes(model: nnx.Module, in_axes: Any) -> Any:
+  """``in_axes`` where the user gave none for an einsum layer's weight: the axes its equation contracts."""
+  from spectral_peft.peft._tree import _resolve_in_axes_value
+
+  def choose(path: str, shape: tuple[int, ...]) -> Any:
+    value = _resolve_in_axes_value(in_axes, path, shape)
+    if value is not None:
+      return value
+    try:
+      owner, name = _owner(model, path)
+    except ValueError:
+      return None
+    equation = _einsum_equation(owner, name)
+    if equation is None or len(shape) != len(equation.split("->")[0].split(",")[1]):
+      return None
+    ins, outs, rest = _runtime.einsum_io_axes(equation, len(shape))
+    if rest or not ins or not outs:
+      raise ValueError(
+          f"Target {path!r}: the layer's einsum {equation!r} uses kernel axes {rest} as per-head (batch) axes, "
+          f"which one (in, out) matrix cannot describe; pass `in_axes` and `stack_axes` explicitly.")
+    return ins
+
+  return choose
+
+
 def _adapted_call(self, *args, **kwargs):
   slots = getattr(self, _SLOTS)
   base = _base_class(type(self))
@@ -132,6 +192,10 @@ def _adapted_call(self, *args, **kwargs):
   dropout = getattr(self, _DROPOUT, None)
   if dropout is not None and not dropout.deterministic:
     return _dropout_call(self, base, found, factored, dropout, args, kwargs)
+  if factored is None and len(found) == 1:
+    y = _einsum_call(self, base, *next(iter(found.values())), args, kwargs)
+    if y is not None:
+      return y
   if factored is not None:
     bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = self.promote_dtype((args[0], self.kernel[...], bias), dtype=self.dtype)
@@ -140,6 +204,85 @@ def _adapted_call(self, *args, **kwargs):
       y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
   return _merged(self, base, found, args, kwargs)
+
+
+def _einsum_call(self, base, slot: _Slot, adapter: _runtime.LayerAdapter, args, kwargs):
+  """``layer_{W0}(x) + einsum(eq, x, Delta W)`` with the branch factored, for einsum layers; else ``None``.
+
+  The layer is linear in its weight, so its output at ``W0 + Delta W`` is its output at ``W0`` plus
+  the contraction with ``Delta W``; :func:`_runtime.einsum_branch` computes that contraction from the
+  method's factored product. ``nnx.Einsum`` is used as it is (its call is the einsum plus a bias);
+  for other einsum modules the base call runs with ``jnp.einsum`` watched, and the branch is added
+  where the module contracts exactly this weight (a module that does something else with it falls
+  back to the rebuilt path).
+  """
+  if slot.stack_axes or not _runtime.uses_factored_product(adapter) or len(args) != 1:
+    return None
+  equation = _einsum_equation(self, slot.name)
+  if equation is None:
+    return None
+  variable = getattr(self, slot.name)
+  kernel = variable.get_value() if hasattr(variable, "get_value") else variable.value
+  x = args[0]
+  if issubclass(base, nnx.Einsum):
+    if kwargs.get("einsum_str") not in (None, equation) or set(kwargs) - {"einsum_str", "out_sharding"}:
+      return None
+    x_p, kernel_p = self.promote_dtype((x, kernel), dtype=self.dtype)
+    branch = _runtime.einsum_branch(adapter, equation, x_p, kernel_p)
+    if branch is None:
+      return None
+    y = base.__call__(self, x, **kwargs)
+    return y + branch.astype(y.dtype)
+  with _watch_einsum(kernel, adapter) as seen:
+    y = base.__call__(self, *args, **kwargs)
+  return y if seen["count"] > 0 and not seen["unsupported"] else None
+
+
+_WATCH = threading.local()
+_ORIGINAL_EINSUM = jnp.einsum
+
+
+def _watching_einsum(subscripts, *operands, **kwargs):
+  """``jnp.einsum`` that adds an adapter's branch where a watched weight is the second operand."""
+  y = _ORIGINAL_EINSUM(subscripts, *operands, **kwargs)
+  frames = getattr(_WATCH, "frames", None)
+  if not frames or not isinstance(subscripts, str) or len(operands) != 2:
+    return y
+  frame = frames[-1]
+  if operands[1] is not frame["kernel"]:
+    if operands[0] is frame["kernel"]:
+      frame["unsupported"] = True
+    return y
+  branch = _runtime.einsum_branch(frame["adapter"], subscripts.replace(" ", ""), operands[0], operands[1])
+  if branch is None:
+    frame["unsupported"] = True
+    return y
+  frame["count"] += 1
+  return y + branch.astype(y.dtype)
+
+
+@contextlib.contextmanager
+def _watch_einsum(kernel: Array, adapter: _runtime.LayerAdapter):
+  frames = getattr(_WATCH, "frames", None)
+  if frames is None:
+    frames = _WATCH.frames = []
+  frame = {"kernel": kernel, "adapter": adapter, "count": 0, "unsupported": False}
+  frames.append(frame)
+  with _EINSUM_LOCK:
+    _EINSUM_USERS[0] += 1
+    jnp.einsum = _watching_einsum
+  try:
+    yield frame
+  finally:
+    frames.pop()
+    with _EINSUM_LOCK:
+      _EINSUM_USERS[0] -= 1
+      if _EINSUM_USERS[0] == 0:
+        jnp.einsum = _ORIGINAL_EINSUM
+
+
+_EINSUM_LOCK = threading.Lock()
+_EINSUM_USERS = [0]
 
 
 def _dropout_call(self, base, found, factored, dropout, args, kwargs):
@@ -213,7 +356,10 @@ def attach(model: nnx.Module, adapters: Adapters) -> nnx.Module:
       weight already has an adapter (merge or detach it first).
   """
   available = leaf_paths(base_params(model))
-  for path, adapter in adapters.items():
+  owners = {}
+  for path, adapter in adapters.items():  # Every check before the first change: all or nothing.
+    if not isinstance(adapter, Adapter):
+      raise TypeError(f"`adapters[{path!r}]` must be an sp.peft.Adapter, got {type(adapter).__name__}.")
     if path not in available:
       raise ValueError(f"The adapter at {path!r} has no weight in the model's nnx.Param state; some paths: "
                        f"{list(available)[:8]}.")
@@ -222,8 +368,16 @@ def attach(model: nnx.Module, adapters: Adapters) -> nnx.Module:
                        f"shape {tuple(np.shape(available[path]))}.")
     owner, name = _owner(model, path)
     slots = getattr(owner, _SLOTS, ())
-    if any(slot.name == name for slot in slots):
+    if any(slot.name == name for slot in slots) or any(o is owner and n == name for o, n in owners.values()):
       raise ValueError(f"The weight {path!r} already has an adapter; merge_adapters or detach it first.")
+    equation = _einsum_equation(owner, name)
+    if equation is not None:
+      _runtime.check_einsum_layout(adapter, equation, path)
+    _check_known_layer(owner, name, adapter, path)
+    owners[path] = (owner, name)
+  for path, adapter in adapters.items():
+    owner, name = owners[path]
+    slots = getattr(owner, _SLOTS, ())
     p_leaves, p_def = jax.tree.flatten(adapter.params)
     c_leaves, c_def = jax.tree.flatten(adapter.frozen)
     slot = _Slot(name, path, adapter.method, adapter.shape, adapter.dtype, adapter.in_axes, adapter.layout,
@@ -264,7 +418,10 @@ def adapt(model: nnx.Module, method: Any, targets: Any, *, key: Array, in_axes: 
     >>> sorted(sp.nnx.adapters_of(model))
     ['kernel']
   """
-  adapters = init_adapters(key, base_params(model), method, targets, in_axes=in_axes, layout=layout,
+  params = base_params(model)
+  if layout == "in_out":
+    in_axes = _einsum_in_axes(model, in_axes)
+  adapters = init_adapters(key, params, method, targets, in_axes=in_axes, layout=layout,
                            stack_axes=stack_axes)
   return attach(model, adapters)
 
