@@ -450,11 +450,35 @@ def test_select_paths_module_names_and_all_linear(params):
   chosen = sp.peft.select_paths(params, ["query", "value"])
   assert chosen == ["layers/0/query/kernel", "layers/0/value/kernel", "layers/1/query/kernel", "layers/1/value/kernel"]
   assert sp.peft.select_paths(params, ["layers.1.query"]) == ["layers/1/query/kernel"]
-  assert sp.peft.select_paths(params, "all-linear") == ["head/kernel"] + chosen
+  assert sp.peft.select_paths(params, "all-linear") == chosen  # PEFT's rule: the output head is left out.
   with pytest.raises(ValueError, match="matched no parameter"):
     sp.peft.select_paths(params, ["bias"])  # Leaf names are not module names, and vectors never match.
   with pytest.raises(TypeError, match="non-empty module names"):
     sp.peft.select_paths(params, [])
+
+
+def test_all_linear_is_pefts_choice_on_an_attention_block():
+  """Attention projections (3-D DenseGeneral kernels, in_axes by default) and the MLP; not the head."""
+  import flax.linen as nn
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = x + nn.SelfAttention(num_heads=2)(nn.LayerNorm()(x))
+      x = x + nn.Dense(8)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(x))))
+      return nn.Dense(3, name="lm_head")(x)
+
+  x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+  params = Block().init(jax.random.key(1), x)["params"]
+  adapters = sp.peft.init_adapters(jax.random.key(2), params, sp.peft.LoRA(2), "all-linear")
+  assert sorted(adapters) == ["Dense_0/kernel", "Dense_1/kernel"] + [
+      f"SelfAttention_0/{n}/kernel" for n in ("key", "out", "query", "value")]
+  assert adapters["SelfAttention_0/query/kernel"].matrix_shape == (8, 8)  # (embed) -> (heads, head_dim)
+  assert adapters["SelfAttention_0/out/kernel"].in_axes == 2
+  adapters = jax.tree.map(lambda a: a + 0.1, adapters)
+  got = sp.peft.apply_adapters(Block(), params, adapters, x)
+  want = Block().apply({"params": sp.peft.merge(params, adapters)}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
 def test_use_rslora_scale():

@@ -106,6 +106,36 @@ def _available_paths(paths: Mapping[str, Any], limit: int = 12) -> str:
   return "; ".join(shown) + (f"; ... ({more} more)" if more > 0 else "")
 
 
+# Module names of output heads, which "all-linear" leaves out as PEFT does (PEFT drops the model's
+# output embedding, ``lm_head`` in HF causal LMs, and the sequence-classification heads ``score`` and
+# ``classifier``).
+_HEAD_NAMES = frozenset({"lm_head", "head", "output_head", "classifier", "score", "logits", "unembed"})
+# Flax attention projections (``nn.MultiHeadDotProductAttention``'s ``DenseGeneral`` kernels).
+_ATTENTION_PROJECTIONS = {"query": 1, "key": 1, "value": 1, "out": 2}
+
+
+
+def _module_name(path: str) -> str:
+  parts = path.split("/")
+  return parts[-2] if len(parts) >= 2 else ""
+
+
+def _is_linear_projection(path: str, leaf: Any) -> bool:
+  name, module = path.rsplit("/", 1)[-1], _module_name(path)
+  if module in _HEAD_NAMES or np.ndim(leaf) < 2:
+    return False
+  if name == "kernel":
+    return np.ndim(leaf) == 2 or module in _ATTENTION_PROJECTIONS
+  return name == "w"
+
+
+def _default_in_axes(path: str, shape: tuple[int, ...]) -> Any:
+  """``in_axes`` of a Flax attention projection kernel (``"all-linear"`` with ``in_axes=None``)."""
+  if path.rsplit("/", 1)[-1] == "kernel" and _module_name(path) in _ATTENTION_PROJECTIONS and len(shape) == 3:
+    return _ATTENTION_PROJECTIONS[_module_name(path)]
+  return None
+
+
 def select_paths(params: PyTree, targets: Target) -> list[str]:
   """Paths of the leaves chosen by ``targets``.
 
@@ -115,11 +145,29 @@ def select_paths(params: PyTree, targets: Target) -> list[str]:
       predicate ``(path, leaf) -> bool``; a list of module names as PEFT's ``target_modules``
       (``["query", "value"]``: leaves with at least 2 axes whose module path, the path without its
       last step, is or ends with ``/<name>``; dots in a name stand for ``'/'``; biases and other
-      vectors never match); or ``"all-linear"``: every 2-D leaf named ``kernel`` (Dense layers;
-      unlike PEFT the output layer is not left out: pass a list or predicate to leave it out).
+      vectors never match); or ``"all-linear"``, PEFT's choice: every linear and einsum projection
+      except the output head (table below).
 
   Returns:
     The matching paths, in tree order.
+
+  ``targets="all-linear"``, side by side with PEFT's ``target_modules="all-linear"``:
+
+  =============================  =========================================  ==================================
+  weight                         PEFT (torch modules)                       spectral_peft (parameter paths)
+  =============================  =========================================  ==================================
+  dense / MLP projections        every ``nn.Linear`` and GPT-2 ``Conv1D``   every 2-D leaf named ``kernel``
+  attention projections          ``q_proj``/``k_proj``/... (``nn.Linear``)  Flax ``query``/``key``/``value``/
+                                                                            ``out`` kernels (``DenseGeneral``,
+                                                                            ``in_axes`` 1 or 2 by default) and
+                                                                            einsum weights ``w`` (Gemma/Tunix)
+  output head                    left out (the output embedding, and        left out: modules named ``lm_head``,
+                                 ``score``/``classifier`` heads)            ``head``, ``output_head``,
+                                                                            ``classifier``, ``score``, ``logits``,
+                                                                            ``unembed``
+  embeddings, norms, convs       left out                                   left out (convolution kernels are
+                                                                            not 2-D, or not named as above)
+  =============================  =========================================  ==================================
 
   Raises:
     ValueError: if nothing matches (the message lists some available paths), or ``targets`` is not
@@ -135,8 +183,8 @@ def select_paths(params: PyTree, targets: Target) -> list[str]:
   """
   paths = leaf_paths(params)
   if isinstance(targets, str) and targets == "all-linear":
-    chosen = [p for p, leaf in paths.items() if p.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) == 2]
-    described = "'all-linear' (2-D kernels)"
+    chosen = [p for p, leaf in paths.items() if _is_linear_projection(p, leaf)]
+    described = "'all-linear' (linear and einsum projections, output head excluded)"
   elif isinstance(targets, (list, tuple)):
     names = [str(t).replace(".", "/") for t in targets]
     if not names or not all(isinstance(t, str) and t for t in targets):
@@ -322,6 +370,8 @@ def init_adapters(
   """
   paths = leaf_paths(params)
   adapters: Adapters = {}
+  if isinstance(targets, str) and targets == "all-linear" and in_axes is None:
+    in_axes = _default_in_axes
   for path in select_paths(params, targets):
     w0 = paths[path]
     shape = tuple(int(d) for d in np.shape(w0))

@@ -153,21 +153,25 @@ def _check_known_layer(owner: Any, name: str, adapter: Adapter, path: str) -> No
         f"output axes {expected[1]}; build it with in_axes={len(expected[0])} and the default layout.")
 
 
-def _einsum_in_axes(model: nnx.Module, in_axes: Any) -> Any:
-  """``in_axes`` where the user gave none for an einsum layer's weight: the axes its equation contracts."""
-  from spectral_peft.peft._tree import _resolve_in_axes_value
+def _einsum_in_axes(model: nnx.Module, in_axes: Any, all_linear: bool = False) -> Any:
+  """``in_axes`` where the user gave none for an einsum layer's weight: the axes its equation contracts.
+
+  With ``all_linear`` (``targets="all-linear"``), attention projection kernels get their default too.
+  """
+  from spectral_peft.peft._tree import _default_in_axes, _resolve_in_axes_value
 
   def choose(path: str, shape: tuple[int, ...]) -> Any:
     value = _resolve_in_axes_value(in_axes, path, shape)
     if value is not None:
       return value
+    fallback = _default_in_axes(path, shape) if all_linear else None
     try:
       owner, name = _owner(model, path)
     except ValueError:
-      return None
+      return fallback
     equation = _einsum_equation(owner, name)
     if equation is None or len(shape) != len(equation.split("->")[0].split(",")[1]):
-      return None
+      return fallback
     ins, outs, rest = _runtime.einsum_io_axes(equation, len(shape))
     if rest or not ins or not outs:
       raise ValueError(
@@ -420,7 +424,7 @@ def adapt(model: nnx.Module, method: Any, targets: Any, *, key: Array, in_axes: 
   """
   params = base_params(model)
   if layout == "in_out":
-    in_axes = _einsum_in_axes(model, in_axes)
+    in_axes = _einsum_in_axes(model, in_axes, all_linear=isinstance(targets, str) and targets == "all-linear")
   adapters = init_adapters(key, params, method, targets, in_axes=in_axes, layout=layout,
                            stack_axes=stack_axes)
   return attach(model, adapters)
