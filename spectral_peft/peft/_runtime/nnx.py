@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import threading
 from typing import Any, Mapping, Optional
 
@@ -94,9 +95,51 @@ def _adapted_class(base: type) -> type:
   if base in _ADAPTED_CLASSES.values():
     return base
   if base not in _ADAPTED_CLASSES:
-    _ADAPTED_CLASSES[base] = type(base.__name__, (base,), {"__call__": _adapted_call, "__module__": base.__module__,
-                                                           "__qualname__": base.__qualname__})
+    namespace = {"__call__": _adapted_call, "__module__": base.__module__, "__qualname__": base.__qualname__}
+    for klass in base.__mro__:
+      if klass in nnx.Module.__mro__:
+        continue
+      for name, value in vars(klass).items():
+        if not name.startswith("_") and inspect.isfunction(value) and name not in namespace:
+          namespace[name] = _adapted_method(name)
+    _ADAPTED_CLASSES[base] = type(base.__name__, (base,), namespace)
   return _ADAPTED_CLASSES[base]
+
+
+def _adapted_method(name: str):
+  """A method other than ``__call__`` (``Embed.attend``, a tied head's ``decode``) at the merged weights.
+
+  A method whose code reads an adapted weight runs through the rebuilt path (the method evaluated
+  at ``W0 + Delta W``, equal to the merged model in value and gradient); one that reads none runs
+  as it is.
+  """
+
+  def method(self, *args, **kwargs):
+    base = _base_class(type(self))
+    fn = getattr(base, name)
+    code = getattr(fn, "__code__", None)
+    names = set(code.co_names) if code is not None else set()
+    found = {slot.name: (slot, _layer_adapter(self, slot)) for slot in getattr(self, _SLOTS, ()) if slot.name in names}
+    if not found:
+      return fn(self, *args, **kwargs)
+    return _merged(self, base, found, args, kwargs, fn=fn)
+
+  method.__name__ = name
+  return method
+
+
+def _shared_readers(model: nnx.Module, owner: Any, name: str) -> list[str]:
+  """Paths of other modules that hold the same weight variable as ``owner.name`` (tied weights)."""
+  variable = vars(owner).get(name)
+  if not isinstance(variable, nnx.Variable):
+    return []
+  readers = []
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and node is not owner:
+      for attr, value in vars(node).items():
+        if value is variable:
+          readers.append("/".join(str(p) for p in path) + "." + attr)
+  return readers
 
 
 def _base_class(cls: type) -> type:
@@ -303,8 +346,9 @@ def _dropout_call(self, base, found, factored, dropout, args, kwargs):
   return y + (_merged(self, base, found, (x_dropped,), {}) - base.__call__(self, x_dropped))
 
 
-def _merged(self, base, found, args, kwargs):
-  """The layer's own call at its merged weights, rebuilt per layer (:func:`_runtime.merged_call`)."""
+def _merged(self, base, found, args, kwargs, fn=None):
+  """The layer's own call (or ``fn``) at its merged weights, rebuilt per layer (:func:`_runtime.merged_call`)."""
+  fn = base.__call__ if fn is None else fn
   graphdef, state = nnx.split(self)
   weights = {}
   for name, (slot, adapter) in found.items():
@@ -318,7 +362,7 @@ def _merged(self, base, found, args, kwargs):
     module = nnx.merge(graphdef, module_state)
     for name, value in merged.items():
       getattr(module, name)[...] = value
-    return base.__call__(module, *call_args, **call_kwargs)
+    return fn(module, *call_args, **call_kwargs)
 
   operands = (arrays, state)
   return _runtime.merged_call(weights, call, operands)
@@ -378,6 +422,11 @@ def attach(model: nnx.Module, adapters: Adapters) -> nnx.Module:
     if equation is not None:
       _runtime.check_einsum_layout(adapter, equation, path)
     _check_known_layer(owner, name, adapter, path)
+    readers = _shared_readers(model, owner, name)
+    if readers:
+      raise ValueError(
+          f"The weight {path!r} is shared with {readers}: those modules would read it without its adapter. Adapt "
+          "the weight where it is owned and let the other modules call the owner (e.g. `Embed.attend`), or untie it.")
     owners[path] = (owner, name)
   for path, adapter in adapters.items():
     owner, name = owners[path]

@@ -1,0 +1,88 @@
+"""Tied weights: every read of an adapted weight inside a model call sees W0 + Delta W, or attach refuses.
+
+Tied LM heads read the embedding outside the owner's ``__call__`` (``Embed.attend``); a module that
+holds another module's weight variable would read it without the adapter, so attach names it.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import spectral_peft as sp
+
+VOCAB, WIDTH = 11, 8
+TOKENS = jnp.array([[1, 2, 3, 4], [5, 6, 7, 10]])
+
+
+class NnxTiedLM(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+    self.mlp = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.embed.attend(jnp.tanh(self.mlp(self.embed(tokens))))
+
+
+def _merged_logits(adapters):
+  plain = NnxTiedLM(nnx.Rngs(0))
+  nnx.update(plain, sp.peft.merge(nnx.state(plain, nnx.Param), adapters))
+  return plain(TOKENS)
+
+
+@pytest.mark.parametrize("method", [sp.peft.LoRA(2), sp.peft.WaveFT(12), sp.peft.FourierFT(10)],
+                         ids=lambda m: type(m).__name__)
+def test_nnx_embed_attend_sees_the_adapted_embedding_in_value_and_gradient(method):
+  model = NnxTiedLM(nnx.Rngs(0))
+  sp.nnx.adapt(model, method, "embedding", key=jax.random.key(1))
+  nnx.update(model, jax.tree.map(lambda v: v + 0.1, nnx.state(model, nnx.LoRAParam)))
+  adapters = sp.nnx.adapters_of(model)
+  want = _merged_logits(adapters)
+  got = nnx.jit(lambda m, t: m(t))(model, TOKENS)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+  grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(TOKENS))), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  copy = nnx.clone(model)
+  nnx.update(copy, grads)
+  ref = jax.grad(lambda ad: jnp.sum(jnp.sin(_merged_logits(ad))))(adapters)
+  for path, adapter in sp.nnx.adapters_of(copy).items():
+    for g, w in zip(jax.tree.leaves(adapter.params), jax.tree.leaves(ref[path].params)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * (float(jnp.max(jnp.abs(w))) + 1.0))
+
+
+class NnxSharedHead(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+    self.head = nnx.Module()
+    self.head.table = self.embed.embedding  # The same variable, read by another module.
+
+  def __call__(self, tokens):
+    return self.embed(tokens) @ self.head.table[...].T
+
+
+def test_nnx_attach_refuses_a_weight_another_module_holds():
+  model = NnxSharedHead(nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"'embed/embedding' is shared with \['head.table'\]"):
+    sp.nnx.adapt(model, sp.peft.LoRA(2), "embed/embedding", key=jax.random.key(1))
+  assert sp.nnx.adapters_of(model) == {}
+
+
+class LinenTiedLM(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(VOCAB, WIDTH)
+    return embed.attend(jnp.tanh(nn.Dense(WIDTH)(embed(tokens))))
+
+
+def test_linen_embed_attend_sees_the_adapted_embedding():
+  model = LinenTiedLM()
+  params = model.init(jax.random.key(0), TOKENS)["params"]
+  adapters = jax.tree.map(lambda a: a + 0.1,
+                          sp.peft.init_adapters(jax.random.key(1), params, sp.peft.LoRA(2), "embedding"))
+  want = model.apply({"params": sp.peft.merge(params, adapters)}, TOKENS)
+  got = jax.jit(lambda ad: sp.peft.apply_adapters(model, params, ad, TOKENS))(adapters)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
