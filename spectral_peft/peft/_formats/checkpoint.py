@@ -556,17 +556,18 @@ def save_adapters(path: str | os.PathLike, adapters: Adapters, *, overwrite: boo
       mode = _check_target(path, overwrite)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       _remove_stale_staging(path)
+      known: Optional[str] = None
       if mode == "new":
-        root, token = _new_staging(path, stack), uuid.uuid4().hex
+        root = _new_staging(path, stack)
       else:
         if not stack.enter_context(_locked(path)):
           raise FileExistsError(f"`path` {path!r} was removed or replaced while this save waited for it; save again.")
-        token = None
         if os.path.lexists(os.path.join(path, POINTER)):
           pointer = _read_pointer(path)  # Still ours, under the lock.
-          token = pointer.get("token")
-          _remove_unreferenced(path, keep=pointer["current"], token=token)
-        token, root = token or uuid.uuid4().hex, path
+          known = pointer.get("token")
+          _remove_unreferenced(path, keep=pointer["current"], token=known)
+        root = path
+      token = known or uuid.uuid4().hex
       _new_version(root, version, token)
       return {"mode": mode, "root": root, "version": version, "token": token}
 

@@ -249,7 +249,7 @@ class Adapter:
   shape: tuple[int, ...]
   dtype: str
   in_axes: int
-  layout: str = "in_out"
+  layout: Any = "in_out"  # "in_out", "out_in" or ((input axes), (output axes)).
   stack_axes: int = 0
 
   def __post_init__(self) -> None:
@@ -314,7 +314,8 @@ class Adapter:
       return tuple(range(self.in_axes)), tuple(range(self.in_axes, ndim))
     if self.layout == "out_in":
       return tuple(range(ndim - self.in_axes, ndim)), tuple(range(ndim - self.in_axes))
-    return self.layout
+    pair: tuple[tuple[int, ...], tuple[int, ...]] = self.layout  # An explicit (input_axes, output_axes) here.
+    return tuple(pair[0]), tuple(pair[1])
 
   def to_matrix(self, w: Array) -> Array:
     """One weight slice in its stored layout -> the ``(in, out)`` matrix the method sees."""
@@ -323,7 +324,7 @@ class Adapter:
       return w.reshape(m, n)
     if self.layout == "out_in":
       return w.reshape(n, m).T
-    ins, outs = self.layout
+    ins, outs = self.io_axes
     return jnp.transpose(w, ins + outs).reshape(m, n)
 
   def from_matrix(self, matrix: Array) -> Array:
@@ -332,7 +333,7 @@ class Adapter:
       return matrix.reshape(self.slice_shape)
     if self.layout == "out_in":
       return matrix.T.reshape(self.slice_shape)
-    ins, outs = self.layout
+    ins, outs = self.io_axes
     order = ins + outs
     shape = self.slice_shape
     return jnp.transpose(matrix.reshape(tuple(shape[a] for a in order)), tuple(np.argsort(order)))

@@ -404,7 +404,7 @@ def attach(model: nnx.Module, adapters: Adapters) -> nnx.Module:
       weight already has an adapter (merge or detach it first).
   """
   available = leaf_paths(base_params(model))
-  owners = {}
+  owners: dict[str, tuple[Any, str]] = {}
   for path, adapter in adapters.items():  # Every check before the first change: all or nothing.
     if not isinstance(adapter, Adapter):
       raise TypeError(f"`adapters[{path!r}]` must be an sp.peft.Adapter, got {type(adapter).__name__}.")
