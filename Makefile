@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,experiments,docs,transformers]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,experiments,docs,transformers,llm]"
 	touch $(STAMP)
 
 report: $(STAMP)

@@ -1,0 +1,132 @@
+"""Tunix and qwix: a tiny Tunix Llama3 adapted with every method trains, checkpoints and resumes under
+Tunix's own ``PeftTrainer``, and our LoRA equals qwix's LoRA given the same numbers.
+
+The model is 2 layers, embed 32, MLP 64, 4 query / 2 key-value heads of 8, vocabulary 64, with random
+weights (built abstractly and filled by NumPy: nothing downloaded, nothing compiled to initialise it).
+Adapters go on the 14 projection weights: the attention einsums ``q/k/v/o_proj/w`` (``BTD,DNH->BTNH``,
+``BTNH,NHD->BTD``) and the MLP's ``gate/up/down_proj/kernel``. Skipped where the ``llm`` extra
+(google-tunix, qwix) is not installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tunix", reason="needs the `llm` extra (google-tunix): pip install -e '.[llm]'")
+pytest.importorskip("qwix", reason="needs the `llm` extra (qwix): pip install -e '.[llm]'")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import spectral_peft as sp  # noqa: E402
+from experiments import _llm  # noqa: E402
+
+SIZE = _llm.ModelSize()
+RANK, STEPS, LR = 2, 2, 1e-2
+# The trainer test adapts one weight of each kind (an input-first einsum, a heads-first output einsum,
+# a Linear) in both layers, to keep its 8 compilations short; the qwix test adapts all 14.
+TRAIN_TARGETS = r"attn/(q_proj|o_proj)/w$|mlp/down_proj/kernel$"
+
+
+@pytest.fixture(scope="module")
+def batches():
+  return _llm.token_batches(SIZE.vocab, 2, 8, STEPS)
+
+
+@pytest.fixture(scope="module")
+def logits():
+  """``model -> logits`` on one fixed batch, jitted (one compilation per model structure)."""
+  inputs = _llm.model_inputs(*(jnp.asarray(x) for x in (_llm.token_batches(SIZE.vocab, 2, 8, 1, seed=5)[0].input_tokens,
+                                                       np.ones((2, 8), bool))))
+
+  @nnx.jit
+  def forward(model):
+    return model(inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])[0]
+
+  return forward
+
+
+def _leaves_equal(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def _adapters_equal(a: dict, b: dict) -> bool:
+  return a.keys() == b.keys() and all(
+      _leaves_equal(a[k].params, b[k].params) and _leaves_equal(a[k].frozen, b[k].frozen) for k in a)
+
+
+def _size(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("name", _llm.METHODS)
+def test_peft_trainer_trains_checkpoints_and_resumes(name, batches, logits, tmp_path):
+  model = _llm.adapted("llama3", SIZE, name, RANK, targets=TRAIN_TARGETS)
+  assert len(sp.nnx.adapters_of(model)) == 6
+  adapter_count = _size({k: a.params for k, a in sp.nnx.adapters_of(model).items()})
+  assert adapter_count == _size(nnx.state(model, nnx.LoRAParam)) == _llm.trainable_count(model)
+  assert adapter_count < _size(nnx.state(model, nnx.Param)) // 5
+  base0 = jax.tree.map(np.asarray, sp.nnx.base_params(model))
+  adapters0 = sp.nnx.adapters_of(model)
+
+  trainer, losses = _llm.train(model, batches, LR, checkpoint_dir=str(tmp_path / "ckpt"))
+  assert losses.shape == (STEPS,) and np.all(np.isfinite(losses))
+
+  # Tunix chose the adapters: Adam holds two moments of exactly the adapter scalars, nothing of the base.
+  opt_state = nnx.state(trainer.optimizer, nnx.optimizer.OptState)
+  assert sum(np.size(x) for x in jax.tree.leaves(opt_state) if np.ndim(x)) == 2 * adapter_count
+  assert _leaves_equal(sp.nnx.base_params(model), base0), "a base weight changed"
+  after = sp.nnx.adapters_of(model)
+  unchanged = [k for k in after if _leaves_equal(after[k].params, adapters0[k].params)]
+  assert not unchanged, f"adapters not trained: {unchanged}"
+
+  # The adapted model is its merge onto the base, in value.
+  plain = _llm.build("llama3", SIZE)
+  nnx.update(plain, sp.peft.merge(sp.nnx.base_params(model), after))
+  np.testing.assert_allclose(logits(model), logits(plain), rtol=2e-5, atol=2e-5)
+
+  # Resume: an identically built model gets everything back from Tunix's checkpoint (sparse positions
+  # and masks are not saved by Tunix: they are re-derived from the same key).
+  fresh = _llm.adapted("llama3", SIZE, name, RANK, targets=TRAIN_TARGETS)
+  resumed = _llm.trainer(fresh, LR, STEPS, checkpoint_dir=str(tmp_path / "ckpt"))
+  try:
+    assert resumed.train_steps == STEPS
+    assert _adapters_equal(sp.nnx.adapters_of(fresh), after)
+    assert _leaves_equal(nnx.state(fresh), nnx.state(model))
+    assert _leaves_equal(nnx.state(resumed.optimizer, nnx.optimizer.OptState), opt_state)
+  finally:
+    resumed.close()
+
+
+def test_full_fine_tuning_without_adapters_trains_every_param():
+  """The contrast: a model without ``nnx.LoRAParam`` is fully trainable to Tunix (what the benchmark's
+  "full" row measures)."""
+  model = _llm.build("llama3", SIZE)
+  assert _llm.trainable_count(model) == _size(nnx.state(model, nnx.Param))
+
+
+def test_our_lora_equals_qwix_lora_given_the_same_numbers(logits):
+  ours = _llm.adapted("llama3", SIZE, "LoRA", RANK)
+  theirs = _llm.qwix_lora("llama3", SIZE, RANK)
+  qwix_state = nnx.state(theirs, nnx.LoRAParam)
+  assert _size(qwix_state) == _size(nnx.state(ours, nnx.LoRAParam))
+
+  # Non-zero A and B (B starts at zero in both), copied into qwix's layout: A over the contracted
+  # axes, B over the others.
+  state = nnx.state(ours, sp.nnx.AdapterParam)
+  rng = np.random.default_rng(3)
+  nnx.update(ours, jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.3), state))
+  for path, adapter in sp.nnx.adapters_of(ours).items():
+    *module_path, weight = path.split("/")
+    module = theirs
+    for part in module_path:
+      module = module[int(part)] if part.isdigit() else getattr(module, part)
+    lora_a, lora_b = getattr(module, f"{weight}_lora_a"), getattr(module, f"{weight}_lora_b")
+    lora_a[...] = adapter.params["a"].reshape(lora_a.shape)
+    lora_b[...] = adapter.params["b"].reshape(lora_b.shape)
+  ours_out, theirs_out = logits(ours), logits(theirs)
+  assert float(jnp.max(jnp.abs(ours_out - logits(_llm.build("llama3", SIZE))))) > 1e-2  # the adapters act
+  np.testing.assert_allclose(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
