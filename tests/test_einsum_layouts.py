@@ -233,3 +233,28 @@ def test_einsum_io_axes_reads_equations():
   assert runtime_core.einsum_io_axes("BNTH,NHK->BNTK", 3) == ((1,), (2,), (0,))  # Per-head: N is shared.
   with pytest.raises(ValueError, match="'->'"):
     runtime_core.einsum_io_axes("ab,bc", 2)
+
+
+class _TransformsItsWeight(nnx.Module):
+  """An einsum-style module that does not contract its weight as stored (the rebuilt path is exact)."""
+
+  def __init__(self, rngs):
+    self.einsum_str = "btd,df->btf"
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (D, F)))
+
+  def __call__(self, x):
+    return jnp.einsum(self.einsum_str, x, 2.0 * self.w[...])
+
+
+def test_modules_that_transform_their_weight_fall_back_exactly_and_loudly_in_debug_mode(monkeypatch):
+  model = _TransformsItsWeight(nnx.Rngs(0))
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "w", key=jax.random.key(1))
+  _perturbed(model)
+  adapters = sp.nnx.adapters_of(model)
+  x = jax.random.normal(jax.random.key(2), (2, 3, D))
+  plain = _TransformsItsWeight(nnx.Rngs(0))
+  nnx.update(plain, sp.peft.merge(nnx.state(plain, nnx.Param), adapters))
+  monkeypatch.setenv(runtime_core.DEBUG_ENV, "1")
+  with pytest.warns(RuntimeWarning, match="'w' runs on the rebuilt path"):
+    got = model(x)
+  np.testing.assert_allclose(got, plain(x), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(plain(x)))))

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 import zlib
 from typing import Any, Callable, Mapping
 
@@ -320,6 +322,21 @@ def unused_adapters_error(unused: list[str], seen: Mapping[str, str]) -> ValueEr
   return ValueError(
       "Adapters were not applied during this call (the runtime never skips an adapter silently): "
       + "; ".join(lines) + ". Check the adapter paths against the model's parameters and that these layers run.")
+
+
+# -- fallbacks to the rebuilt path, reported in debug mode ------------------------------------------
+DEBUG_ENV = "SPECTRAL_PEFT_DEBUG"
+
+
+def report_fallback(path: str, layer: str, reason: str) -> None:
+  """Warns (``RuntimeWarning``) that a factored method runs on the rebuilt path, when debugging.
+
+  Debug mode is the environment variable ``SPECTRAL_PEFT_DEBUG`` set to a non-empty value other
+  than ``0``; the rebuilt path is exact either way, only slower and heavier than the factored one.
+  """
+  if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    warnings.warn(f"The adapter at {path!r} runs on the rebuilt path in {layer}: {reason}.", RuntimeWarning,
+                  stacklevel=3)
 
 
 # -- einsum layers: the adapter's branch placed by the layer's own equation ----------------------------

@@ -268,6 +268,8 @@ def _interceptor(next_fun, args, kwargs, context):
       if branch is not None:
         y = next_fun(*args, **kwargs)
         return y + branch.astype(y.dtype)
+      _runtime.report_fallback(found["kernel"].path, f"Einsum {module.einsum_str!r}",
+                               "no single (in, out) matrix describes its kernel")
     return _merged_call(module, context.method_name, found, args, kwargs)
   finally:
     frame.running.discard(id(module))

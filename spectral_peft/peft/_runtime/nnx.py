@@ -271,18 +271,24 @@ def _einsum_call(self, base, slot: _Slot, adapter: _runtime.LayerAdapter, args, 
   variable = getattr(self, slot.name)
   kernel = variable.get_value() if hasattr(variable, "get_value") else variable.value
   x = args[0]
+  where = f"{base.__name__} {equation!r}"
   if issubclass(base, nnx.Einsum):
     if kwargs.get("einsum_str") not in (None, equation) or set(kwargs) - {"einsum_str", "out_sharding"}:
+      _runtime.report_fallback(slot.path, where, "called with another equation or extra arguments")
       return None
     x_p, kernel_p = self.promote_dtype((x, kernel), dtype=self.dtype)
     branch = _runtime.einsum_branch(adapter, equation, x_p, kernel_p)
     if branch is None:
+      _runtime.report_fallback(slot.path, where, "no single (in, out) matrix describes its kernel")
       return None
     y = base.__call__(self, x, **kwargs)
     return y + branch.astype(y.dtype)
   with _watch_einsum(kernel, adapter) as seen:
     y = base.__call__(self, *args, **kwargs)
-  return y if seen["count"] > 0 and not seen["unsupported"] else None
+  if seen["count"] > 0 and not seen["unsupported"]:
+    return y
+  _runtime.report_fallback(slot.path, where, "its call does not contract the weight with jnp.einsum(x, weight)")
+  return None
 
 
 _WATCH = threading.local()
