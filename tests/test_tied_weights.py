@@ -86,3 +86,20 @@ def test_linen_embed_attend_sees_the_adapted_embedding():
   want = model.apply({"params": sp.peft.merge(params, adapters)}, TOKENS)
   got = jax.jit(lambda ad: sp.peft.apply_adapters(model, params, ad, TOKENS))(adapters)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_nnx_merge_adapters_with_a_non_finite_result_changes_nothing():
+  model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1)))
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "kernel", key=jax.random.key(1))
+  state = nnx.state(model, nnx.LoRAParam)
+  leaves, treedef = jax.tree.flatten(state)
+  leaves[-1] = jnp.full_like(leaves[-1], jnp.nan)  # The last layer's adapter alone is poisoned.
+  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  before = jax.tree.map(np.asarray, nnx.state(model))
+  with pytest.raises(ValueError, match="nothing was merged"):
+    sp.nnx.merge_adapters(model)
+  after = jax.tree.map(np.asarray, nnx.state(model))
+  assert jax.tree.structure(before) == jax.tree.structure(after)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  assert len(sp.nnx.adapters_of(model)) == 2

@@ -523,15 +523,19 @@ def merge_adapters(model: nnx.Module, *, check_finite: bool = True) -> nnx.Modul
   Returns:
     ``model`` with plain weights and its original layer classes: no inference overhead.
   """
-  for owner in list(_adapted_owners(model)):
+  plans = []
+  for owner in list(_adapted_owners(model)):  # Every merged weight first: all or nothing.
     merged = {}
     for slot in getattr(owner, _SLOTS):
       adapter = _layer_adapter(owner, slot)
       weight = getattr(owner, slot.name)
       value = adapter.merge(weight[...])
       if check_finite and not bool(jnp.all(jnp.isfinite(value))):
-        raise ValueError(f"Merging the adapter at {slot.path!r} gives non-finite weights; nothing was merged there.")
+        raise ValueError(f"Merging the adapter at {slot.path!r} gives non-finite weights; nothing was merged "
+                         "(the model keeps every adapter).")
       merged[slot.name] = value
+    plans.append((owner, merged))
+  for owner, merged in plans:
     for name, value in merged.items():
       getattr(owner, name)[...] = value
     _detach(owner)
