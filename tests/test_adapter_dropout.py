@@ -241,6 +241,7 @@ def test_nnx_output_is_base_plus_dropped_branch(case):
   np.testing.assert_allclose(layer(x), y0, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nnx_dropout_trains_and_merges():
   net = nnx.Sequential(nnx.Linear(M, N, rngs=nnx.Rngs(0)), nnx.gelu, nnx.Conv(N, 3, (3,), rngs=nnx.Rngs(1)))
   sp.nnx.adapt(net, sp.peft.SineLoRA(2, omega=30.0), "kernel", key=jax.random.key(2), in_axes=lambda p, s: len(s) - 1)

@@ -113,6 +113,7 @@ def test_a_saved_directory_describes_itself_and_holds_no_stray_files(tmp_path):
   assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # Ordinary permissions, not mkdtemp's private 0o700.
 
 
+@pytest.mark.slow
 def test_loads_during_concurrent_overwrites_always_get_the_old_or_the_new_checkpoint(tmp_path):
   path = tmp_path / "ckpt"
   sp.peft.save_adapters(path, adapters(1.0))

@@ -131,6 +131,7 @@ def test_leftovers_of_interrupted_saves_are_removed_but_running_saves_and_user_f
 
 
 # -- concurrency, kills, multi-host ----------------------------------------------------------------
+@pytest.mark.slow
 def test_concurrent_saves_without_overwrite_have_exactly_one_winner(tmp_path):
   trials = 8
   paths = [str(tmp_path / f"ckpt{i}") for i in range(trials)]
@@ -159,6 +160,7 @@ def test_concurrent_saves_without_overwrite_have_exactly_one_winner(tmp_path):
   assert sorted(os.listdir(tmp_path)) == sorted(["go"] + [os.path.basename(p) for p in paths])
 
 
+@pytest.mark.slow
 def test_killing_an_overwriting_save_always_leaves_a_complete_checkpoint(tmp_path):
   path, fresh = tmp_path / "ckpt", tmp_path / "ckpt-fresh"
   rng = random.Random(0)
@@ -208,6 +210,7 @@ def _two_processes(mode, tmp_path):
   return procs, logs, path
 
 
+@pytest.mark.slow
 def test_two_process_save_and_load(tmp_path):
   procs, logs, path = _two_processes("multihost", tmp_path)
   for i, (proc, log) in enumerate(zip(procs, logs)):
@@ -367,6 +370,7 @@ def test_format_1_checkpoints_are_named_and_may_be_overwritten(tmp_path):
       "_CHECKPOINT_METADATA", "arrays", "metadata", "spectral_peft_adapters.json"]
 
 
+@pytest.mark.slow
 def test_a_save_on_one_process_only_raises_instead_of_hanging(tmp_path):
   procs, logs, path = _two_processes("alone", tmp_path)
   # Process 0 gets a clear error after the (shortened) barrier timeout; the coordination service then

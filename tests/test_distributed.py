@@ -64,6 +64,7 @@ def distributed_results(tmp_path_factory):
   return [dict(np.load(out)) for out in outs], logs
 
 
+@pytest.mark.slow
 def test_both_processes_end_with_identical_adapters(distributed_results):
   results, logs = distributed_results
   assert set(results[0]) == set(results[1])
@@ -74,6 +75,7 @@ def test_both_processes_end_with_identical_adapters(distributed_results):
     assert f"process {i} losses" in log
 
 
+@pytest.mark.slow
 def test_data_parallel_run_equals_single_device_training(distributed_results):
   results, _ = distributed_results
   adapters, losses = distributed_worker.train(mesh=None)

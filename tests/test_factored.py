@@ -22,6 +22,7 @@ def _relative_close(a, b, rtol):
     assert float(jnp.max(jnp.abs(x - y))) <= rtol * scale
 
 
+@pytest.mark.slow
 @by_name
 def test_factored_equals_merged_in_value_and_gradient(case, block, base_params, inputs):
   adapters = trained(case, base_params)

@@ -42,6 +42,7 @@ def _small_network(scale, seed=0, m=4, n=3):
   return {**params, "hidden": ({"kernel": a, "bias": params["hidden"][0]["bias"]},)}
 
 
+@pytest.mark.slow
 def test_expansion_converges_to_the_neuron_when_a_is_small():
   params = _small_network(0.9)
   x = jax.random.uniform(jax.random.key(7), (20, 2), minval=-1.0, maxval=1.0)

@@ -260,6 +260,7 @@ def test_export_of_imported_noidwt_writes_shira_with_the_same_delta(params, tmp_
     assert _rel(again[path].delta(sp.peft.leaf_paths(params)[path]), delta) < RTOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", EXPORT_CASES)
 def test_our_export_loads_in_peft_with_our_delta(params, export_cases, case, tmp_path):
   """``export_<case>/delta.npz`` is PEFT's Delta W after loading the committed export of these adapters."""
@@ -375,6 +376,7 @@ def test_waveft_zero_boundary_equals_pywt_zero_mode(wavelet, shape, jit):
     np.testing.assert_allclose(apply({"values": values}, x, w0, frozen), x @ got, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_waveft_zero_boundary_factored_gradients_equal_dense():
   shape = (11, 6)
   dense = sp.peft.WaveFT(12, wavelet="sym4", boundary="zero", path="dense")
@@ -457,6 +459,7 @@ def test_select_paths_module_names_and_all_linear(params):
     sp.peft.select_paths(params, [])
 
 
+@pytest.mark.slow
 def test_all_linear_is_pefts_choice_on_an_attention_block():
   """Attention projections (3-D DenseGeneral kernels, in_axes by default) and the MLP; not the head."""
   import flax.linen as nn

@@ -37,6 +37,7 @@ def test_explicit_gain_and_default_gain_is_sqrt_in_features():
   assert sp.default_sine_gain(9) == 3.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m,n,block", [(16, 40, 16), (16, 40, None), (8, 8, 3), (5, 1, 1)])
 @VARIANTS
 def test_lean_product_equals_dense_in_value_and_gradient(transform, m, n, block):

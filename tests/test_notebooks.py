@@ -188,6 +188,7 @@ def test_there_are_notebooks():
   assert len(NOTEBOOKS) >= 4, NOTEBOOKS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_and_plots(path, tmp_path, monkeypatch):
   if "transformers" in _install_cell(nbformat.read(path, as_version=4)):
@@ -294,6 +295,7 @@ def test_install_command_names_declared_extras(path, monkeypatch):
   assert "experiments" in extras and set(extras) <= declared, (extras, sorted(declared))
 
 
+@pytest.mark.slow
 def test_install_command_installs_from_the_repository(tmp_path, monkeypatch):
   """The command a fresh runtime runs: the URL form by default, this checkout when pointed at it."""
   scope: dict = {}

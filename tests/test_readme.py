@@ -11,6 +11,7 @@ import symtable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 
@@ -62,6 +63,7 @@ def test_readme_blocks_use_only_names_defined_before_them():
   assert not _undefined_names(_blocks()), "README code uses names it never imports or defines (block: names)"
 
 
+@pytest.mark.slow
 def test_readme_quickstart_runs(tmp_path, capsys):
   blocks = _blocks()
   assert len(blocks) == 5

@@ -91,6 +91,7 @@ def _linen_adapters(case, params, targets=r"kernel$"):
   return _perturb(adapters, case.scale)
 
 
+@pytest.mark.slow
 @by_name
 def test_linen_runtime_equals_merge_on_every_layer_kind(case, linen_setup):
   model, params, x = linen_setup
@@ -118,6 +119,7 @@ def test_linen_runtime_equals_merge_on_every_layer_kind(case, linen_setup):
     assert all(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(g.params)), path
 
 
+@pytest.mark.slow
 def test_linen_runtime_gradient_wrt_inputs(linen_setup):
   model, params, x = linen_setup
   adapters = _linen_adapters(CASES[5], params)  # WaveFT: the rebuilt merged path

@@ -147,6 +147,7 @@ def test_errors_name_the_problem(base_params):
     sp.peft.path_shardings(base_params, mesh, {r"mlp_in/bias$": P(None, None)})
 
 
+@pytest.mark.slow
 def test_sharded_training_equals_unsharded_for_every_method_on_8_devices():
   # Compile-time savers: the check is about values and layouts, not the speed of the compiled code.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",

@@ -61,6 +61,7 @@ def test_negative_bound_is_rejected():
     sp.bound_matrix(jnp.ones((2, 2)), jnp.ones(3))
 
 
+@pytest.mark.slow
 def test_bound_holds_after_optax_steps():
   params = _network()
   x, y = _data()
