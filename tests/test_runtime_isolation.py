@@ -44,3 +44,38 @@ def test_nnx_runtime_keeps_a_non_finite_element_in_its_example(method):
   x_bad = jax.random.normal(jax.random.key(0), (3, 8, 2)).at[0, 0, 0].set(jnp.nan)
   out = nnx.jit(lambda m, x: m(x))(model, x_bad)
   assert np.all(np.isfinite(np.asarray(out[1:])))
+
+
+def _dense_setup():
+  model = nn.Dense(8)
+  params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  adapters = jax.tree.map(lambda a: a + 0.1,
+                          sp.peft.init_adapters(jax.random.key(1), params, sp.peft.LoRA(2), "kernel"))
+  return model, params, adapters
+
+
+def test_factored_context_adapts_the_root_module():
+  model, params, adapters = _dense_setup()
+  x = jnp.ones((3, 4))
+  with sp.peft.factored(adapters):
+    got = model.apply({"params": params}, x)
+  np.testing.assert_allclose(got, model.apply({"params": sp.peft.merge(params, adapters)}, x), rtol=1e-6, atol=1e-6)
+
+
+def test_factored_context_refuses_adapters_a_jit_trace_would_bake_in():
+  model, params, adapters = _dense_setup()
+  x = jnp.ones((3, 4))
+  run = jax.jit(lambda x: model.apply({"params": params}, x))
+  with pytest.raises(ValueError, match="entered outside this jit trace"):
+    with sp.peft.factored(adapters):
+      run(x)
+
+  @jax.jit
+  def inside(adapters, x):  # The supported form: the context inside, the adapters as arguments.
+    with sp.peft.factored(adapters):
+      return model.apply({"params": params}, x)
+
+  other = jax.tree.map(lambda a: 2 * a, adapters)
+  for ad in (adapters, other):
+    np.testing.assert_allclose(inside(ad, x), model.apply({"params": sp.peft.merge(params, ad)}, x),
+                               rtol=1e-6, atol=1e-6)

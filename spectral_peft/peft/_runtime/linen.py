@@ -119,7 +119,8 @@ def _module_adapters(module: nn.Module, frame: _Frame) -> dict[str, _runtime.Lay
   if frame.by_path and not found:
     prefix = "/".join(module.path)
     for name in own:
-      for path in (f"{prefix}/{name}", f"params/{prefix}/{name}"):
+      full = f"{prefix}/{name}" if prefix else name  # The root module's weights have no prefix.
+      for path in (full, f"params/{full}"):
         if path in frame.adapters:
           found[name] = _runtime.LayerAdapter.from_adapter(path, frame.adapters[path], frame.dropout_key)
   return found
@@ -237,6 +238,26 @@ def _merged_call(module: Any, method_name: str, found, args, kwargs):
   return _runtime.merged_call(weights, call, operands)
 
 
+def _check_not_baked(found, args, kwargs) -> None:
+  """Refuses context adapters that a ``jit`` trace would keep as constants (stale after the context).
+
+  Inside ``with sp.peft.factored(adapters):``, a function traced by ``jit`` whose inputs are traced
+  but whose adapters are concrete would bake those adapters into its compiled cache: calling it
+  again after the context, or with other adapters, would silently apply the old ones.
+  """
+  inputs_traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
+  if not inputs_traced:
+    return
+  for adapter in found.values():
+    leaves = jax.tree.leaves(adapter.params)
+    if leaves and not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+      raise ValueError(
+          f"The adapter at {adapter.path!r} comes from a `factored(...)` context entered outside this jit trace: "
+          "jit would keep it as a constant and apply it again after the context ends. Enter the context inside "
+          "the jitted function with the adapters as its argument, or use sp.peft.apply_adapters(model, params, "
+          "adapters, ...) there.")
+
+
 def _interceptor(next_fun, args, kwargs, context):
   frames = _frames()
   if not frames:
@@ -246,6 +267,8 @@ def _interceptor(next_fun, args, kwargs, context):
   if context.method_name in ("setup",) or id(module) in frame.running:
     return next_fun(*args, **kwargs)
   found = _module_adapters(module, frame)
+  if found and frame.by_path:
+    _check_not_baked(found, args, kwargs)
   owner = "/".join(module.path)
   frame.seen.setdefault(owner, type(module).__name__)
   if not found:
