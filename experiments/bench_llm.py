@@ -22,7 +22,7 @@ WaveFT, SHiRA, FourierFT and LFMA <= 1.3x its step time and <= 1.1x its temp mem
 Run:
   python -m experiments.bench_llm --preset quick   # two small widths, CPU, minutes
   python -m experiments.bench_llm --preset full    # embed 512 and 1024 / hidden 4096
-  python -m experiments.bench_llm --preset wide    # only the embed 1024 / hidden 4096 point
+  python -m experiments.bench_llm --preset wide    # only the Llama3 at embed 1024 / hidden 4096 (the targets')
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ WIDE = Width(1024, 4096, 8, 4, 128)
 PRESETS = {
     "quick": Config(),
     "full": Config(widths=(Width(512, 2048, 8, 4, 64), WIDE), batch=4, seq=64, steps=10, repeats=7),
-    "wide": Config(widths=(WIDE,), batch=4, seq=64, steps=6, repeats=5),
+    "wide": Config(widths=(WIDE,), families=("llama3",), batch=4, seq=64, steps=6, repeats=5),
     "tiny": Config(widths=(Width(32, 64, 4, 2, 8),), families=("llama3",), steps=3, repeats=2, seq=8, vocab=64),
 }
 

@@ -25,9 +25,10 @@ from experiments import _llm  # noqa: E402
 
 SIZE = _llm.ModelSize()
 RANK, STEPS, LR = 2, 2, 1e-2
-# The trainer test adapts one weight of each kind (an input-first einsum, a heads-first output einsum,
-# a Linear) in both layers, to keep its 8 compilations short; the qwix test adapts all 14.
-TRAIN_TARGETS = r"attn/(q_proj|o_proj)/w$|mlp/down_proj/kernel$"
+# The trainer test adapts one weight of each kind in the first layer (an input-first einsum, a
+# heads-first output einsum, a Linear), to keep its 8 compilations short (the second layer's weights
+# are base weights that must not move); the qwix test adapts all 14.
+TRAIN_TARGETS = r"layers/0/(attn/(q_proj|o_proj)/w|mlp/down_proj/kernel)$"
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +63,11 @@ def _size(tree) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _llm.METHODS)
 def test_peft_trainer_trains_checkpoints_and_resumes(name, batches, logits, tmp_path):
   model = _llm.adapted("llama3", SIZE, name, RANK, targets=TRAIN_TARGETS)
-  assert len(sp.nnx.adapters_of(model)) == 6
+  assert len(sp.nnx.adapters_of(model)) == 3
   adapter_count = _size({k: a.params for k, a in sp.nnx.adapters_of(model).items()})
   assert adapter_count == _size(nnx.state(model, nnx.LoRAParam)) == _llm.trainable_count(model)
   assert adapter_count < _size(nnx.state(model, nnx.Param)) // 5
@@ -108,6 +110,7 @@ def test_full_fine_tuning_without_adapters_trains_every_param():
   assert _llm.trainable_count(model) == _size(nnx.state(model, nnx.Param))
 
 
+@pytest.mark.slow
 def test_our_lora_equals_qwix_lora_given_the_same_numbers(logits):
   ours = _llm.adapted("llama3", SIZE, "LoRA", RANK)
   theirs = _llm.qwix_lora("llama3", SIZE, RANK)
