@@ -141,6 +141,7 @@ def test_prop1_bound_is_a_lower_bound_inside_its_range_and_flagged_outside():
     sp.sine_rank_lower_bound(w, -1.0)
 
 
+@pytest.mark.slow
 @hypothesis.settings(deadline=None, max_examples=12, derandomize=True)
 @hypothesis.given(k=st.integers(1, 4), seed=st.integers(0, 10_000), n_size=st.sampled_from([32, 48, 64]))
 def test_theorem1_rank_of_sine_exceeds_k_for_large_omega(k, seed, n_size):

@@ -102,6 +102,7 @@ class ProductActivationTest(parameterized.TestCase):
     b = jax.value_and_grad(loss, argnums=(0, 1))(z, comps, True)
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
 
+  @pytest.mark.slow
   def test_remat_memory_is_o_brd(self):
     # App. B.2: the residuals the forward pass keeps for the backward pass, measured as the
     # output size of the compiled forward (XLA memory analysis), minus the parameters.

@@ -151,6 +151,7 @@ def test_shrunk_network_equals_masked_network(hidden):
     sp.shrink_params(params, keep_neurons=np.ones(3, bool))
 
 
+@pytest.mark.slow
 def test_structured_pruning_loop_removes_columns_for_real():
   params = _network(m=8, n=10, bandwidth=3)
   x, y = _data(48)
@@ -251,6 +252,7 @@ def test_band_frequencies_and_grow_preserve_the_function():
     sp.band_frequencies(jax.random.key(0), 1, 4, 4)
 
 
+@pytest.mark.slow
 def test_grow_loop_adds_frequencies_in_the_most_saturated_band():
   omega = sp.band_frequencies(jax.random.key(0), 4, 1, 3)
   params = sp.periodic_siren_init(jax.random.key(1), omega, 8, 1)
@@ -270,6 +272,7 @@ def test_grow_loop_adds_frequencies_in_the_most_saturated_band():
     sp.grow_loop(jax.random.key(2), params, x, y, optax.adam(1e-2), limits=[3], bounds=[1.0, 1.0], n_add=2, total_add=3, steps_per_round=1)
 
 
+@pytest.mark.slow
 def test_grow_loop_passes_over_a_full_block():
   # Block 0 (|k|_inf = 1) holds all four half-space vectors already: growth goes to the most important
   # block that still has room, and a request no block can hold is refused.
