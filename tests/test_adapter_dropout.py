@@ -265,3 +265,24 @@ def test_nnx_bad_arguments():
     sp.nnx.set_adapter_dropout(layer, 0.1)
   with pytest.raises(ValueError, match=r"in \[0, 1\)"):
     sp.nnx.set_adapter_dropout(layer, 1.5, rngs=nnx.Rngs(0))
+
+
+def test_a_layer_called_twice_draws_a_mask_per_call():
+  """PEFT draws a new dropout mask at every forward of a layer; the second call is not the first's copy."""
+
+  class Twice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      dense = nn.Dense(16)
+      return dense(x), dense(x)
+
+  model, x = Twice(), jnp.ones((4, 16))
+  params = model.init(jax.random.key(0), x)["params"]
+  adapters = jax.tree.map(lambda a: a + 0.3,
+                          sp.peft.init_adapters(jax.random.key(1), params, sp.peft.LoRA(2), "kernel"))
+  first, second = sp.peft.apply_adapters(model, params, adapters, x, adapter_dropout=0.5,
+                                         dropout_key=jax.random.key(3))
+  assert not np.allclose(first, second)
+  # Without dropout both calls agree: the difference is the masks alone.
+  plain_first, plain_second = sp.peft.apply_adapters(model, params, adapters, x)
+  np.testing.assert_array_equal(plain_first, plain_second)

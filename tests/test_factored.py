@@ -59,7 +59,7 @@ def test_mismatched_in_axes_is_an_error(block, base_params, inputs):
   # The attention output kernel (heads, head_dim, embed) contracts two axes; build it with in_axes=1.
   adapters = sp.peft.init_adapters(jax.random.key(0), base_params, sp.peft.LoRA(2), r"attention/out/kernel$",
                                    in_axes=1)
-  with pytest.raises(ValueError, match=r"in_axes=1 but the layer .attention/out. \(DenseGeneral\) contracts 2"):
+  with pytest.raises(ValueError, match=r"input axes \(0,\).*the layer .attention/out. \(DenseGeneral\) contracts input axes \(0, 1\).*in_axes=2"):
     sp.peft.apply_factored(block, base_params, adapters, inputs)
 
 

@@ -252,7 +252,7 @@ def test_attention_output_adapter_with_the_wrong_in_axes():
   x = jnp.ones((3, 2, 4))
   params = Attn().init(KEY, x)["params"]
   wrong = sp.peft.init_adapters(KEY, params, sp.peft.LoRA(2), "out/kernel", in_axes=1)
-  with pytest.raises(ValueError, match=r"has in_axes=1 but the layer 'out' \(DenseGeneral\) contracts 2 input axes.*build it with in_axes=2"):
+  with pytest.raises(ValueError, match=r"input axes \(0,\).*the layer 'out' \(DenseGeneral\) contracts input axes \(0, 1\).*build it with in_axes=2"):
     sp.peft.apply_factored(Attn(), params, wrong, x)
   right = sp.peft.init_adapters(KEY, params, sp.peft.LoRA(2), "out/kernel", in_axes=2)
   np.testing.assert_allclose(sp.peft.apply_factored(Attn(), params, right, x), Attn().apply({"params": params}, x),

@@ -21,6 +21,7 @@ adapter and the layer (never a silent fall-back to the base model).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from typing import Any, Iterator, Mapping
 
@@ -57,6 +58,7 @@ class _Frame:
     self.consumed: set[str] = set()
     self.seen: dict[str, str] = {}
     self.running: set[int] = set()
+    self.dropout_calls: dict[str, int] = {}
 
 
 def _check_adapters(adapters: Any) -> None:
@@ -281,6 +283,7 @@ def _interceptor(next_fun, args, kwargs, context):
     x = _input(args, kwargs)
     factored = _factored_kernel(module, context.method_name, found, x)
     if frame.dropout:
+      found = _fresh_dropout_keys(found, frame)
       return _dropout_call(module, context.method_name, found, factored, next_fun, x, args, kwargs, frame.dropout)
     if factored is not None:
       return _factored_call(module, found["kernel"], x)
@@ -318,6 +321,21 @@ def _factored_kernel(module: Any, method_name: str, found, x) -> Array | None:
   if _contracted_axes(module, jnp.ndim(x)) == adapter.shell.in_axes and _factored_ok(module, adapter, kernel):
     return kernel
   return None
+
+
+def _fresh_dropout_keys(found, frame: _Frame):
+  """Each call of a layer in one model call draws its own mask (PEFT draws a new one per forward).
+
+  The first call of a layer uses its key as it is; the ``k``-th further call folds in ``k``.
+  """
+  out = {}
+  for name, adapter in found.items():
+    count = frame.dropout_calls.get(adapter.path, 0)
+    frame.dropout_calls[adapter.path] = count + 1
+    if count and adapter.dropout_key is not None and jnp.ndim(adapter.dropout_key) == 0:
+      adapter = dataclasses.replace(adapter, dropout_key=jax.random.fold_in(adapter.dropout_key, count))
+    out[name] = adapter
+  return out
 
 
 def _dropout_call(module: Any, method_name: str, found, kernel, next_fun, x, args, kwargs, rate: float):
