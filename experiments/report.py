@@ -159,7 +159,7 @@ def recorded_section(module: str, root: str | None = None) -> tuple[str, dict | 
   records = _common.load_recorded(module, root, order)
   if not records:
     return "", None
-  parts = ["*Recorded at larger budgets* (committed in `experiments/recorded/" + module + "/`; not rerun by this "
+  parts = ["*Recorded runs* (larger budgets or more seeds than the quick preset; committed in `experiments/recorded/" + module + "/`; not rerun by this "
            "report):\n"]
   for rec in records:
     parts.append(f"**`{rec['preset']}`**: {_common.record_heading(rec)}.\n\n{rec['table']}\n"
