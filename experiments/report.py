@@ -230,7 +230,7 @@ def run(preset: str, only: tuple[str, ...] = (), *, record: bool = False) -> str
                     + ("" if rests_on is None else f"; command `{rests_on['command']}`") + ".\n")
     summary.append((claim.title, final, basis, _headline(verdict)))
   sections.insert(2, "## Summary\n\nThe verdict of each claim comes from the run named in *rests on*: the recorded "
-                  "run of the largest budget where there is one, else this report's own run (whose verdict's first "
+                  "run of the largest budget (or the most seeds) where there is one, else this report's own run (whose verdict's first "
                   f"words are in the last column).\n\n"
                   + _common.markdown_table(["claim", "verdict", "rests on", f"this `{preset}` run"], summary))
   sections.append("## Settings we cannot run here\n\n" + "\n".join(f"- {line}" for line in NOT_REPRODUCIBLE) + "\n")
