@@ -16,6 +16,7 @@ import spectral_peft as sp
 QV = r"attention/(query|value)/kernel$"
 
 
+@pytest.mark.slow
 def test_waveft_on_query_value_equals_pywavelets(base_params):
   method = sp.peft.WaveFT(n_params=30, scale=25.0, wavelet="db2", level=2)
   adapters = sp.peft.init_adapters(jax.random.key(0), base_params, method, QV, in_axes=1)
@@ -40,6 +41,7 @@ def test_waveft_on_query_value_equals_pywavelets(base_params):
   np.testing.assert_array_equal(again["attention/query/kernel"].frozen["indices"], idx)
 
 
+@pytest.mark.slow
 def test_factored_model_equals_merged_model(block, base_params, inputs):
   for method in (sp.peft.WaveFT(20, path="factored"), sp.peft.FourierFT(20, scale=10.0, path="factored"),
                  sp.peft.LFMA(0.1, 5.0, path="factored")):
