@@ -94,6 +94,7 @@ def test_lfma_random_init_mask_and_values_share_one_draw(base_params):
   assert values.min() > 0
 
 
+@pytest.mark.slow
 def test_lfma_gradient_init_and_checkpoint(block, base_params, inputs, tmp_path):
   target = jnp.ones_like(inputs)
 
@@ -239,6 +240,7 @@ def test_receptive_field_is_the_support_of_one_coefficient():
   assert support == sp.receptive_field_size("db2", 1)
 
 
+@pytest.mark.slow
 def test_lfma_trains_with_a_standard_optimizer():
   # Real storage of the complex coefficients: a plain optax.adam loop must lower the loss.
   import optax

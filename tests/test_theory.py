@@ -69,6 +69,7 @@ def test_printed_prop1_is_false_and_the_corrected_bound_holds_on_the_counterexam
     kind=st.sampled_from(["dense", "sparse", "lowrank", "single"]),
     m=st.integers(2, 40), n=st.integers(2, 40), seed=st.integers(0, 2**31 - 1),
     log_scale=st.floats(-3.0, 2.0), fraction=st.floats(1e-6, 1.0))
+@pytest.mark.slow
 def test_corrected_prop1_never_exceeds_the_stable_rank_or_the_rank(kind, m, n, seed, log_scale, fraction):
   w = _random_matrix(kind, m, n, seed, 10.0**log_scale)
   a_min = np.min(np.abs(w[w != 0]))
