@@ -1,6 +1,6 @@
 """Cost of an LRNN: training-step time and memory against SIREN and a ReLU MLP, and the Laplacian.
 
-Paper 003 (Table 8) reports an LRNN-SPDER training step at 2.6x SIREN's time on the cameraman image
+The LRNN paper (Table 8) reports an LRNN-SPDER training step at 2.6x SIREN's time on the cameraman image
 and (App. B.2, App. G) keeps memory small with gradient checkpointing and forward-mode Laplacians.
 Two measurements, all in one process:
 
@@ -65,7 +65,7 @@ PRESETS = {
                    poisson_grad_repeats=20),  # lrnn_image's full sizes (~197k parameters, the whole image).
 }
 NAME = "bench_lrnn"
-PAPER_STEP_RATIO = 2.6  # Paper 003, Table 8: LRNN-SPDER 0.0453 s vs SIREN 0.0174 s per iteration.
+PAPER_STEP_RATIO = 2.6  # the LRNN paper, Table 8: LRNN-SPDER 0.0453 s vs SIREN 0.0174 s per iteration.
 
 
 # --------------------------------------------------------------------------------------------

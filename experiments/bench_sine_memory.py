@@ -1,6 +1,6 @@
 """Memory of a sine low-rank training step: dense ``x @ sin(omega A B)/g`` vs the lean product.
 
-Paper 000 (Table 6) pays +31% training memory for sine LoRA on LLaMA-3-8B because the ``(m, n)``
+The sine low-rank paper (Ji et al.) (Table 6) pays +31% training memory for sine LoRA on LLaMA-3-8B because the ``(m, n)``
 matrix (and its cosine, in the backward pass) is materialised. ``sp.sine_lowrank_matmul`` builds it
 in column blocks under rematerialisation. Memory comes from XLA's compiled memory analysis of the
 jitted step (value and grad w.r.t. both factors), which is deterministic; step times are measured

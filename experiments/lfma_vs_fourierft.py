@@ -1,4 +1,4 @@
-"""LFMA against FourierFT at equal and smaller budgets, and LFMA's mask strategies (paper 004).
+"""LFMA against FourierFT at equal and smaller budgets, and LFMA's mask strategies (the LFMA paper).
 
 Same pretrained MNIST-1D model, downstream task, learning-rate grid and seeds as
 ``experiments.finetune_comparison`` (its cached orbax checkpoint is reused). FourierFT keeps

@@ -1,4 +1,4 @@
-"""Low-rank vs sine low-rank vs full-rank pretraining (paper 000, Fig. 4 and Tab. 13).
+"""Low-rank vs sine low-rank vs full-rank pretraining (the sine low-rank paper (Ji et al.), Fig. 4 and Tab. 13).
 
 Two small models trained from scratch, their hidden (width x width) Dense layers replaced by a rank-k
 product (``sp.linen.LowRankDense``) or a sine-activated rank-k product (``sp.linen.SineLowRankDense``,

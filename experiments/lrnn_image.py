@@ -1,4 +1,4 @@
-"""Claim (paper 003, Sec. 4 and App. E, Fig. 3): on the 256 x 256 cameraman image an LRNN-SPDER fits
+"""Claim (the LRNN paper, Sec. 4 and App. E, Fig. 3): on the 256 x 256 cameraman image an LRNN-SPDER fits
 the image to a higher PSNR than SIREN, SPDER and a ReLU MLP of about the same parameter count in the
 same number of steps (paper, ~197k parameters, 1000 steps: LRNN 107.9 dB, SPDER 49.0 dB next best),
 at a higher cost per step (Table 8: 0.0453 s vs 0.0174 s per iteration, ratio 2.6).

@@ -1,4 +1,4 @@
-"""LRNN against an MLP on MNIST-1D, plain and with shuffled pixels (paper 003, Tab. 14).
+"""LRNN against an MLP on MNIST-1D, plain and with shuffled pixels (the LRNN paper, Tab. 14).
 
 MNIST-1D is generated locally with the ``mnist1d`` package's generator (4000 train / 1000 test
 sequences of length 40; never its download). The LRNN (two layers with LayerNorm, ``d``-wide

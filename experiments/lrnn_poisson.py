@@ -1,4 +1,4 @@
-"""Claim (paper 003, App. G, Table 11): LRNN [2,16,16,1] (~5k parameters) solves the 2-D Poisson
+"""Claim (the LRNN paper, App. G, Table 11): LRNN [2,16,16,1] (~5k parameters) solves the 2-D Poisson
 problem to an "l2 error" of 8.9e-7 / 1.5e-5 / 3.7e-3 for n = 1 / 2 / 4 within 1000 Adam steps.
 
 Setup as in App. G: ``u_xx + u_yy = f_n`` on ``[-1, 1]^2``, zero Dirichlet data,

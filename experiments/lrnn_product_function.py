@@ -1,4 +1,4 @@
-"""LRNN against MLPs on a product-structured function, test error against parameter count (paper 003, App. D).
+"""LRNN against MLPs on a product-structured function, test error against parameter count (the LRNN paper, App. D).
 
 The target is ``y(x) = sum_l s_l prod_j sin(n pi xi_j^l x_j)`` on ``[0, 1]^d`` with ``s``, ``xi``
 standard normal (App. D). Training and test points come from scrambled Sobol sequences

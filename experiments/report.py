@@ -43,61 +43,61 @@ class Claim:
   paper: str  # what the paper reports, quoted by figure/table, to read beside our table
 
 
-# The report keeps this order (issue order: paper 000, 002/004, 001, 003).
+# The report keeps this order (the papers: sine low rank, WaveFT/LFMA, sinusoidal networks, LRNN).
 CLAIMS = (
     Claim("sine_rank_spectrum", "Rank and spectrum of sin(omega U V^T)",
           "The rank of sin(omega U V^T) rises with omega (Theorem 1); Prop. 1 bounds it below (as corrected by "
           "the factor 1/4 its eq. 8 drops, the bound never exceeds pi/12, so the rise is measured, not implied).",
-          "Paper 000, Fig. 2-3: a rank-k product becomes (near) full rank as omega grows; the normalised "
+          "The sine low-rank paper (Ji et al.), Fig. 2-3: a rank-k product becomes (near) full rank as omega grows; the normalised "
           "spectrum flattens."),
     Claim("lowrank_pretraining", "Low-rank vs sine low-rank vs full-rank pretraining",
           "At equal k, the sine low-rank layer beats the plain low-rank layer and approaches full rank.",
-          "Paper 000, Fig. 4 (ViT-Small on CIFAR-100 / ImageNet) and Tab. 13 (occupancy IoU, e.g. low-rank "
+          "The sine low-rank paper (Ji et al.), Fig. 4 (ViT-Small on CIFAR-100 / ImageNet) and Tab. 13 (occupancy IoU, e.g. low-rank "
           "k=1: 0.8, sine k=1: 0.96, full rank 0.98)."),
     Claim("sine_lora_finetune", "LoRA vs sine LoRA at equal rank",
           "Sine LoRA beats LoRA at the same rank (same trainable parameters).",
-          "Paper 000, Tab. 1 (LLaMA-3-8B commonsense: sine LoRA above LoRA at every rank, e.g. k=4: 84.9 vs 80.6)."),
+          "The sine low-rank paper (Ji et al.), Tab. 1 (LLaMA-3-8B commonsense: sine LoRA above LoRA at every rank, e.g. k=4: 84.9 vs 80.6)."),
     Claim("finetune_comparison", "Eight adapters at matched budgets",
           "At matched trainable-parameter budgets (including below LoRA rank 1) the spectral/sparse adapters are "
           "competitive; WaveFT beats SHiRA at small budgets; LFMA matches or beats FourierFT.",
-          "Paper 002, Tab. 3 / Fig. 4 (SDXL personalisation: WaveFT > SHiRA at small p, gap closes with p); "
-          "paper 004, Tab. 1-3 (LFMA >= FourierFT at equal or fewer parameters); paper 000, Tab. 1."),
+          "The WaveFT paper, Tab. 3 / Fig. 4 (SDXL personalisation: WaveFT > SHiRA at small p, gap closes with p); "
+          "The LFMA paper, Tab. 1-3 (LFMA >= FourierFT at equal or fewer parameters); the sine low-rank paper (Ji et al.), Tab. 1."),
     Claim("sparse_updates", "Sparse updates: rank and interpolation",
           "Random sparse updates are high rank (Lemma 1); 5 random input/output pairs at 784 x 784 are interpolated "
           "once p reaches a threshold (Lemma 3).",
-          "Paper 002, Fig. 3 (rank reaches full near p ~ n ln n) and Fig. 5 (loss reaches zero near p = 15,680)."),
+          "The WaveFT paper, Fig. 3 (rank reaches full near p ~ n ln n) and Fig. 5 (loss reaches zero near p = 15,680)."),
     Claim("sinusoidal_init", "Integer-frequency vs SIREN initialisation",
           "A first layer of integer frequencies (periodic network) fits faster than SIREN's random one at equal "
           "size and steps.",
-          "Paper 001, Fig. 3 and 6: the integer initialisation reaches a higher PSNR at equal steps."),
+          "The sinusoidal-networks paper (Aldana et al.), Fig. 3 and 6: the integer initialisation reaches a higher PSNR at equal steps."),
     Claim("sinusoidal_bounding", "Bounding controls the spectrum",
           "Bounding the hidden matrix (and block bounding by input band) limits the high frequencies of the fit.",
-          "Paper 001, Fig. 11: the bounded network's spectrum stays inside the band the bound allows."),
+          "The sinusoidal-networks paper (Aldana et al.), Fig. 11: the bounded network's spectrum stays inside the band the bound allows."),
     Claim("sinusoidal_pruning", "Structured pruning of A's columns",
           "Pruning 25% of A's columns costs almost nothing with the integer initialisation; 50-75% costs more.",
-          "Paper 001, Fig. 17: relative PSNR ~1.0 at 25% pruned, decreasing at 50% and 75%."),
+          "The sinusoidal-networks paper (Aldana et al.), Fig. 17: relative PSNR ~1.0 at 25% pruned, decreasing at 50% and 75%."),
     Claim("sinusoidal_growing", "Growing vs a fixed wide band",
           "Growing the network with new frequencies in the most important band beats a fixed wide band.",
-          "Paper 001, Fig. 20: the grown network reaches a higher PSNR than the fixed-band one."),
+          "The sinusoidal-networks paper (Aldana et al.), Fig. 20: the grown network reaches a higher PSNR than the fixed-band one."),
     Claim("lrnn_image", "LRNN image fit against SIREN, SPDER and ReLU MLP",
           "At matched parameter counts and steps an LRNN fits the cameraman image better than SIREN, SPDER and a "
           "ReLU MLP.",
-          "Paper 003, Fig. 3 and App. E Table 6 (cameraman 256 x 256, ~197k parameters, 1000 steps, one run: "
+          "The LRNN paper, Fig. 3 and App. E Table 6 (cameraman 256 x 256, ~197k parameters, 1000 steps, one run: "
           "LRNN-SPDER 107.9 dB, SPDER 49.0 dB next best); Table 8: LRNN's step 2.6x SIREN's."),
     Claim("lrnn_poisson", "LRNN Poisson solver",
           "LRNN [2,16,16,1] solves the 2-D Poisson problem of App. G to Table 11's error at n = 1, 2, 4 in 1000 Adam "
           "steps, the error growing with n.",
-          "Paper 003, Tab. 11: LRNN [2,16,16,1] 'l2 error' 8.9e-7 / 1.5e-5 / 3.7e-3 for n = 1 / 2 / 4, which we read "
+          "The LRNN paper, Tab. 11: LRNN [2,16,16,1] 'l2 error' 8.9e-7 / 1.5e-5 / 3.7e-3 for n = 1 / 2 / 4, which we read "
           "as pykan's mean squared error on the collocation points."),
     Claim("lrnn_product_function", "LRNN on a product-structured function",
           "LRNN's error on a product-structured test function stays low as the dimension grows, unlike an MLP's.",
-          "Paper 003, App. D."),
+          "The LRNN paper, App. D."),
     Claim("lrnn_mnist1d", "LRNN on MNIST-1D",
           "LRNN (46k parameters) classifies MNIST-1D better than an MLP (15k), plain and with shuffled positions.",
-          "Paper 003, Tab. 14 (5 seeds): test accuracy LRNN 67.2 / 67.3 %, MLP 65.0 / 65.2 % (plain / shuffled)."),
+          "The LRNN paper, Tab. 14 (5 seeds): test accuracy LRNN 67.2 / 67.3 %, MLP 65.0 / 65.2 % (plain / shuffled)."),
     Claim("lfma_vs_fourierft", "LFMA vs FourierFT and LFMA's mask strategies",
           "At equal or smaller budgets LFMA matches or beats FourierFT; informed masks beat random ones.",
-          "Paper 004, Tab. 1-3 (e.g. ViT-B: LFMA above FourierFT with fewer parameters)."),
+          "The LFMA paper, Tab. 1-3 (e.g. ViT-B: LFMA above FourierFT with fewer parameters)."),
     Claim("bench_spectral_step", "Sparse/spectral adapters: step time against LoRA",
           "WaveFT, SHiRA, FourierFT and LFMA train at LoRA's step cost; the factored product never forms Delta W.",
           "PyTorch PEFT (the issue's anchors, Llama-3.2-3B on L40S): WaveFT 2.1x, FourierFT 1.7x LoRA's step time."),
@@ -106,16 +106,16 @@ CLAIMS = (
           "figure + 3 x (the largest adapted m x n) for every method, with a step no slower than training through "
           "merge.",
           "Design target, no paper figure. PyTorch PEFT's WaveFT ran out of memory on a 24 GB GPU in its MetaMathQA "
-          "benchmark; paper 000, Tab. 6: +31% training memory for sine LoRA on LLaMA-3-8B."),
+          "benchmark; the sine low-rank paper (Ji et al.), Tab. 6: +31% training memory for sine LoRA on LLaMA-3-8B."),
     Claim("bench_sine_memory", "Memory of the sine low-rank product",
           "The sine low-rank product can be trained without materialising the (m, n) matrix.",
-          "Paper 000, Tab. 6: +31% training memory (and +17% time) for sine LoRA on LLaMA-3-8B."),
+          "The sine low-rank paper (Ji et al.), Tab. 6: +31% training memory (and +17% time) for sine LoRA on LLaMA-3-8B."),
 )
 
 NOT_REPRODUCIBLE = (
-    "NeRF / LLFF (paper 000 Tab. 2-3): needs the LLFF scenes (a download) and GPU-days; the occupancy field and the "
+    "NeRF / LLFF (the sine low-rank paper (Ji et al.) Tab. 2-3): needs the LLFF scenes (a download) and GPU-days; the occupancy field and the "
     "image fits above are the nearest analogues we can run from generated data.",
-    "SDXL DreamBooth personalisation (paper 002 Tab. 3): needs SDXL weights and the DreamBooth images; the "
+    "SDXL DreamBooth personalisation (the WaveFT paper Tab. 3): needs SDXL weights and the DreamBooth images; the "
     "fine-tuning comparison above runs the same eight adapters on a model we pretrain ourselves.",
     "LLaMA / RoBERTa / ViT-B fine-tuning (papers 000 Tab. 1, 004 Tab. 1-3): needs pretrained weights (a download) "
     "and accelerators; reproduced as the direction of the effect on our small pretrained model.",

@@ -1,4 +1,4 @@
-"""Claim (paper 000, Sec. 4.1, Tables 1-2): at equal rank, sine LoRA adapts better than LoRA, because
+"""Claim (the sine low-rank paper (Ji et al.), Sec. 4.1, Tables 1-2): at equal rank, sine LoRA adapts better than LoRA, because
 sin(omega U V^T) raises the rank of the update.
 
 Protocol. The MLP of ``finetune_comparison`` (pretrained on MNIST-1D digits 0-4, cached) is adapted on

@@ -1,4 +1,4 @@
-"""Claim (paper 000, Fig. 2-3, Theorem 1, Prop. 1): the rank and the singular spectrum of
+"""Claim (the sine low-rank paper (Ji et al.), Fig. 2-3, Theorem 1, Prop. 1): the rank and the singular spectrum of
 sin(omega * U V^T) rise with omega, at no extra parameters.
 
 A rank-k product ``U V^T`` (Kaiming-uniform factors, as in Fig. 3) is passed through

@@ -1,4 +1,4 @@
-"""Claim (paper 001, Def. 6.1, sec. 6, Fig. 11-13): bounding the hidden matrix A after every step controls
+"""Claim (the sinusoidal-networks paper (Aldana et al.), Def. 6.1, sec. 6, Fig. 11-13): bounding the hidden matrix A after every step controls
 the spectrum of the fit: generated frequencies stay near the input band instead of leaking to high orders.
 
 The same integer-initialised network (w0 = 30) fits the 256 x 256 cameraman without bounding, with

@@ -1,4 +1,4 @@
-"""Claim (paper 001, ch. 8, Def. 8.1, Fig. 20): growing the first layer, adding frequencies to the block
+"""Claim (the sinusoidal-networks paper (Aldana et al.), ch. 8, Def. 8.1, Fig. 20): growing the first layer, adding frequencies to the block
 whose bounded weights saturate most, beats training a fixed wide band of the same final size.
 
 The growing run starts with a few low integer frequencies and, every few steps, adds n_add columns to A

@@ -1,4 +1,4 @@
-"""Claim (paper 001, Fig. 3 and 6, sec. 3.1): a first layer of integer frequencies (a period-2 network)
+"""Claim (the sinusoidal-networks paper (Aldana et al.), Fig. 3 and 6, sec. 3.1): a first layer of integer frequencies (a period-2 network)
 fits an image faster and better than SIREN's real-valued first layer, at equal size and steps.
 
 Three networks f(x) = C sin(A sin(omega x + phi) + b) + d with the same widths, hidden init, optimizer

@@ -1,4 +1,4 @@
-"""Claims of paper 001 (controlled sinusoidal networks), all four parts in one report entry:
+"""Claims of the sinusoidal-networks paper (Aldana et al.) (controlled sinusoidal networks), all four parts in one report entry:
 integer vs SIREN initialisation, bounding and the spectrum, structured pruning (Fig. 17), growing (Fig. 20).
 
 Each part is its own script (experiments.sinusoidal_init, sinusoidal_bounding, sinusoidal_pruning,

@@ -1,4 +1,4 @@
-"""Claim (paper 001, sec. 7.2.3-7.2.4, Fig. 17): structured pruning of A's frequency columns costs almost
+"""Claim (the sinusoidal-networks paper (Aldana et al.), sec. 7.2.3-7.2.4, Fig. 17): structured pruning of A's frequency columns costs almost
 nothing at 25% with the integer initialisation, more for SIREN's first layer; quality degrades at 50-75%.
 
 Protocol (the paper's procedure, sec. 3.2.2, 7.1, 7.2.4, via ``sp.structured_pruning``):

@@ -1,4 +1,4 @@
-"""Sparse updates are high rank and interpolate (paper 002, Lemma 1 / Fig. 3 and Lemma 3 / Fig. 5).
+"""Sparse updates are high rank and interpolate (the WaveFT paper, Lemma 1 / Fig. 3 and Lemma 3 / Fig. 5).
 
 Two measurements:
 1. Rank of a random p-sparse (n x n) update against p (``sp.sparse_rank_curve``), beside Lemma 1's

@@ -1,7 +1,7 @@
 """The theory tools against their proofs: each proved inequality is checked on random instances.
 
-Paper 000 Prop. 1 (corrected by the factor 1/4 its eq. 8 drops), paper 001 Theorem 2 (Bessel
-amplitude bound), paper 002 Lemma 1 (rank of random sparse matrices), Lemma 3 (sparse
+The sine low-rank paper (Ji et al.) Prop. 1 (corrected by the factor 1/4 its eq. 8 drops), the sinusoidal-networks paper (Aldana et al.) Theorem 2 (Bessel
+amplitude bound), the WaveFT paper Lemma 1 (rank of random sparse matrices), Lemma 3 (sparse
 interpolation) and the gradient coverage of Table 1. References are numpy/scipy, never the
 function under test.
 """
@@ -25,7 +25,7 @@ import spectral_peft as sp
 SETTINGS = hypothesis.settings(deadline=None, max_examples=25, derandomize=True)
 
 
-# -- paper 000, Prop. 1 ---------------------------------------------------------------------------
+# -- the sine low-rank paper (Ji et al.), Prop. 1 ---------------------------------------------------------------------------
 def _random_matrix(kind, m, n, seed, scale):
   rng = np.random.default_rng(seed)
   if kind == "dense":
@@ -102,7 +102,7 @@ def test_prop1_bound_under_jit_matches_eager():
   np.testing.assert_allclose(float(eager.paper_eq5_value), 4 * float(eager.bound), rtol=1e-6)
 
 
-# -- paper 001, Theorem 2 -------------------------------------------------------------------------
+# -- the sinusoidal-networks paper (Aldana et al.), Theorem 2 -------------------------------------------------------------------------
 @SETTINGS
 @hypothesis.given(m=st.integers(1, 4), seed=st.integers(0, 2**31 - 1), amplitude=st.floats(0.01, 4.0))
 def test_theorem2_amplitude_bound_dominates_the_bessel_product(m, seed, amplitude):
@@ -133,7 +133,7 @@ def test_harmonic_expansion_amplitudes_are_bessel_products():
   assert np.all(np.abs(exact) <= np.asarray(sp.amplitude_bound(jnp.asarray(a, jnp.float32), e.k)) + 1e-7)
 
 
-# -- paper 002, Lemma 1 ---------------------------------------------------------------------------
+# -- the WaveFT paper, Lemma 1 ---------------------------------------------------------------------------
 def _structural_rank(positions, m, n):
   rows, cols = np.divmod(np.asarray(positions), n)
   graph = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(m, n))
@@ -200,7 +200,7 @@ def test_sparse_positions_refuses_grids_past_int32():
     sp.sparse_positions(jax.random.key(0), (65536, 65536), 4)
 
 
-# -- paper 002, Lemma 3 ---------------------------------------------------------------------------
+# -- the WaveFT paper, Lemma 3 ---------------------------------------------------------------------------
 @hypothesis.settings(deadline=None, max_examples=10, derandomize=True)
 @hypothesis.given(k=st.integers(1, 4), n_in=st.integers(6, 14), n_out=st.integers(3, 9), seed=st.integers(0, 10_000))
 def test_lemma3_support_with_a_common_invertible_block_interpolates(k, n_in, n_out, seed):
@@ -227,7 +227,7 @@ def test_lemma3_support_with_a_common_invertible_block_interpolates(k, n_in, n_o
   assert float(broken.residual[0]) > 1e-8
 
 
-# -- paper 002, Table 1: gradient coverage -------------------------------------------------------
+# -- the WaveFT paper, Table 1: gradient coverage -------------------------------------------------------
 @pytest.mark.parametrize("wavelet", ["haar", "db2"])
 def test_gradient_coverage_matches_the_gradient_through_idwt(wavelet):
   """Fraction of wavelet coefficients with a non-zero gradient when a fraction rho of weights has one."""

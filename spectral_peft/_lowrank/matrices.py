@@ -67,7 +67,7 @@ def default_sine_gain(in_features: int) -> float:
 DEFAULT_SINE_OMEGA = 100.0
 """Default frequency of the from-scratch sine low-rank layers: the low end of the paper's range.
 
-Paper 000 uses omega = 100 to 1400 (Tab. 5, 8, 9: ViT-Small 300-500, ViT-Base 150-1000, LLM
+The sine low-rank paper (Ji et al.) uses omega = 100 to 1400 (Tab. 5, 8, 9: ViT-Small 300-500, ViT-Base 150-1000, LLM
 fine-tuning 100-1400) and 20-200 for the occupancy MLP (Tab. 13). With
 :func:`sine_lowrank_factor_init` the entries of ``a @ b`` have standard deviation
 ``1 / (3 sqrt(in_features))``, so omega = 100 puts ``omega a @ b`` at about ``33 / sqrt(in)``

@@ -1,6 +1,6 @@
 """Exact least squares for a sparse weight update confined to a fixed support.
 
-Paper 002's Lemma 3 says a sparse update can interpolate k input/output pairs when every output
+The WaveFT paper's Lemma 3 says a sparse update can interpolate k input/output pairs when every output
 column it must change holds k support positions whose inputs are linearly independent. For a fixed
 support the best such update has a closed form, one small k x k system per output column, so the
 interpolation threshold can be measured exactly instead of by a long optimiser run.
@@ -44,7 +44,7 @@ def sparse_least_squares(x: Array, y: Array, mask: Array, *, rtol: float | None 
   under ``jit`` and costs O(k^2 n_in n_out).
 
   References:
-    Paper 002 (WaveFT), Lemma 3 and App. A.3.1 (block-sparse interpolation capacity).
+    The WaveFT paper (WaveFT), Lemma 3 and App. A.3.1 (block-sparse interpolation capacity).
 
   Args:
     x: (k, n_in) float, the k inputs as rows.
