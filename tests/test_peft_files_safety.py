@@ -14,19 +14,9 @@ import numpy as np
 import pytest
 
 import spectral_peft as sp
+from test_interop import nested  # The fixtures' {path: array} -> nested params helper.
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "peft")
-
-
-def nested(flat):
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = jnp.asarray(value)
-  return out
 
 
 @pytest.fixture(scope="module")
