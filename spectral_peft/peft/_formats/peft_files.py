@@ -159,16 +159,19 @@ def _patterns(name: str, values: Mapping[str, Any], names: Mapping[str, str], de
 
 
 # -- import ------------------------------------------------------------------------------------
+def _not_an_adapter_directory(directory: Any, missing: str) -> FileNotFoundError:
+  return FileNotFoundError(
+      f"`path` {os.fspath(directory)!r} is not a PEFT adapter directory: {missing} is missing "
+      "(PEFT's save_pretrained writes adapter_config.json and adapter_model.safetensors; .bin files are not read).")
+
+
 def _read_config(directory: Any) -> dict[str, Any]:
   """The JSON object in ``directory/adapter_config.json``; errors name the file and what is wrong."""
   if not isinstance(directory, (str, os.PathLike)):
     raise TypeError(f"`path` must be a directory path (str or os.PathLike), got {type(directory).__name__}.")
   config_file = os.path.join(os.fspath(directory), CONFIG_NAME)
   if not os.path.isfile(config_file):
-    raise FileNotFoundError(
-        f"`path` {os.fspath(directory)!r} is not a PEFT adapter directory: {CONFIG_NAME} is missing "
-        "(PEFT's save_pretrained writes adapter_config.json and adapter_model.safetensors; .bin files are not read)."
-    )
+    raise _not_an_adapter_directory(directory, CONFIG_NAME)
   try:
     with open(config_file, "rb") as f:
       text = f.read().decode("utf-8")
@@ -190,10 +193,7 @@ def _read(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   config = _read_config(directory)
   weights_file = os.path.join(os.fspath(directory), WEIGHTS_NAME)
   if not os.path.isfile(weights_file):
-    raise FileNotFoundError(
-        f"`path` {os.fspath(directory)!r} is not a PEFT adapter directory: {WEIGHTS_NAME} is missing "
-        "(PEFT's save_pretrained writes adapter_config.json and adapter_model.safetensors; .bin files are not read)."
-    )
+    raise _not_an_adapter_directory(directory, WEIGHTS_NAME)
   try:
     tensors = load_file(weights_file)
   except Exception as err:  # safetensors raises SafetensorError (and others) for damaged files.
