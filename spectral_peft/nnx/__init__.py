@@ -8,6 +8,7 @@ from spectral_peft.nnx._siren import Frequencies
 from spectral_peft.peft._runtime.nnx import AdapterConstant
 from spectral_peft.peft._runtime.nnx import AdapterParam
 from spectral_peft.peft._runtime.nnx import adapt
+from spectral_peft.peft._runtime.nnx import adapter_index
 from spectral_peft.peft._runtime.nnx import adapters_of
 from spectral_peft.peft._runtime.nnx import attach
 from spectral_peft.peft._runtime.nnx import base_params
@@ -37,6 +38,7 @@ __all__ = (
     "SineLowRankDense",
     "WaveFTDense",
     "adapt",
+    "adapter_index",
     "adapters_of",
     "attach",
     "base_params",

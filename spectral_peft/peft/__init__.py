@@ -9,7 +9,8 @@ Typical use::
   opt_state = tx.init(adapters)
   grads = jax.grad(lambda ad: loss(sp.peft.merge(params, ad), batch))(adapters)
 
-Layout: ``_methods/`` (one spec per method, PEFT's position draw, weighted sums), ``_tree`` and
+Layout: ``_methods/`` (one spec per method, PEFT's position draw, weighted sums, banks of adapters for
+mixed-adapter batches), ``_tree`` and
 ``_modules`` (method-free functions over parameter pytrees), ``_runtime/`` (adapters applied inside
 the model's call: a Flax-free core and one provider per Flax API), ``_formats/`` (our checkpoint and
 PEFT's directory) and ``_sharding``. Imports only go down that list, never back.
@@ -23,6 +24,9 @@ from spectral_peft.peft._formats.checkpoint import save_adapters
 from spectral_peft.peft._formats.peft_files import export_peft
 from spectral_peft.peft._formats.peft_files import from_peft_config
 from spectral_peft.peft._formats.peft_files import import_peft
+from spectral_peft.peft._methods.bank import AdapterBank
+from spectral_peft.peft._methods.bank import stack_adapters
+from spectral_peft.peft._methods.bank import unstack_adapters
 from spectral_peft.peft._methods.base import Adapter
 from spectral_peft.peft._methods.base import AdapterMethod
 from spectral_peft.peft._methods.base import method_from_config
@@ -83,6 +87,7 @@ __getattr__, __dir__ = _lazy_names(__name__, _LAZY, globals())
 
 __all__ = (
     "Adapter",
+    "AdapterBank",
     "AdapterMethod",
     "DoRA",
     "FourierFT",
@@ -124,9 +129,11 @@ __all__ = (
     "save_adapters",
     "select_paths",
     "shard_adapters",
+    "stack_adapters",
     "switch_adapters",
     "trainable_summary",
     "trainable_mask",
     "unmerge",
+    "unstack_adapters",
     "weighted_combination",
 )

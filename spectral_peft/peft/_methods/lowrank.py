@@ -55,6 +55,18 @@ def _safe_sqrt(sq: Array) -> Array:
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
+def _padded(a: Array, fill: float) -> Array:
+  """``a`` with one more entry along its leading axis, all ``fill`` (the "no adapter" row of a bank)."""
+  return jnp.concatenate([a, jnp.full((1,) + a.shape[1:], fill, a.dtype)])
+
+
+def _gathered_update_matmul(method: Any, params: dict[str, Array], x: Array, gather: Array) -> Array:
+  """``s (x_b a_{g_b}) b_{g_b}`` for every example ``b`` of ``x: (B, ..., m)``; ``g == K``: zero."""
+  a = _padded(params["a"], 0.0).astype(x.dtype)[gather]
+  b = _padded(params["b"], 0.0).astype(x.dtype)[gather]
+  return method.scale * jnp.einsum("b...r,brn->b...n", jnp.einsum("b...m,bmr->b...r", x, a), b)
+
+
 @dataclasses.dataclass(frozen=True)
 class _LowRankBase(AdapterMethod):
   """Shared fields, checks and initialisation of the ``a @ b`` family."""
@@ -288,6 +300,11 @@ class LoRA(_AdditiveLowRank, _PlainUpdate, _LowRankBase):
     ((16, 4), (4, 8))
   """
 
+  def mixed_branch(self, params, x, w0, terms, gather):
+    """Mixed-adapter batches (:class:`~spectral_peft.peft.AdapterBank`): gathered factors, no ``(m, n)`` array."""
+    del terms
+    return _gathered_update_matmul(self, params, x, gather).astype(jnp.result_type(x, w0))
+
 
 @dataclasses.dataclass(frozen=True)
 class SineLoRA(_AdditiveLowRank, _SineUpdate, _LowRankBase):
@@ -360,6 +377,15 @@ class DoRA(_MagnitudeDirection, _PlainUpdate, _LowRankBase):
     cross = jnp.sum(jnp.matmul(a.T, w0) * b, axis=0)
     update_sq = jnp.sum(b * jnp.matmul(jnp.matmul(a.T, a), b), axis=0)
     return _safe_sqrt(jnp.sum(w0 * w0, axis=0) + 2.0 * s * cross + s * s * update_sq)
+
+  def mixed_branch(self, params, x, w0, terms, gather):
+    """Mixed-adapter batches: the ``K`` column factors, gathered per example with the factors ``a``, ``b``."""
+    del terms
+    dtype = jnp.result_type(x, w0)
+    factors = jax.vmap(lambda p: self._norm_factor(p, self._direction_norm(p, w0)))(params)
+    factor = _padded(factors, 1.0).astype(dtype)[gather].reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (-1,))
+    update = _gathered_update_matmul(self, params, x, gather).astype(dtype)
+    return (factor - 1) * jnp.matmul(x, w0.astype(dtype)) + factor * update
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
+from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter
 
 Array = jax.Array
@@ -72,8 +74,13 @@ class LayerAdapter:
     return cls(children[0], children[1], *aux, dropout_key=children[2])
 
   @classmethod
-  def from_adapter(cls, path: str, adapter: Adapter, dropout_key: Array | None = None) -> "LayerAdapter":
-    """The adapter as it travels into its layer; ``dropout_key`` (if given) is folded with ``path``."""
+  def from_adapter(cls, path: str, adapter: Adapter, dropout_key: Array | None = None,
+                   adapter_index: Array | None = None) -> "LayerAdapter":
+    """The adapter as it travels into its layer; ``dropout_key`` (if given) is folded with ``path``.
+
+    ``adapter_index`` (``(B,)`` integers) travels with an :class:`AdapterBank`'s constants: the
+    per-example choice of a mixed-adapter batch.
+    """
     adapter.check_concrete()
     shell = Adapter({}, {}, adapter.method, adapter.shape, adapter.dtype, adapter.in_axes, adapter.layout,
                     adapter.stack_axes)
@@ -83,7 +90,10 @@ class LayerAdapter:
       stack = adapter.shape[: adapter.stack_axes]
       if stack:
         key = jax.random.split(key, math.prod(stack)).reshape(stack)
-    return cls(adapter.params, jax.tree.map(jnp.asarray, adapter.frozen), shell, path, key)
+    frozen = jax.tree.map(jnp.asarray, adapter.frozen)
+    if adapter_index is not None and isinstance(adapter.method, AdapterBank):
+      frozen = {**frozen, BANK_INDEX: jnp.asarray(adapter_index)}
+    return cls(adapter.params, frozen, shell, path, key)
 
   @property
   def method(self):
@@ -167,6 +177,19 @@ class _ArrayConstants:
 
   def __init__(self, tree: PyTree):
     self.tree = tree
+
+
+def check_bank_layer(adapter: LayerAdapter, layer: str) -> None:
+  """Refuses an :class:`AdapterBank` on a layer that has no per-example product (a Conv, an einsum...).
+
+  Raises:
+    ValueError: naming the adapter and the layer.
+  """
+  if isinstance(adapter.method, AdapterBank):
+    raise ValueError(
+        f"The adapter at {adapter.path!r} is an AdapterBank (a mixed-adapter batch), but its layer {layer} is not a "
+        "plain contraction over trailing input axes (Linen Dense/DenseGeneral, NNX Linear, with the default "
+        "layout and precision): mixed-adapter batches run on those layers only.")
 
 
 def uses_factored_product(adapter: LayerAdapter) -> bool:

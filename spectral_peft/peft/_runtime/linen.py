@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_peft.peft._runtime import core as _runtime
+from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter
 
 Array = jax.Array
@@ -68,13 +69,15 @@ def _check_adapters(adapters: Any) -> None:
         f"{type(adapters).__name__}" + ("" if not isinstance(adapters, Mapping) else " with non-Adapter values") + ".")
 
 
-def inject(params: Any, adapters: Mapping[str, Adapter], dropout_key: Array | None = None) -> dict:
+def inject(params: Any, adapters: Mapping[str, Adapter], dropout_key: Array | None = None,
+           adapter_index: Array | None = None) -> dict:
   """``params`` with every adapter placed next to its weight as ``"<name>@adapter"``.
 
   Args:
     params: the Linen ``params`` collection (nested dicts), unmerged.
     adapters: ``{path: Adapter}``; paths relative to ``params``, with or without a leading ``params/``.
     dropout_key: the key of adapter dropout, if any (each adapter gets its own, folded with its path).
+    adapter_index: the per-example choice of the :class:`~spectral_peft.peft.AdapterBank` adapters.
 
   Returns:
     A copy of ``params`` (only the dicts along adapter paths are copied) holding the adapters.
@@ -105,7 +108,7 @@ def inject(params: Any, adapters: Mapping[str, Adapter], dropout_key: Array | No
       raise ValueError(
           f"The adapter at {path!r} was made for shape {adapter.shape}, but `params` has shape "
           f"{tuple(np.shape(node[name]))} there.")
-    node[name + SUFFIX] = _runtime.LayerAdapter.from_adapter(path, adapter, dropout_key)
+    node[name + SUFFIX] = _runtime.LayerAdapter.from_adapter(path, adapter, dropout_key, adapter_index)
   return root
 
 
@@ -282,6 +285,9 @@ def _interceptor(next_fun, args, kwargs, context):
       _check_layer_in_axes(module, name, adapter)
     x = _input(args, kwargs)
     factored = _factored_kernel(module, context.method_name, found, x)
+    if factored is None:
+      for adapter in found.values():
+        _runtime.check_bank_layer(adapter, f"{owner!r} ({type(module).__name__}, called as {context.method_name!r})")
     if frame.dropout:
       found = _fresh_dropout_keys(found, frame)
       return _dropout_call(module, context.method_name, found, factored, next_fun, x, args, kwargs, frame.dropout)
@@ -430,9 +436,26 @@ def _raise_unused(frame: _Frame) -> None:
     raise _runtime.unused_adapters_error(unused, frame.seen)
 
 
+def _check_index(adapters: Mapping[str, Adapter], adapter_index: Any) -> None:
+  _check_adapters(adapters)
+  banks = [p for p, a in adapters.items() if isinstance(a.method, AdapterBank)]
+  if adapter_index is None:
+    if banks:
+      raise ValueError(f"The adapters at {banks[:4]} are AdapterBanks (mixed-adapter batches): pass `adapter_index=` "
+                       "(one integer per example).")
+    return
+  if not banks:
+    raise ValueError("`adapter_index` picks an adapter of each AdapterBank per example, but no adapter is a bank: "
+                     "build one with sp.peft.stack_adapters([...]).")
+  index = jnp.asarray(adapter_index)
+  if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+    raise ValueError(f"`adapter_index` must be a 1-D integer array (one entry per example), got {index.dtype} of "
+                     f"shape {index.shape}.")
+
+
 def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter], *args: Any,
                    variables: Mapping[str, Any] | None = None, adapter_dropout: float = 0.0,
-                   dropout_key: Array | None = None, **kwargs: Any) -> Any:
+                   dropout_key: Array | None = None, adapter_index: Array | None = None, **kwargs: Any) -> Any:
   """``model.apply`` on the unmerged ``params`` with every adapter applied inside its own layer.
 
   Equal in value and gradient (with respect to the adapters and the inputs) to
@@ -455,6 +478,10 @@ def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
       path (and for DoRA), none for LoRA and the sparse methods on the factored path.
     dropout_key: a ``jax.random.key``, needed when ``adapter_dropout > 0`` (a new one each step);
       every layer (and every slice of a stacked weight) draws its own mask from it.
+    adapter_index: for a mixed-adapter batch: ``(B,)`` integers, one per example of the batch, that
+      pick the adapter of every :class:`~spectral_peft.peft.AdapterBank` in ``adapters`` (made by
+      :func:`sp.peft.stack_adapters`): example ``b`` sees ``W0 + Delta W_{adapter_index[b]}``, and
+      ``-1`` the base. Each adapted layer's input must have the batch on its leading axis.
     **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``, ``mutable=``...).
 
   Returns:
@@ -477,7 +504,8 @@ def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
     (2, 5, 5, 8)
   """
   rate = _check_dropout(adapter_dropout, dropout_key)
-  injected = inject(params, adapters, dropout_key if rate else None)
+  _check_index(adapters, adapter_index)
+  injected = inject(params, adapters, dropout_key if rate else None, adapter_index)
   all_variables = {**dict(variables or {}), "params": injected}
   with _frame(adapters, by_path=False, dropout=rate) as frame:
     out = model.apply(all_variables, *args, **kwargs)

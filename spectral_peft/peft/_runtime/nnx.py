@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import inspect
 import threading
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,8 @@ import numpy as np
 from flax import nnx
 
 from spectral_peft.peft._runtime import core as _runtime
+from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
+from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter, AdapterMethod
 from spectral_peft.peft._tree import Adapters, init_adapters, leaf_paths
 
@@ -149,7 +151,59 @@ def _base_class(cls: type) -> type:
 def _layer_adapter(module: nnx.Module, slot: _Slot) -> _runtime.LayerAdapter:
   params = jax.tree.unflatten(slot.params_def, [getattr(module, n)[...] for n in slot.param_names()])
   frozen = jax.tree.unflatten(slot.frozen_def, [getattr(module, n)[...] for n in slot.constant_names()])
+  if isinstance(slot.method, AdapterBank) and _index_stack():
+    frozen = {**frozen, BANK_INDEX: _index_stack()[-1]}
   return _runtime.LayerAdapter(params, frozen, slot.shell(), slot.path)
+
+
+_INDEX_STATE = threading.local()
+
+
+def _index_stack() -> list:
+  if not hasattr(_INDEX_STATE, "stack"):
+    _INDEX_STATE.stack = []
+  return _INDEX_STATE.stack
+
+
+@contextlib.contextmanager
+def adapter_index(index: Array) -> Iterator[None]:
+  """Mixed-adapter batches in NNX: inside the context, example ``b`` of every call sees adapter ``index[b]``.
+
+  The model's :class:`~spectral_peft.peft.AdapterBank` adapters (attached from
+  :func:`sp.peft.stack_adapters`) pick adapter ``index[b]`` for example ``b`` (``-1``: the base
+  weight); see :class:`~spectral_peft.peft.AdapterBank` for the products. Enter the context inside
+  the function you ``nnx.jit``, with ``index`` one of its arguments: a concrete index entered outside
+  the trace would be compiled in as a constant.
+
+  Args:
+    index: ``(B,)`` integers in ``[-1, K)``, one per example of the batch (the leading axis of each
+      adapted layer's input).
+
+  Raises:
+    ValueError: ``index`` is not a 1-D integer array.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> from flax import nnx
+    >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    >>> params = nnx.state(model, nnx.Param)
+    >>> two = [sp.peft.init_adapters(jax.random.key(k), params, sp.peft.LoRA(2), "kernel") for k in (1, 2)]
+    >>> _ = sp.nnx.attach(model, sp.peft.stack_adapters(two))
+    >>> with sp.nnx.adapter_index(jnp.array([0, 1, -1])):
+    ...   y = model(jnp.ones((3, 4)))
+    >>> y.shape
+    (3, 3)
+  """
+  index = jnp.asarray(index)
+  if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+    raise ValueError(f"`index` must be a 1-D integer array (one entry per example), got {index.dtype} of shape "
+                     f"{index.shape}.")
+  stack = _index_stack()
+  stack.append(index)
+  try:
+    yield
+  finally:
+    stack.pop()
 
 
 def _factored_ok(module: Any, slot: _Slot, adapter: _runtime.LayerAdapter, kernel: Array, args, kwargs) -> bool:
@@ -236,6 +290,9 @@ def _adapted_call(self, *args, **kwargs):
     adapter.for_weight(kernel)
     if _factored_ok(self, slot, adapter, kernel, args, kwargs):
       factored = adapter
+  if factored is None:
+    for _, adapter in found.values():
+      _runtime.check_bank_layer(adapter, f"({type(self).__name__})")
   dropout = getattr(self, _DROPOUT, None)
   if dropout is not None and not dropout.deterministic:
     return _dropout_call(self, base, found, factored, dropout, args, kwargs)
@@ -355,6 +412,8 @@ def _dropout_call(self, base, found, factored, dropout, args, kwargs):
 def _merged(self, base, found, args, kwargs, fn=None):
   """The layer's own call (or ``fn``) at its merged weights, rebuilt per layer (:func:`_runtime.merged_call`)."""
   fn = base.__call__ if fn is None else fn
+  for _, adapter in found.values():
+    _runtime.check_bank_layer(adapter, f"({base.__name__}, {fn.__name__})")
   graphdef, state = nnx.split(self)
   weights = {}
   for name, (slot, adapter) in found.items():
