@@ -8,6 +8,13 @@ from spectral_peft.nnx._siren import Frequencies
 from spectral_peft.peft._runtime.nnx import AdapterConstant
 from spectral_peft.peft._runtime.nnx import AdapterParam
 from spectral_peft.peft._runtime.nnx import adapt
+from spectral_peft.peft._runtime.nnx import set_adapter
+from spectral_peft.peft._runtime.nnx import merge_and_unload
+from spectral_peft.peft._runtime.nnx import disable_adapters
+from spectral_peft.peft._runtime.nnx import delete_adapter
+from spectral_peft.peft._runtime.nnx import adapter_names
+from spectral_peft.peft._runtime.nnx import add_weighted_adapter
+from spectral_peft.peft._runtime.nnx import active_adapters
 from spectral_peft.peft._runtime.nnx import adapter_index
 from spectral_peft.peft._runtime.nnx import adapters_of
 from spectral_peft.peft._runtime.nnx import attach
@@ -38,6 +45,13 @@ __all__ = (
     "SineLowRankDense",
     "WaveFTDense",
     "adapt",
+    "set_adapter",
+    "merge_and_unload",
+    "disable_adapters",
+    "delete_adapter",
+    "adapter_names",
+    "add_weighted_adapter",
+    "active_adapters",
     "adapter_index",
     "adapters_of",
     "attach",

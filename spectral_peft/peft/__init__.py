@@ -32,6 +32,7 @@ from spectral_peft.peft._methods.base import AdapterMethod
 from spectral_peft.peft._methods.base import method_from_config
 from spectral_peft.peft._methods.base import method_registry
 from spectral_peft.peft._methods.combination import WeightedSum
+from spectral_peft.peft._methods.combination import concatenate_lora
 from spectral_peft.peft._methods.combination import weighted_combination
 from spectral_peft.peft._methods.lowrank import DoRA
 from spectral_peft.peft._methods.lowrank import LoRA
@@ -45,6 +46,7 @@ from spectral_peft.peft._methods.spectral import init_lfma_adapters
 from spectral_peft.peft._methods.spectral import lfma_gradient_init
 from spectral_peft.peft._methods.spectral import proportional_allocation
 from spectral_peft.peft._modules import TrainableSummary
+from spectral_peft.peft._named import NamedAdapters
 from spectral_peft.peft._modules import merge_modules
 from spectral_peft.peft._modules import modules_to_save
 from spectral_peft.peft._modules import trainable_summary
@@ -93,6 +95,7 @@ __all__ = (
     "FourierFT",
     "LFMA",
     "LoRA",
+    "NamedAdapters",
     "SHiRA",
     "SineDoRA",
     "SineLoRA",
@@ -104,6 +107,7 @@ __all__ = (
     "apply_adapters",
     "apply_factored",
     "combine",
+    "concatenate_lora",
     "count_parameters",
     "data_model_mesh",
     "delta_tree",

@@ -6,9 +6,11 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from spectral_peft import _validation
 from spectral_peft.peft._methods.base import Adapter, AdapterMethod
+from spectral_peft.peft._methods.lowrank import LoRA
 from spectral_peft.peft._tree import Adapters, _check_adapters
 
 Array = jax.Array
@@ -52,6 +54,22 @@ class WeightedSum(AdapterMethod):
   def check_shape(self, shape):
     for method in self.methods:
       method.check_shape(shape)
+
+  @property
+  def runtime_factored(self) -> bool:  # type: ignore[override]
+    return all(getattr(m, "runtime_factored", False) for m in self.methods)
+
+  def apply(self, params, x, w0, frozen=None):
+    return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
+
+  def branch(self, params, x, w0, frozen=None):
+    """``sum_i weights[i] x @ Delta W_i``, each term by its own method's (factored) branch."""
+    frozen = frozen if frozen is not None else tuple({} for _ in self.methods)
+    total = None
+    for method, weight, p, f in zip(self.methods, self.weights, params, frozen):
+      term = weight * method.branch(p, x, w0, f)
+      total = term if total is None else total + term
+    return total
 
   def init(self, key, w0):
     keys = jax.random.split(key, len(self.methods))
@@ -122,3 +140,46 @@ def weighted_combination(adapters_list: Sequence[Adapters], weights: Sequence[fl
     )
   return combined
 
+
+
+def concatenate_lora(adapters_list: Sequence[Adapters], weights: Sequence[float]) -> Adapters:
+  """PEFT's ``combination_type="cat"``: LoRA adapters concatenated into one LoRA of rank ``sum_i r_i``.
+
+  ``a = [a_1, ..., a_k]`` (``(m, sum r)``) and ``b = [w_1 s_1 b_1; ...; w_k s_k b_k]`` with ``s_i``
+  each adapter's scale, under ``LoRA(sum r, alpha=sum r)`` (scale 1): the update is exactly
+  ``sum_i w_i Delta W_i`` and stays factored (the adapter runtime's LoRA product).
+
+  Raises:
+    ValueError: a length mismatch, a non-LoRA adapter, paths that differ between the dicts, or
+      adapters of one path made for different weights.
+  """
+  if len(adapters_list) != len(weights) or not adapters_list:
+    raise ValueError(f"`weights` must have one entry per adapters dict, got {len(weights)} weights for "
+                     f"{len(adapters_list)} adapters.")
+  weights = [_validation.check_finite_number(f"weights[{i}]", w) for i, w in enumerate(weights)]
+  for adapters in adapters_list:
+    _check_adapters(adapters)
+  paths = list(adapters_list[0])
+  out: Adapters = {}
+  for i, adapters in enumerate(adapters_list):
+    if sorted(adapters) != sorted(paths):
+      raise ValueError(f"combination 'cat' needs the same paths in every adapters dict; dict {i} adapts "
+                       f"{sorted(adapters)}, dict 0 adapts {sorted(paths)}.")
+  for path in paths:
+    terms = [adapters[path] for adapters in adapters_list]
+    first = terms[0]
+    for term in terms:
+      if type(term.method) is not LoRA:
+        raise ValueError(f"combination 'cat' concatenates LoRA adapters only; {path!r} has a "
+                         f"{type(term.method).__name__}: use combination 'linear'.")
+      if (term.shape, term.dtype, term.in_axes, term.layout, term.stack_axes) != (
+          first.shape, first.dtype, first.in_axes, first.layout, first.stack_axes):
+        raise ValueError(f"The adapters at {path!r} were made for different weights ({first.shape} vs {term.shape}).")
+    a = jnp.concatenate([t.params["a"] for t in terms], axis=-1)
+    b = jnp.concatenate([(w * t.method.scale * t.params["b"]).astype(t.params["b"].dtype)
+                         for t, w in zip(terms, weights)], axis=-2)
+    rank = int(a.shape[-1])
+    method = LoRA(rank, alpha=float(rank), param_dtype=first.method.param_dtype)
+    out[path] = Adapter({"a": a, "b": b}, {}, method, first.shape, first.dtype, first.in_axes, first.layout,
+                        first.stack_axes)
+  return out

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import re
 import threading
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from spectral_peft.peft._runtime import core as _runtime
 from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
 from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter, AdapterMethod
+from spectral_peft.peft._methods.combination import WeightedSum, concatenate_lora, weighted_combination
 from spectral_peft.peft._tree import Adapters, init_adapters, leaf_paths
 
 Array = jax.Array
@@ -59,6 +61,9 @@ class AdapterParam(nnx.LoRAParam):
   """
 
 
+DEFAULT = "default"
+
+
 class AdapterConstant(nnx.Variable):
   """An adapter constant (sparse positions, spectral masks, reference norms): never trained."""
 
@@ -77,12 +82,16 @@ class _Slot:
   stack_axes: int
   params_def: Any
   frozen_def: Any
+  adapter: str = DEFAULT
+
+  def _prefix(self) -> str:
+    return f"{self.name}_adapter_" if self.adapter == DEFAULT else f"{self.name}_adapter_{self.adapter}_"
 
   def param_names(self) -> list[str]:
-    return [f"{self.name}_adapter_p{i}" for i in range(self.params_def.num_leaves)]
+    return [f"{self._prefix()}p{i}" for i in range(self.params_def.num_leaves)]
 
   def constant_names(self) -> list[str]:
-    return [f"{self.name}_adapter_c{i}" for i in range(self.frozen_def.num_leaves)]
+    return [f"{self._prefix()}c{i}" for i in range(self.frozen_def.num_leaves)]
 
   def shell(self) -> Adapter:
     return Adapter({}, {}, self.method, self.shape, self.dtype, self.in_axes, self.layout, self.stack_axes)
@@ -90,6 +99,7 @@ class _Slot:
 
 _ADAPTED_CLASSES: dict[type, type] = {}
 _SLOTS = "_spectral_peft_slots"
+_ACTIVE = "_spectral_peft_active"
 _DROPOUT = "adapter_dropout"
 
 
@@ -121,7 +131,7 @@ def _adapted_method(name: str):
     fn = getattr(base, name)
     code = getattr(fn, "__code__", None)
     names = set(code.co_names) if code is not None else set()
-    found = {slot.name: (slot, _layer_adapter(self, slot)) for slot in getattr(self, _SLOTS, ()) if slot.name in names}
+    found = _found(self, names)
     if not found:
       return fn(self, *args, **kwargs)
     return _merged(self, base, found, args, kwargs, fn=fn)
@@ -146,6 +156,31 @@ def _shared_readers(model: nnx.Module, owner: Any, name: str) -> list[str]:
 
 def _base_class(cls: type) -> type:
   return cls.__mro__[1] if cls in _ADAPTED_CLASSES.values() else cls
+
+
+def _found(module: nnx.Module, names: Any = None) -> dict[str, tuple[_Slot, _runtime.LayerAdapter]]:
+  """``{weight: (slot, adapter)}`` for the weights of ``module`` (``names``: those only) with an active adapter.
+
+  Several active adapters on one weight (``set_adapter([a, b])``) travel as one :class:`WeightedSum`
+  of unit weights: the weight sees ``W0 + sum_i Delta W_i``.
+  """
+  active = getattr(module, _ACTIVE, None)
+  by_weight: dict[str, list[_Slot]] = {}
+  for slot in getattr(module, _SLOTS, ()):
+    if (active is None or slot.adapter in active) and (names is None or slot.name in names):
+      by_weight.setdefault(slot.name, []).append(slot)
+  found = {}
+  for name, slots in by_weight.items():
+    first = slots[0]
+    if len(slots) == 1:
+      found[name] = (first, _layer_adapter(module, first))
+      continue
+    terms = [_layer_adapter(module, slot) for slot in slots]
+    method = WeightedSum(tuple(slot.method for slot in slots), (1.0,) * len(slots))
+    shell = Adapter({}, {}, method, first.shape, first.dtype, first.in_axes, first.layout, first.stack_axes)
+    found[name] = (first, _runtime.LayerAdapter(tuple(t.params for t in terms), tuple(t.frozen for t in terms),
+                                                shell, first.path))
+  return found
 
 
 def _layer_adapter(module: nnx.Module, slot: _Slot) -> _runtime.LayerAdapter:
@@ -280,9 +315,10 @@ def _einsum_in_axes(model: nnx.Module, in_axes: Any, all_linear: bool = False) -
 
 
 def _adapted_call(self, *args, **kwargs):
-  slots = getattr(self, _SLOTS)
   base = _base_class(type(self))
-  found = {slot.name: (slot, _layer_adapter(self, slot)) for slot in slots}
+  found = _found(self)
+  if not found:  # Every adapter of this layer is inactive (set_adapter, disable_adapters).
+    return base.__call__(self, *args, **kwargs)
   factored = None
   if len(found) == 1 and "kernel" in found:
     slot, adapter = found["kernel"]
@@ -452,22 +488,36 @@ def base_params(model: nnx.Module) -> nnx.State:
   return nnx.state(model, nnx.All(nnx.Param, nnx.Not(AdapterParam)))
 
 
-def attach(model: nnx.Module, adapters: Adapters) -> nnx.Module:
+def _check_name(adapter_name: Any) -> str:
+  if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", adapter_name):
+    raise ValueError(f"`adapter_name` must be a str of letters, digits and '_' starting with a letter (it names the "
+                     f"adapter's variables), got {adapter_name!r}.")
+  return adapter_name
+
+
+def attach(model: nnx.Module, adapters: Adapters, *, adapter_name: str = DEFAULT) -> nnx.Module:
   """Adds the given adapters (``{path: Adapter}`` for the model's ``nnx.Param`` state) in place.
+
+  Several named adapters may sit on one weight (PEFT's ``add_adapter``); the first adapter a model
+  gets is active, later names are inactive until :func:`set_adapter` (as in PEFT).
 
   Args:
     model: an ``nnx.Module`` graph (e.g. a pretrained model).
     adapters: from :func:`sp.peft.init_adapters` on ``nnx.state(model, nnx.Param)``,
       :func:`sp.peft.load_adapters` or :func:`adapters_of` of a model with the same structure.
+    adapter_name: the adapter's name (letters, digits, ``_``); ``"default"`` keeps the variable
+      names ``<weight>_adapter_p<i>``, another name gives ``<weight>_adapter_<name>_p<i>``.
 
   Returns:
     ``model`` (modified in place): each weight's owning module gains :class:`AdapterParam` /
     :class:`AdapterConstant` variables and applies the adapter in its call.
 
   Raises:
-    ValueError: a path does not name a weight of the model, the weight has another shape, or the
-      weight already has an adapter (merge or detach it first).
+    ValueError: a path does not name a weight of the model, the weight has another shape, the
+      weight already has an adapter of that name (merge, delete or detach it first), or a bad name.
   """
+  _check_name(adapter_name)
+  model_active = _model_active(model)
   available = leaf_paths(base_params(model))
   owners: dict[str, tuple[Any, str]] = {}
   for path, adapter in adapters.items():  # Every check before the first change: all or nothing.
@@ -481,8 +531,11 @@ def attach(model: nnx.Module, adapters: Adapters) -> nnx.Module:
                        f"shape {tuple(np.shape(available[path]))}.")
     owner, name = _owner(model, path)
     slots = getattr(owner, _SLOTS, ())
-    if any(slot.name == name for slot in slots) or any(o is owner and n == name for o, n in owners.values()):
-      raise ValueError(f"The weight {path!r} already has an adapter; merge_adapters or detach it first.")
+    if any(slot.name == name and slot.adapter == adapter_name for slot in slots) or any(
+        o is owner and n == name for o, n in owners.values()):
+      named = "an adapter" if adapter_name == DEFAULT else f"an adapter named {adapter_name!r}"
+      raise ValueError(f"The weight {path!r} already has {named}; merge_adapters, delete_adapter or detach it first, "
+                       "or attach under another `adapter_name`.")
     equation = _einsum_equation(owner, name)
     if equation is not None:
       _runtime.check_einsum_layout(adapter, equation, path)
@@ -499,18 +552,149 @@ def attach(model: nnx.Module, adapters: Adapters) -> nnx.Module:
     p_leaves, p_def = jax.tree.flatten(adapter.params)
     c_leaves, c_def = jax.tree.flatten(adapter.frozen)
     slot = _Slot(name, path, adapter.method, adapter.shape, adapter.dtype, adapter.in_axes, adapter.layout,
-                 adapter.stack_axes, p_def, c_def)
+                 adapter.stack_axes, p_def, c_def, adapter_name)
     for var_name, leaf in zip(slot.param_names(), p_leaves):
       setattr(owner, var_name, AdapterParam(jnp.asarray(leaf)))
     for var_name, leaf in zip(slot.constant_names(), c_leaves):
       setattr(owner, var_name, AdapterConstant(jnp.asarray(leaf)))
     setattr(owner, _SLOTS, slots + (slot,))
+    if not hasattr(owner, _ACTIVE):
+      setattr(owner, _ACTIVE, model_active if model_active is not None else (adapter_name,))
     owner.__class__ = _adapted_class(type(owner))
   return model
 
 
+def _model_active(model: nnx.Module) -> tuple[str, ...] | None:
+  """The active adapter names (kept equal on every adapted layer), or ``None`` for a model without adapters."""
+  for owner in _adapted_owners(model):
+    return getattr(owner, _ACTIVE, None)
+  return None
+
+
+def adapter_names(model: nnx.Module) -> list[str]:
+  """The names of the model's adapters, in the order they were first attached."""
+  return list(dict.fromkeys(slot.adapter for owner in _adapted_owners(model) for slot in getattr(owner, _SLOTS)))
+
+
+def active_adapters(model: nnx.Module) -> list[str]:
+  """The names of the adapters the model applies (:func:`set_adapter`); ``[]`` inside :func:`disable_adapters`."""
+  return list(_model_active(model) or ())
+
+
+def _check_known(model: nnx.Module, names: Sequence[str]) -> None:
+  known = adapter_names(model)
+  missing = [n for n in names if n not in known]
+  if missing:
+    raise ValueError(f"The model has no adapter named {missing}; its adapters: {known}.")
+
+
+def set_adapter(model: nnx.Module, adapter_name: str | Sequence[str]) -> nnx.Module:
+  """Makes ``adapter_name`` (one name, or several applied together, summed) the model's active adapters.
+
+  PEFT's ``set_adapter``; a list is PEFT's ``set_adapter([a, b])`` (each weight sees
+  ``W0 + sum_i Delta W_i``). Under ``nnx.jit`` a change of active adapters retraces (it is part of
+  the graph).
+
+  Raises:
+    ValueError: a name the model does not have.
+  """
+  names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
+  _check_known(model, names)
+  for owner in _adapted_owners(model):
+    setattr(owner, _ACTIVE, names)
+  return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nnx.Module) -> Iterator[nnx.Module]:
+  """Context in which the model runs its base weights (PEFT's ``with model.disable_adapter():``).
+
+  The adapters stay attached (and trainable state is untouched); the active adapters are restored
+  on exit, also after an error.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> from flax import nnx
+    >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    >>> _ = sp.nnx.adapt(model, sp.peft.LoRA(2), "kernel", key=jax.random.key(1))
+    >>> with sp.nnx.disable_adapters(model):
+    ...   y = model(jnp.ones((1, 4)))
+    >>> sp.nnx.active_adapters(model)
+    ['default']
+  """
+  saved = [(owner, getattr(owner, _ACTIVE, None)) for owner in _adapted_owners(model)]
+  for owner, _ in saved:
+    setattr(owner, _ACTIVE, ())
+  try:
+    yield model
+  finally:
+    for owner, active in saved:
+      if active is None:
+        if hasattr(owner, _ACTIVE):
+          delattr(owner, _ACTIVE)
+      elif len(getattr(owner, _SLOTS, ())) > 0:
+        setattr(owner, _ACTIVE, active)
+
+
+def delete_adapter(model: nnx.Module, adapter_name: str) -> Adapters:
+  """Removes the adapter ``adapter_name`` from every weight (weights unchanged) and returns it.
+
+  Raises:
+    ValueError: the model has no adapter of that name.
+  """
+  _check_known(model, [adapter_name])
+  removed = adapters_of(model, adapter_name)
+  for owner in list(_adapted_owners(model)):
+    slots = getattr(owner, _SLOTS)
+    keep = tuple(slot for slot in slots if slot.adapter != adapter_name)
+    if not keep:
+      _detach(owner)
+      continue
+    for slot in slots:
+      if slot.adapter == adapter_name:
+        for var_name in slot.param_names() + slot.constant_names():
+          delattr(owner, var_name)
+    setattr(owner, _SLOTS, keep)
+    setattr(owner, _ACTIVE, tuple(n for n in getattr(owner, _ACTIVE, ()) if n != adapter_name))
+  return removed
+
+
+def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         *, combination_type: str = "linear") -> nnx.Module:
+  """Adds ``adapter_name``: a weighted combination of the model's named ``adapters`` (PEFT's ``add_weighted_adapter``).
+
+  Args:
+    model: a model holding the named adapters.
+    adapters: names of existing adapters.
+    weights: one finite weight per name.
+    adapter_name: the new adapter's name (inactive until :func:`set_adapter`, as in PEFT).
+    combination_type: ``"linear"``: ``Delta W = sum_i w_i Delta W_i`` exactly, for every method
+      (a :class:`sp.peft.WeightedSum`); ``"cat"``: LoRA adapters only, concatenated into one LoRA
+      of rank ``sum_i r_i`` (:func:`sp.peft.concatenate_lora`), the same update, factored.
+
+  Returns:
+    ``model``, in place.
+
+  Raises:
+    ValueError: an unknown name or combination type, a taken ``adapter_name``, mismatched weights.
+  """
+  names = [adapters] if isinstance(adapters, str) else list(adapters)
+  _check_known(model, names)
+  _check_name(adapter_name)
+  if adapter_name in adapter_names(model):
+    raise ValueError(f"The model already has an adapter named {adapter_name!r}; delete_adapter it or pick another name.")
+  terms = [adapters_of(model, name) for name in names]
+  if combination_type == "linear":
+    combined = weighted_combination(terms, list(weights))
+  elif combination_type == "cat":
+    combined = concatenate_lora(terms, list(weights))
+  else:
+    raise ValueError(f"`combination_type` must be 'linear' or 'cat', got {combination_type!r}.")
+  return attach(model, combined, adapter_name=adapter_name)
+
+
 def adapt(model: nnx.Module, method: Any, targets: Any, *, key: Array, in_axes: Any = None,
-          layout: Any = "in_out", stack_axes: Any = 0) -> nnx.Module:
+          layout: Any = "in_out", stack_axes: Any = 0, adapter_name: str = DEFAULT) -> nnx.Module:
   """Adds adapters of ``method`` to the target weights of an existing NNX model, in place.
 
   The NNX counterpart of :func:`sp.peft.init_adapters` + :func:`sp.peft.apply_adapters`:
@@ -523,6 +707,7 @@ def adapt(model: nnx.Module, method: Any, targets: Any, *, key: Array, in_axes: 
       those of ``nnx.state(model, nnx.Param)``, e.g. ``"layers/0/attn/query/kernel"``; weights stacked
       by ``nnx.vmap``/``nnx.scan`` need ``stack_axes=1``).
     key: a ``jax.random`` key.
+    adapter_name: the adapter's name (:func:`attach`; PEFT's ``add_adapter(name, config)``).
 
   Returns:
     ``model``, with :class:`AdapterParam` / :class:`AdapterConstant` variables next to each target.
@@ -541,7 +726,7 @@ def adapt(model: nnx.Module, method: Any, targets: Any, *, key: Array, in_axes: 
     in_axes = _einsum_in_axes(model, in_axes, all_linear=isinstance(targets, str) and targets == "all-linear")
   adapters = init_adapters(key, params, method, targets, in_axes=in_axes, layout=layout,
                            stack_axes=stack_axes)
-  return attach(model, adapters)
+  return attach(model, adapters, adapter_name=adapter_name)
 
 
 def _adapted_owners(model: nnx.Module):
@@ -550,11 +735,33 @@ def _adapted_owners(model: nnx.Module):
       yield node
 
 
-def adapters_of(model: nnx.Module) -> Adapters:
-  """The model's adapters as the functional ``{path: Adapter}`` dict (for save, export, merge)."""
+def adapters_of(model: nnx.Module, adapter_name: str | None = None) -> Adapters:
+  """The model's adapters as the functional ``{path: Adapter}`` dict (for save, export, merge).
+
+  Args:
+    model: an ``nnx.Module``.
+    adapter_name: which named adapter; ``None``: the model's only adapter name, or else its one
+      active adapter.
+
+  Raises:
+    ValueError: an unknown name, or ``None`` on a model with several names and not exactly one active.
+  """
+  names = adapter_names(model)
+  if adapter_name is None:
+    active = active_adapters(model)
+    if len(names) <= 1:
+      adapter_name = names[0] if names else DEFAULT
+    elif len(active) == 1:
+      adapter_name = active[0]
+    else:
+      raise ValueError(f"The model holds the adapters {names} ({active} active): pass `adapter_name=`.")
+  elif names:
+    _check_known(model, [adapter_name])
   out: Adapters = {}
   for owner in _adapted_owners(model):
     for slot in getattr(owner, _SLOTS):
+      if slot.adapter != adapter_name:
+        continue
       params = jax.tree.unflatten(slot.params_def, [getattr(owner, n)[...] for n in slot.param_names()])
       frozen = jax.tree.unflatten(slot.frozen_def, [np.asarray(getattr(owner, n)[...]) for n in slot.constant_names()])
       out[slot.path] = Adapter(params, frozen, slot.method, slot.shape, slot.dtype, slot.in_axes, slot.layout,
@@ -567,13 +774,18 @@ def _detach(owner: nnx.Module) -> None:
     for var_name in slot.param_names() + slot.constant_names():
       delattr(owner, var_name)
   delattr(owner, _SLOTS)
+  if hasattr(owner, _ACTIVE):
+    delattr(owner, _ACTIVE)
   if hasattr(owner, _DROPOUT):
     delattr(owner, _DROPOUT)
   owner.__class__ = _base_class(type(owner))
 
 
 def merge_adapters(model: nnx.Module, *, check_finite: bool = True) -> nnx.Module:
-  """Folds every adapter into its weight (``W0 + Delta W``) and removes it, in place.
+  """Folds the active adapters into their weights (``W0 + Delta W``) and removes every adapter, in place.
+
+  PEFT's ``merge_and_unload`` (also available under that name): with several named adapters, the
+  active ones (:func:`set_adapter`) are merged, summed, and the inactive ones are discarded.
 
   Args:
     model: a model with adapters (from :func:`adapt` / :func:`attach`).
@@ -585,8 +797,7 @@ def merge_adapters(model: nnx.Module, *, check_finite: bool = True) -> nnx.Modul
   plans = []
   for owner in list(_adapted_owners(model)):  # Every merged weight first: all or nothing.
     merged = {}
-    for slot in getattr(owner, _SLOTS):
-      adapter = _layer_adapter(owner, slot)
+    for slot, adapter in _found(owner).values():
       weight = getattr(owner, slot.name)
       value = adapter.merge(weight[...])
       if check_finite and not bool(jnp.all(jnp.isfinite(value))):
@@ -601,35 +812,46 @@ def merge_adapters(model: nnx.Module, *, check_finite: bool = True) -> nnx.Modul
   return model
 
 
-def detach_adapters(model: nnx.Module) -> Adapters:
-  """Removes every adapter (weights unchanged) and returns them as ``{path: Adapter}``."""
-  adapters = adapters_of(model)
+def detach_adapters(model: nnx.Module) -> Any:
+  """Removes every adapter (weights unchanged) and returns them.
+
+  Returns:
+    ``{path: Adapter}`` for a model with one adapter name; ``{name: {path: Adapter}}`` for a model
+    with several named adapters.
+  """
+  names = adapter_names(model)
+  named = {name: adapters_of(model, name) for name in names}
   for owner in list(_adapted_owners(model)):
     _detach(owner)
-  return adapters
+  if len(names) > 1:
+    return named
+  return named[names[0]] if names else {}
 
 
-def load_into(model: nnx.Module, adapters: Adapters) -> nnx.Module:
-  """Replaces the model's adapters by ``adapters``, all or nothing: e.g. after :func:`sp.peft.load_adapters`.
+def load_into(model: nnx.Module, adapters: Adapters, *, adapter_name: str = DEFAULT) -> nnx.Module:
+  """Replaces the model's adapter ``adapter_name`` by ``adapters``, all or nothing: e.g. after :func:`sp.peft.load_adapters`.
 
   Everything is checked before the model changes: ``adapters`` is a ``{path: Adapter}`` dict and
   every path names a weight of the model's ``nnx.Param`` state with the shape the adapter was made
-  for. Only then are the model's adapters (and their adapter dropout) removed and ``adapters``
-  attached; should attaching still fail, the previous adapters are put back before the error
-  propagates, so a mistyped path never costs the model its trained adapters.
+  for. Only then is the model's adapter of that name removed (with the adapter dropout of layers
+  left without adapters) and ``adapters`` attached under the name; should attaching still fail, the
+  previous adapter is put back before the error propagates, so a mistyped path never costs the
+  model its trained adapters. Other named adapters and the active names are kept.
 
   Args:
     model: an ``nnx.Module``, with or without adapters.
     adapters: ``{path: Adapter}`` for the model's ``nnx.Param`` paths (e.g. ``"layers/0/query/kernel"``).
+    adapter_name: the name to load into (:func:`attach`).
 
   Returns:
-    ``model``, in place, holding exactly ``adapters``.
+    ``model``, in place, holding ``adapters`` under ``adapter_name``.
 
   Raises:
     TypeError: ``adapters`` is not a ``{path: Adapter}`` dict (the model is unchanged).
     ValueError: a path is not a weight of the model or the weight has another shape (the model is
       unchanged; the message lists every such path).
   """
+  _check_name(adapter_name)
   if not isinstance(adapters, Mapping) or not all(isinstance(a, Adapter) for a in adapters.values()):
     raise TypeError(f"`adapters` must be a {{path: Adapter}} dict (sp.peft.load_adapters, sp.nnx.adapters_of), got "
                     f"{type(adapters).__name__}; the model is unchanged.")
@@ -644,16 +866,22 @@ def load_into(model: nnx.Module, adapters: Adapters) -> nnx.Module:
     raise ValueError(f"Cannot load the adapters into the model, which is unchanged: {'; '.join(problems)}. Some weights "
                      f"of the model (nnx.Param paths): {list(available)[:8]}.")
   dropouts = [(owner, getattr(owner, _DROPOUT)) for owner in _adapted_owners(model) if hasattr(owner, _DROPOUT)]
-  previous = detach_adapters(model)
+  active = _model_active(model)
+  previous = delete_adapter(model, adapter_name) if adapter_name in adapter_names(model) else None
   try:
-    attach(model, adapters)
+    attach(model, adapters, adapter_name=adapter_name)
   except BaseException:
-    for owner in list(_adapted_owners(model)):
-      _detach(owner)
-    attach(model, previous)
+    if adapter_name in adapter_names(model):
+      delete_adapter(model, adapter_name)
+    if previous:
+      attach(model, previous, adapter_name=adapter_name)
     for owner, dropout in dropouts:
       setattr(owner, _DROPOUT, dropout)
     raise
+  finally:
+    if active is not None:
+      for owner in _adapted_owners(model):
+        setattr(owner, _ACTIVE, active)
   return model
 
 
@@ -704,3 +932,7 @@ def set_adapter_dropout(model: nnx.Module, rate: float, *, rngs: nnx.Rngs | None
     if rate:
       setattr(owner, _DROPOUT, nnx.Dropout(float(rate), rngs=rngs))
   return model
+
+
+#: PEFT's name for :func:`merge_adapters`.
+merge_and_unload = merge_adapters
