@@ -72,12 +72,12 @@ def test_a_failing_attach_puts_the_previous_adapters_back(monkeypatch):
   real = _nnx.attach
   calls = []
 
-  def failing(m, adapters):
+  def failing(m, adapters, **kwargs):
     calls.append(1)
     if len(calls) == 1:
-      real(m, {p: a for p, a in list(adapters.items())[:1]})  # Half attached, then a failure.
+      real(m, {p: a for p, a in list(adapters.items())[:1]}, **kwargs)  # Half attached, then a failure.
       raise RuntimeError("boom")
-    return real(m, adapters)
+    return real(m, adapters, **kwargs)
 
   monkeypatch.setattr(_nnx, "attach", failing)
   with pytest.raises(RuntimeError, match="boom"):

@@ -66,10 +66,10 @@ def test_readme_blocks_use_only_names_defined_before_them():
 @pytest.mark.slow
 def test_readme_quickstart_runs(tmp_path, capsys):
   blocks = _blocks()
-  assert len(blocks) == 5
+  assert len(blocks) == 7
   scope: dict = {}
   for index, code in enumerate(blocks, start=1):  # one namespace, built only by the blocks before
-    for old in ("/tmp/qv_adapter", "/tmp/nnx_adapter", "/tmp/peft_lora"):
+    for old in ("/tmp/qv_adapter", "/tmp/nnx_adapter", "/tmp/peft_lora", "/tmp/task_b"):
       code = code.replace(old, str(tmp_path / os.path.basename(old)))
     exec(compile(code, f"README.md (python block {index})", "exec"), scope)  # noqa: S102
   printed = capsys.readouterr().out
@@ -91,6 +91,14 @@ def test_readme_quickstart_runs(tmp_path, capsys):
   saved = sp.peft.load_adapters(tmp_path / "nnx_adapter", sp.nnx.base_params(net))
   assert sorted(saved) == ["layers/0/kernel", "layers/2/kernel"]
   assert any(float(jnp.max(jnp.abs(a.params["b"]))) > 0 for a in saved.values())
+  # Named adapters: one saved alone; mixed batch: each example equals its own adapter's (or the base) output.
+  assert sorted(sp.peft.load_adapters(tmp_path / "task_b")) == ["layers/0/kernel", "layers/2/kernel"]
+  mixed, index, other = scope["mixed"], np.asarray(scope["index"]), scope["other"]
+  for i, ads in ((0, adapters), (1, other), (-1, {})):
+    rows = index == i
+    want = sp.peft.apply_adapters(model, params, ads, x[rows]) if ads else model.apply({"params": params}, x[rows])
+    scale = max(1.0, float(jnp.max(jnp.abs(want))))
+    np.testing.assert_allclose(mixed[rows], want, rtol=0, atol=1e-5 * scale)
   # Sharding: the base and its adapters placed on the mesh the block built.
   mesh = scope["mesh"]
   assert params["SelfAttention_0"]["query"]["kernel"].sharding.mesh == mesh
