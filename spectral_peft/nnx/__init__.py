@@ -22,6 +22,7 @@ from spectral_peft.peft._runtime.nnx import base_params
 from spectral_peft.peft._runtime.nnx import detach_adapters
 from spectral_peft.peft._runtime.nnx import load_into
 from spectral_peft.peft._runtime.nnx import merge_adapters
+from spectral_peft.peft._runtime.nnx import quantize
 from spectral_peft.peft._runtime.nnx import set_adapter_dropout
 from spectral_peft.nnx._siren import PeriodicSiren
 from spectral_peft.nnx._spectral import AdapterIndices
@@ -59,5 +60,6 @@ __all__ = (
     "detach_adapters",
     "load_into",
     "merge_adapters",
+    "quantize",
     "set_adapter_dropout",
 )

@@ -11,7 +11,8 @@ Typical use::
 
 Layout: ``_methods/`` (one spec per method, PEFT's position draw, weighted sums, banks of adapters for
 mixed-adapter batches), ``_tree`` and
-``_modules`` (method-free functions over parameter pytrees), ``_runtime/`` (adapters applied inside
+``_modules`` (method-free functions over parameter pytrees), ``_quant`` (quantized base weights), ``_named``
+(named adapters), ``_runtime/`` (adapters applied inside
 the model's call: a Flax-free core and one provider per Flax API), ``_formats/`` (our checkpoint and
 PEFT's directory) and ``_sharding``. Imports only go down that list, never back.
 """
@@ -47,6 +48,9 @@ from spectral_peft.peft._methods.spectral import lfma_gradient_init
 from spectral_peft.peft._methods.spectral import proportional_allocation
 from spectral_peft.peft._modules import TrainableSummary
 from spectral_peft.peft._named import NamedAdapters
+from spectral_peft.peft._quant import QuantizedArray
+from spectral_peft.peft._quant import dequantize
+from spectral_peft.peft._quant import quantize
 from spectral_peft.peft._modules import merge_modules
 from spectral_peft.peft._modules import modules_to_save
 from spectral_peft.peft._modules import trainable_summary
@@ -62,6 +66,7 @@ from spectral_peft.peft._tree import init_adapters
 from spectral_peft.peft._tree import leaf_paths
 from spectral_peft.peft._tree import masked_optimizer
 from spectral_peft.peft._tree import merge
+from spectral_peft.peft._tree import merge_quantized
 from spectral_peft.peft._tree import partition
 from spectral_peft.peft._tree import path_key
 from spectral_peft.peft._tree import select_paths
@@ -96,6 +101,7 @@ __all__ = (
     "LFMA",
     "LoRA",
     "NamedAdapters",
+    "QuantizedArray",
     "SHiRA",
     "SineDoRA",
     "SineLoRA",
@@ -111,6 +117,7 @@ __all__ = (
     "count_parameters",
     "data_model_mesh",
     "delta_tree",
+    "dequantize",
     "export_peft",
     "factored",
     "from_peft_config",
@@ -123,6 +130,7 @@ __all__ = (
     "masked_optimizer",
     "merge",
     "merge_modules",
+    "merge_quantized",
     "method_from_config",
     "method_registry",
     "modules_to_save",
@@ -130,6 +138,7 @@ __all__ = (
     "path_key",
     "path_shardings",
     "proportional_allocation",
+    "quantize",
     "save_adapters",
     "select_paths",
     "shard_adapters",

@@ -29,6 +29,7 @@ import numpy as np
 
 from spectral_peft import _validation
 from spectral_peft.peft._methods.base import Adapter, AdapterMethod, matrix_shape, normalize_layout
+from spectral_peft.peft._quant import dequantized, is_quantized, quantize_array
 
 Array = jax.Array
 PyTree = Any
@@ -61,7 +62,7 @@ def leaf_paths(params: PyTree) -> dict[str, Any]:
     ValueError: two leaves have the same path (a key containing ``'/'``, such as ``{"a/b": x}``
       next to ``{"a": {"b": y}}``): an adapter for that path would silently apply to both.
   """
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
   out: dict[str, Any] = {}
   for p, leaf in flat:
     name = path_to_str(p)
@@ -396,7 +397,7 @@ def init_adapters(
     except ValueError as err:
       raise ValueError(f"Target {path!r} (shape {shape}, matrix {mshape}): {err}") from None
     target_key = path_key(key, path)
-    w0 = jnp.asarray(w0)
+    w0 = jnp.asarray(dequantized(w0))
     slices = [()] if stack == 0 else list(np.ndindex(*shape[:stack]))
     inits = []
     for index in slices:
@@ -488,12 +489,18 @@ def _map_targets(params: PyTree, adapters: Adapters, fn: Callable[[Adapter, Arra
           f"Cannot {what}: adapter for {name!r} was made for shape {adapter.shape}, but `params` has "
           f"shape {tuple(np.shape(leaf))} there."
       )
+    if is_quantized(leaf) and what != "merge quantized":
+      raise ValueError(
+          f"Cannot {what}: the weight at {name!r} is quantized ({leaf.bits}-bit); merging an update into it would be "
+          "rounded away. Train through sp.peft.apply_adapters (each layer dequantizes its own weight), or "
+          "sp.peft.merge_quantized(params, adapters) to merge into dequantized weights (requantize=True re-quantizes "
+          "them and reports the error).")
     seen.add(name)
     out = fn(adapter, leaf)
     _check_finite_result(name, what, out, leaf, safe)
     return out
 
-  out = jax.tree_util.tree_map_with_path(visit, params)
+  out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_quantized)
   _check_missing(params, adapters, seen, what)
   return out
 
@@ -532,6 +539,38 @@ def merge(params: PyTree, adapters: Adapters, *, safe: Optional[bool] = None) ->
       merged weight is not finite.
   """
   return _map_targets(params, adapters, lambda adapter, w0: adapter.merge(w0), "merge", safe)
+
+
+def merge_quantized(params: PyTree, adapters: Adapters, *, requantize: bool = False) -> tuple[PyTree, dict[str, float]]:
+  """Merges adapters into quantized weights: dequantized ``W0 + Delta W``, optionally quantized again.
+
+  Args:
+    params: parameters with :class:`~spectral_peft.peft.QuantizedArray` weights (and plain ones).
+    adapters: ``{path: Adapter}``.
+    requantize: quantize each merged weight again with its base's ``bits`` and ``group_size``.
+
+  Returns:
+    ``(merged params, errors)``: ``errors[path]`` is the rounding error the re-quantization adds,
+    ``max |Q(W) - W| / max |W|`` of the merged weight ``W`` (0 without ``requantize``), for every
+    quantized weight; plain weights are merged as :func:`merge` does and get no entry.
+  """
+  errors: dict[str, float] = {}
+
+  def fn(adapter: Adapter, leaf: Any) -> Any:
+    merged = adapter.merge(dequantized(leaf))
+    if not is_quantized(leaf):
+      return merged
+    if not requantize:
+      errors[adapter_paths[id(adapter)]] = 0.0
+      return merged
+    again = quantize_array(merged, leaf.bits, leaf.group_size)
+    errors[adapter_paths[id(adapter)]] = float(jnp.max(jnp.abs(again.dequantize().astype(jnp.float32) - merged))
+                                               / jnp.maximum(jnp.max(jnp.abs(merged)), jnp.finfo(jnp.float32).tiny))
+    return again
+
+  adapter_paths = {id(a): p for p, a in adapters.items()}
+  out = _map_targets(params, adapters, fn, "merge quantized", False if requantize else None)
+  return out, errors
 
 
 def unmerge(merged: PyTree, adapters: Adapters, *, safe: Optional[bool] = None) -> PyTree:

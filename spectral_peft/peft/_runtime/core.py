@@ -37,6 +37,7 @@ import numpy as np
 from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
 from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter
+from spectral_peft.peft._quant import dequantized, is_quantized
 
 Array = jax.Array
 PyTree = Any
@@ -212,7 +213,7 @@ def _cotangent_like(value: Any, cotangent: Any) -> Any:
   return np.zeros(jnp.shape(value), jax.dtypes.float0)
 
 
-def merged_call(adapters: Mapping[str, tuple[LayerAdapter, Array]],
+def merged_call(adapters: Mapping[str, tuple[LayerAdapter | None, Any]],
                 call: Callable[[dict[str, Array], Any], Any], operands: Any) -> Any:
   """``call({name: W0 + Delta W}, operands)`` with the merged weights rebuilt in the backward pass.
 
@@ -221,8 +222,12 @@ def merged_call(adapters: Mapping[str, tuple[LayerAdapter, Array]],
   ``optimization_barrier`` ties the rebuild to it), so XLA cannot hoist every layer's rebuild to the
   start of the backward pass. Memory: a few ``(m, n)`` temporaries of one layer at a time.
 
+  A quantized ``w0`` (:class:`~spectral_peft.peft.QuantizedArray`) is dequantized inside the same
+  rebuild, and an entry without an adapter (``(None, w0)``) only dequantizes: the layer's quantized
+  weights exist in floating point only while it runs.
+
   Args:
-    adapters: ``{name: (layer_adapter, w0)}`` for every adapted weight of one layer.
+    adapters: ``{name: (layer_adapter or None, w0)}`` for every adapted or quantized weight of one layer.
     call: ``(merged, operands) -> outputs``: the layer evaluated at its merged weights by name; it
       must not close over traced values (pass them in ``operands``).
     operands: every array the layer reads besides the adapted weights (its inputs, other
@@ -232,11 +237,14 @@ def merged_call(adapters: Mapping[str, tuple[LayerAdapter, Array]],
     ``call(merged, operands)``, equal in value and gradient to evaluating it at merged weights.
   """
   names = sorted(adapters)
-  shells = [(adapters[n][0].shell, adapters[n][0].path) for n in names]
+  shells = [None if adapters[n][0] is None else (adapters[n][0].shell, adapters[n][0].path) for n in names]
 
   def merge_all(arrays, weights):
-    return {name: LayerAdapter(params, frozen, shell, path).merge(w0)
-            for name, (params, frozen), (shell, path), w0 in zip(names, arrays, shells, weights)}
+    out = {}
+    for name, (params, frozen), spec, w0 in zip(names, arrays, shells, weights):
+      w0 = dequantized(w0)
+      out[name] = w0 if spec is None else LayerAdapter(params, frozen, *spec).merge(w0)
+    return out
 
   @jax.custom_vjp
   def run(params, frozen, weights, operands):
@@ -260,15 +268,28 @@ def merged_call(adapters: Mapping[str, tuple[LayerAdapter, Array]],
     _, weights_vjp = jax.vjp(lambda m: call(m, rebuild(float_ops)), merged)
     (d_merged,) = weights_vjp(_tie(cotangent, d_float_ops))
     d_params, d_weights = merge_vjp(d_merged)
-    d_weights = [_cotangent_like(w, d) for w, d in zip(weights, d_weights)]
+    d_weights = [jax.tree.map(_cotangent_like, w, d) for w, d in zip(weights, d_weights)]
     d_frozen = jax.tree.map(lambda f: np.zeros(jnp.shape(f), jax.dtypes.float0), frozen)
     return d_params, d_frozen, d_weights, rebuild(d_float_ops, fill=True)
 
   run.defvjp(run_fwd, run_bwd)
-  params = [adapters[n][0].params for n in names]
-  frozen = [adapters[n][0].frozen for n in names]
+  params = [() if adapters[n][0] is None else adapters[n][0].params for n in names]
+  frozen = [() if adapters[n][0] is None else adapters[n][0].frozen for n in names]
   weights = [adapters[n][1] for n in names]
   return run(params, frozen, weights, operands)
+
+
+def quantized_product(product: Callable[[Array, Array], Array], x: Array, kernel: Any) -> Array:
+  """``product(x, dequantize(kernel))`` for a quantized kernel, the dequantized weight rebuilt in the backward pass.
+
+  Under ``jax.checkpoint`` the dequantized ``(m, n)`` weight is a temporary of this layer's forward
+  pass and of its backward pass, never a residual kept between them (the saved values are ``x``
+  and the integer kernel). No gradient reaches the kernel's integers or scales.
+  """
+  if not is_quantized(kernel):
+    return product(x, kernel)
+  frozen = jax.tree.map(jax.lax.stop_gradient, kernel)
+  return jax.checkpoint(lambda x, k: product(x, k.dequantize()))(x, frozen)
 
 
 def _tie(params: Any, anchor: Any) -> Any:

@@ -33,6 +33,7 @@ import numpy as np
 from spectral_peft.peft._runtime import core as _runtime
 from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter
+from spectral_peft.peft._quant import is_quantized
 
 Array = jax.Array
 
@@ -162,12 +163,19 @@ def _input(args, kwargs):
   return None
 
 
-def _factored_call(module: Any, adapter: _runtime.LayerAdapter, x: Array) -> Array:
+def _factored_call(module: Any, adapter: _runtime.LayerAdapter, x: Array, product=None, use_bias: bool = True) -> Array:
+  """``product(x, kernel) + bias`` (default: the adapter's factored product) in the layer's promoted dtype.
+
+  A quantized kernel is dequantized inside the product (:func:`_runtime.quantized_product`).
+  """
+  product = product or (lambda x, k: adapter.apply(x, k))
   variables = module.scope.variables()["params"]
   kernel = variables["kernel"]
-  bias = variables.get("bias") if module.use_bias else None
-  x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-  y = adapter.apply(x, kernel).astype(x.dtype)
+  bias = variables.get("bias") if module.use_bias and use_bias else None
+  probe = jnp.zeros((), kernel.dtype) if is_quantized(kernel) else kernel
+  x, probe, bias = module.promote_dtype(x, probe, bias, dtype=module.dtype)
+  kernel = kernel if is_quantized(kernel) else probe
+  y = _runtime.quantized_product(lambda x, k: product(x, k.astype(x.dtype)), x, kernel).astype(x.dtype)
   if bias is not None:
     y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
   return y
@@ -225,9 +233,11 @@ def _own_variables(module: Any) -> dict:
 def _merged_call(module: Any, method_name: str, found, args, kwargs):
   variables = _own_variables(module)
   params = variables.get("params", {})
-  weights = {}
+  weights: dict[str, Any] = {}
   for name, adapter in found.items():
     weights[name] = (adapter.for_weight(params[name]), params.pop(name))
+  for name in [k for k, v in params.items() if is_quantized(v)]:
+    weights[name] = (None, params.pop(name))
   clone = module.clone(parent=None)
   method = getattr(type(clone), method_name)
   arrays, rebuild = _runtime.split_call_arguments(args, kwargs)
@@ -277,6 +287,8 @@ def _interceptor(next_fun, args, kwargs, context):
   owner = "/".join(module.path)
   frame.seen.setdefault(owner, type(module).__name__)
   if not found:
+    if _quantized(module):  # The layer's own code, its quantized weights dequantized inside.
+      return _merged_call(module, context.method_name, {}, args, kwargs)
     return next_fun(*args, **kwargs)
   frame.consumed.update(a.path for a in found.values())
   frame.running.add(id(module))
@@ -293,7 +305,7 @@ def _interceptor(next_fun, args, kwargs, context):
       return _dropout_call(module, context.method_name, found, factored, next_fun, x, args, kwargs, frame.dropout)
     if factored is not None:
       return _factored_call(module, found["kernel"], x)
-    if _einsum_ok(module, context.method_name, found, x, kwargs):
+    if _einsum_ok(module, context.method_name, found, x, kwargs) and not _quantized(module):
       kernel = module.scope.variables()["params"]["kernel"]
       xp, kp, _ = module.promote_dtype(x, kernel, None, dtype=module.dtype)
       branch = _runtime.einsum_branch(found["kernel"], module.einsum_str.replace(" ", ""), xp, kp)
@@ -315,6 +327,15 @@ def _einsum_ok(module: Any, method_name: str, found, x, kwargs) -> bool:
   if adapter.shell.stack_axes or not _runtime.uses_factored_product(adapter) or not isinstance(module.einsum_str, str):
     return False
   return kwargs.get("einsum_str") in (None, module.einsum_str)
+
+
+def _quantized(module: Any) -> bool:
+  """Whether the module's own ``params`` hold a :class:`~spectral_peft.peft.QuantizedArray`."""
+  try:
+    own = module.scope.variables().get("params", {})
+  except Exception:  # A scope that cannot be read holds nothing of ours.
+    return False
+  return any(is_quantized(v) for v in own.values())
 
 
 def _factored_kernel(module: Any, method_name: str, found, x) -> Array | None:
@@ -358,12 +379,15 @@ def _dropout_call(module: Any, method_name: str, found, kernel, next_fun, x, arg
         f"{len(args)} positional and {len(kwargs)} keyword arguments.")
   adapter = found[sorted(found)[0]]
   x_dropped = adapter.dropped(x, rate)
-  base = next_fun(*args, **kwargs)
+  quantized = _quantized(module)
+  base = _merged_call(module, method_name, {}, args, kwargs) if quantized else next_fun(*args, **kwargs)
   if kernel is not None:
-    xd, kd, _ = module.promote_dtype(x_dropped, kernel, None, dtype=module.dtype)
-    return base + found["kernel"].branch(xd, kd).astype(base.dtype)
+    branch = _factored_call(module, found["kernel"], x_dropped, lambda x, k: found["kernel"].branch(x, k), use_bias=False)
+    return base + branch.astype(base.dtype)
   adapted = _merged_call(module, method_name, found, (x_dropped,), {})
-  return base + (adapted - _base_call(module, method_name, (x_dropped,), {}))
+  plain = _merged_call(module, method_name, {}, (x_dropped,), {}) if quantized else _base_call(
+      module, method_name, (x_dropped,), {})
+  return base + (adapted - plain)
 
 
 def _base_call(module: Any, method_name: str, args, kwargs):

@@ -33,6 +33,7 @@ from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
 from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter, AdapterMethod
 from spectral_peft.peft._methods.combination import WeightedSum, concatenate_lora, weighted_combination
+from spectral_peft.peft._quant import is_quantized, quantize_array, select_quantized
 from spectral_peft.peft._tree import Adapters, init_adapters, leaf_paths
 
 Array = jax.Array
@@ -317,8 +318,9 @@ def _einsum_in_axes(model: nnx.Module, in_axes: Any, all_linear: bool = False) -
 def _adapted_call(self, *args, **kwargs):
   base = _base_class(type(self))
   found = _found(self)
-  if not found:  # Every adapter of this layer is inactive (set_adapter, disable_adapters).
-    return base.__call__(self, *args, **kwargs)
+  quantized = _quantized_names(self)
+  if not found:  # No active adapter (set_adapter, disable_adapters) or a quantized layer without one.
+    return _plain_call(self, base, quantized, args, kwargs)
   factored = None
   if len(found) == 1 and "kernel" in found:
     slot, adapter = found["kernel"]
@@ -332,18 +334,40 @@ def _adapted_call(self, *args, **kwargs):
   dropout = getattr(self, _DROPOUT, None)
   if dropout is not None and not dropout.deterministic:
     return _dropout_call(self, base, found, factored, dropout, args, kwargs)
-  if factored is None and len(found) == 1:
+  if factored is None and len(found) == 1 and not quantized:
     y = _einsum_call(self, base, *next(iter(found.values())), args, kwargs)
     if y is not None:
       return y
   if factored is not None:
-    bias = self.bias[...] if self.bias is not None else None
-    x, kernel, bias = self.promote_dtype((args[0], self.kernel[...], bias), dtype=self.dtype)
-    y = factored.apply(x, kernel).astype(x.dtype)
-    if bias is not None:
-      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y
+    return _factored_product(self, args[0], lambda x, k: factored.apply(x, k))
   return _merged(self, base, found, args, kwargs)
+
+
+def _quantized_names(module: Any) -> list[str]:
+  """Names of the module's variables holding a :class:`~spectral_peft.peft.QuantizedArray`."""
+  return [name for name, value in vars(module).items()
+          if isinstance(value, nnx.Variable) and is_quantized(value.get_value())]
+
+
+def _plain_call(self, base, quantized, args, kwargs):
+  """The layer's own call at its base weights (quantized ones dequantized inside, rebuilt for the backward pass)."""
+  if not quantized:
+    return base.__call__(self, *args, **kwargs)
+  return _merged(self, base, {}, args, kwargs)
+
+
+def _factored_product(self, x: Array, product) -> Array:
+  """``product(x, kernel) + bias`` of an ``nnx.Linear`` in its promoted dtype (a quantized kernel dequantized inside)."""
+  bias = self.bias[...] if self.bias is not None else None
+  kernel = self.kernel.get_value()
+  probe = jnp.zeros((), kernel.dtype) if is_quantized(kernel) else kernel
+  x, probe, bias = self.promote_dtype((x, probe, bias), dtype=self.dtype)
+  if not is_quantized(kernel):
+    kernel = probe
+  y = _runtime.quantized_product(lambda x, k: product(x, k.astype(x.dtype)), x, kernel).astype(x.dtype)
+  if bias is not None:
+    y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  return y
 
 
 def _einsum_call(self, base, slot: _Slot, adapter: _runtime.LayerAdapter, args, kwargs):
@@ -438,11 +462,16 @@ def _dropout_call(self, base, found, factored, dropout, args, kwargs):
         f"Adapter dropout needs each adapted layer to be called with one input array; a {base.__name__} "
         f"was called with {len(args)} positional and {len(kwargs)} keyword arguments.")
   x_dropped = dropout(args[0])
-  y = base.__call__(self, *args)
+  quantized = _quantized_names(self)
+  y = _plain_call(self, base, quantized, args, {})
   if factored is not None:
-    xd, kernel = self.promote_dtype((x_dropped, self.kernel[...]), dtype=self.dtype)
-    return y + factored.branch(xd, kernel).astype(y.dtype)
-  return y + (_merged(self, base, found, (x_dropped,), {}) - base.__call__(self, x_dropped))
+    kernel = self.kernel.get_value()
+    probe = jnp.zeros((), kernel.dtype) if is_quantized(kernel) else kernel
+    xd, probe = self.promote_dtype((x_dropped, probe), dtype=self.dtype)
+    branch = _runtime.quantized_product(lambda x, k: factored.branch(x, k.astype(x.dtype)), xd,
+                                        kernel if is_quantized(kernel) else probe)
+    return y + branch.astype(y.dtype)
+  return y + (_merged(self, base, found, (x_dropped,), {}) - _plain_call(self, base, quantized, (x_dropped,), {}))
 
 
 def _merged(self, base, found, args, kwargs, fn=None):
@@ -451,10 +480,12 @@ def _merged(self, base, found, args, kwargs, fn=None):
   for _, adapter in found.values():
     _runtime.check_bank_layer(adapter, f"({base.__name__}, {fn.__name__})")
   graphdef, state = nnx.split(self)
-  weights = {}
+  weights: dict[str, Any] = {}
   for name, (slot, adapter) in found.items():
-    w0 = getattr(self, name)[...]
+    w0 = getattr(self, name).get_value()
     weights[name] = (adapter.for_weight(w0), w0)
+  for name in _quantized_names(self):
+    weights.setdefault(name, (None, getattr(self, name).get_value()))
   arrays, rebuild = _runtime.split_call_arguments(args, kwargs)
 
   def call(merged, operands):
@@ -462,7 +493,7 @@ def _merged(self, base, found, args, kwargs, fn=None):
     call_args, call_kwargs = rebuild(arrays)
     module = nnx.merge(graphdef, module_state)
     for name, value in merged.items():
-      getattr(module, name)[...] = value
+      getattr(module, name).set_value(value)
     return fn(module, *call_args, **call_kwargs)
 
   operands = (arrays, state)
@@ -778,10 +809,55 @@ def _detach(owner: nnx.Module) -> None:
     delattr(owner, _ACTIVE)
   if hasattr(owner, _DROPOUT):
     delattr(owner, _DROPOUT)
-  owner.__class__ = _base_class(type(owner))
+  if not _quantized_names(owner):  # A quantized layer keeps the class that dequantizes its weights.
+    owner.__class__ = _base_class(type(owner))
 
 
-def merge_adapters(model: nnx.Module, *, check_finite: bool = True) -> nnx.Module:
+def quantize(model: nnx.Module, targets: Any = None, *, bits: int = 4, group_size: Optional[int] = None) -> nnx.Module:
+  """Stores the target weights of ``model`` as :class:`~spectral_peft.peft.QuantizedArray`, in place (a QLoRA base).
+
+  Each quantized layer dequantizes its own weight inside its call (rebuilt in the backward pass,
+  never kept between them); adapters (any method, attached before or after) train on top, and
+  gradients reach the adapters only. :func:`merge_adapters` then needs ``quantized=``.
+
+  Args:
+    model: an ``nnx.Module``.
+    targets: regex over the ``nnx.Param`` paths, ``(path, leaf) -> bool``, or ``None``: every
+      floating weight with 2 or more axes (``group_size`` dividing its first axis).
+    bits: 8 or 4.
+    group_size: entries of the first (input) axis per scale; ``None``: per output channel.
+
+  Returns:
+    ``model``.
+
+  Raises:
+    ValueError: no target, or a target that cannot be quantized (naming it).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> from flax import nnx
+    >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    >>> _ = sp.nnx.quantize(model, bits=4)
+    >>> _ = sp.nnx.adapt(model, sp.peft.LoRA(2), "kernel", key=jax.random.key(1))
+    >>> model(jnp.ones((2, 8))).shape
+    (2, 4)
+  """
+  params = base_params(model)
+  chosen = select_quantized(params, targets, group_size)
+  planned = []
+  for path, leaf in chosen.items():
+    try:
+      planned.append((path, quantize_array(leaf, bits, group_size)))
+    except ValueError as err:
+      raise ValueError(f"Cannot quantize {path!r}: {err}; the model is unchanged.") from None
+  for path, value in planned:
+    owner, name = _owner(model, path)
+    getattr(owner, name).set_value(value)
+    owner.__class__ = _adapted_class(type(owner))
+  return model
+
+
+def merge_adapters(model: nnx.Module, *, check_finite: bool = True, quantized: str = "refuse") -> nnx.Module:
   """Folds the active adapters into their weights (``W0 + Delta W``) and removes every adapter, in place.
 
   PEFT's ``merge_and_unload`` (also available under that name): with several named adapters, the
@@ -790,6 +866,9 @@ def merge_adapters(model: nnx.Module, *, check_finite: bool = True) -> nnx.Modul
   Args:
     model: a model with adapters (from :func:`adapt` / :func:`attach`).
     check_finite: refuse (``ValueError`` naming the path) a merged weight with NaN or infinity.
+    quantized: for adapters on quantized weights (:func:`quantize`): ``"refuse"`` (a ``ValueError``:
+      the update would be rounded away), ``"dequantize"`` (the weight becomes the floating
+      ``W0 + Delta W``) or ``"requantize"`` (quantized again with its bits and groups).
 
   Returns:
     ``model`` with plain weights and its original layer classes: no inference overhead.
@@ -798,16 +877,23 @@ def merge_adapters(model: nnx.Module, *, check_finite: bool = True) -> nnx.Modul
   for owner in list(_adapted_owners(model)):  # Every merged weight first: all or nothing.
     merged = {}
     for slot, adapter in _found(owner).values():
-      weight = getattr(owner, slot.name)
-      value = adapter.merge(weight[...])
+      base_value = getattr(owner, slot.name).get_value()
+      if is_quantized(base_value):
+        if quantized not in ("dequantize", "requantize"):
+          raise ValueError(
+              f"The weight at {slot.path!r} is quantized ({base_value.bits}-bit): merging would round the update away. "
+              "Pass quantized='dequantize' (a floating weight) or 'requantize'; nothing was merged.")
+      value = adapter.merge(base_value.dequantize() if is_quantized(base_value) else base_value)
       if check_finite and not bool(jnp.all(jnp.isfinite(value))):
         raise ValueError(f"Merging the adapter at {slot.path!r} gives non-finite weights; nothing was merged "
                          "(the model keeps every adapter).")
+      if quantized == "requantize" and is_quantized(base_value):
+        value = quantize_array(value, base_value.bits, base_value.group_size)
       merged[slot.name] = value
     plans.append((owner, merged))
   for owner, merged in plans:
     for name, value in merged.items():
-      getattr(owner, name)[...] = value
+      getattr(owner, name).set_value(value)
     _detach(owner)
   return model
 

@@ -1,0 +1,194 @@
+"""Quantized base weights: a small int8/int4 format the adapter runtime reads inside each layer.
+
+QLoRA for every method: the base stays quantized, each adapted layer dequantizes only its own weight
+inside its own product (under ``jax.checkpoint``: the dequantized weight is not kept for the
+backward pass but rebuilt there), and gradients reach the adapters only.
+
+Format: symmetric, ``w ~ values * scale`` with ``values`` integers in ``[-q, q]`` (``q = 127`` for 8
+bits, ``7`` for 4 bits, stored as ``int8`` / ``int4``) and ``scale`` one float per group of
+``group_size`` consecutive entries along the weight's first axis (the input axis of a Flax kernel)
+and per position of the other axes; ``group_size=None`` is one group over the whole first axis
+(per-output-channel scales).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+
+_STORAGE = {8: jnp.int8, 4: jnp.int4}
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedArray:
+  """A weight stored as integers and scales; :meth:`dequantize` gives ``values * scale``.
+
+  Attributes:
+    values: integers of the weight's shape (``int8`` for 8 bits, ``int4`` for 4 bits).
+    scale: ``(groups, 1, *shape[1:])`` floats (``groups = shape[0] / group_size``).
+    bits: 8 or 4.
+    group_size: entries of the first axis per scale (``None``: all of them).
+    dtype: the name of the dequantized dtype (the weight's original dtype).
+  """
+
+  values: Array
+  scale: Array
+  bits: int
+  group_size: Optional[int]
+  dtype: str
+
+  def tree_flatten_with_keys(self):
+    return ((jax.tree_util.GetAttrKey("values"), self.values), (jax.tree_util.GetAttrKey("scale"), self.scale)), (
+        self.bits, self.group_size, self.dtype)
+
+  def tree_flatten(self):
+    return (self.values, self.scale), (self.bits, self.group_size, self.dtype)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], children[1], *aux)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.values.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.values.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  def __getitem__(self, key: Any) -> "QuantizedArray":
+    if key is Ellipsis:  # NNX's ``variable[...]`` reads the value whole.
+      return self
+    raise TypeError("A QuantizedArray is read whole (``w[...]``) or through `dequantize()`, not indexed.")
+
+  def dequantize(self) -> Array:
+    """``values * scale`` in :attr:`dtype`, of the weight's shape."""
+    shape = self.shape
+    groups = self.scale.shape[0]
+    values = self.values.astype(jnp.float32).reshape((groups, shape[0] // groups) + shape[1:])
+    return (values * self.scale.astype(jnp.float32)).reshape(shape).astype(self.dtype)
+
+
+def is_quantized(x: Any) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
+def dequantized(x: Any) -> Any:
+  """``x.dequantize()`` for a :class:`QuantizedArray`, ``x`` otherwise."""
+  return x.dequantize() if isinstance(x, QuantizedArray) else x
+
+
+def quantize_array(w: Array, bits: int = 4, group_size: Optional[int] = None) -> QuantizedArray:
+  """Symmetric ``bits``-bit quantization of ``w`` (see the module docstring).
+
+  Args:
+    w: a floating array with at least 2 axes.
+    bits: 8 or 4.
+    group_size: entries of the first axis per scale; must divide ``w.shape[0]`` (``None``: all).
+
+  Raises:
+    ValueError: an unsupported ``bits``, a non-floating or 1-D ``w``, a ``group_size`` that does
+      not divide the first axis, or a non-finite ``w``.
+  """
+  if bits not in _STORAGE:
+    raise ValueError(f"`bits` must be 8 or 4, got {bits!r}.")
+  w = jnp.asarray(w)
+  if w.ndim < 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+    raise ValueError(f"Only floating weights with 2 or more axes are quantized, got {w.dtype} of shape {w.shape}.")
+  first = w.shape[0]
+  size = first if group_size is None else group_size
+  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or first % size:
+    raise ValueError(f"`group_size` must be a positive divisor of the first axis ({first}) or None, got {group_size!r}.")
+  if not bool(jnp.all(jnp.isfinite(w))):
+    raise ValueError("Cannot quantize a weight holding NaN or infinity.")
+  top = 2 ** (bits - 1) - 1
+  grouped = w.astype(jnp.float32).reshape((first // size, size) + w.shape[1:])
+  scale = jnp.max(jnp.abs(grouped), axis=1, keepdims=True) / top
+  scale = jnp.where(scale > 0, scale, 1.0)
+  values = jnp.clip(jnp.round(grouped / scale), -top, top).reshape(w.shape).astype(_STORAGE[bits])
+  return QuantizedArray(values, scale, int(bits), None if group_size is None else int(group_size),
+                        jnp.dtype(w.dtype).name)
+
+
+def select_quantized(params: PyTree, targets: Any, group_size: Optional[int]) -> dict[str, Any]:
+  """``{path: leaf}`` of the weights of ``params`` that ``targets`` selects for quantization (see :func:`quantize`).
+
+  Raises:
+    ValueError: no weight selected. TypeError: a ``targets`` of another kind.
+  """
+  from spectral_peft.peft._tree import leaf_paths  # The tree helpers read this module's type.
+
+  if targets is None:
+    def chosen(path: str, leaf: Any) -> bool:
+      shape = np.shape(leaf)
+      return (len(shape) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+              and (group_size is None or shape[0] % group_size == 0))
+  elif isinstance(targets, str):
+    pattern = re.compile(targets)
+    chosen = lambda path, leaf: bool(pattern.search(path))  # noqa: E731
+  elif callable(targets):
+    chosen = targets
+  else:
+    raise TypeError(f"`targets` must be None, a regex string or a (path, leaf) -> bool predicate, got {targets!r}.")
+  out = {path: leaf for path, leaf in leaf_paths(params).items() if not is_quantized(leaf) and chosen(path, leaf)}
+  if not out:
+    raise ValueError("`targets` selects no weight of `params` to quantize.")
+  return out
+
+
+def quantize(params: PyTree, targets: Any = None, *, bits: int = 4, group_size: Optional[int] = None) -> PyTree:
+  """``params`` with its target weights replaced by :class:`QuantizedArray` (a QLoRA-style base).
+
+  Args:
+    params: base parameters (a Linen ``params`` dict, or any pytree of arrays).
+    targets: regex searched in ``'/'``-joined paths, or ``(path, leaf) -> bool``; ``None``: every
+      floating array with 2 or more axes whose first axis ``group_size`` divides.
+    bits: 8 or 4.
+    group_size: see :func:`quantize_array`.
+
+  Returns:
+    The same structure with quantized leaves at the targets.
+
+  Raises:
+    ValueError: a target that cannot be quantized (see :func:`quantize_array`), or no target.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, spectral_peft as sp
+    >>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+    >>> q = sp.peft.quantize(params, bits=4)
+    >>> q["dense"]["kernel"].bits, q["dense"]["kernel"].values.dtype
+    (4, dtype(int4))
+  """
+  from spectral_peft.peft._tree import path_to_str
+
+  chosen = select_quantized(params, targets, group_size)
+
+  def visit(path, leaf):
+    name = path_to_str(path)
+    if name not in chosen:
+      return leaf
+    try:
+      return quantize_array(leaf, bits, group_size)
+    except ValueError as err:
+      raise ValueError(f"Cannot quantize {name!r}: {err}") from None
+
+  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_quantized)
+
+
+def dequantize(params: PyTree) -> PyTree:
+  """``params`` with every :class:`QuantizedArray` replaced by its dequantized array."""
+  return jax.tree.map(dequantized, params, is_leaf=is_quantized)
