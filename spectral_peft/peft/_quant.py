@@ -76,9 +76,18 @@ class QuantizedArray:
     raise TypeError("A QuantizedArray is read whole (``w[...]``) or through `dequantize()`, not indexed.")
 
   def dequantize(self) -> Array:
-    """``values * scale`` in :attr:`dtype`, of the weight's shape."""
+    """``values * scale`` in :attr:`dtype`, of the weight's shape.
+
+    Raises:
+      ValueError: no ``scale``, or a ``scale`` whose shape does not group the weight's first axis.
+    """
     shape = self.shape
-    groups = self.scale.shape[0]
+    scale_shape = tuple(np.shape(self.scale)) if self.scale is not None else None
+    if scale_shape is None or len(scale_shape) != len(shape) + 1 or scale_shape[0] == 0 or shape[0] % scale_shape[0] \
+        or scale_shape[1] != 1 or scale_shape[2:] != shape[1:]:
+      raise ValueError(f"A quantized weight of shape {shape} needs a scale of shape (groups, 1, *{shape[1:]}) with groups "
+                       f"dividing {shape[0]}, got {'no scale' if scale_shape is None else scale_shape}.")
+    groups = scale_shape[0]
     values = self.values.astype(jnp.float32).reshape((groups, shape[0] // groups) + shape[1:])
     return (values * self.scale.astype(jnp.float32)).reshape(shape).astype(self.dtype)
 
