@@ -66,7 +66,7 @@ def test_readme_blocks_use_only_names_defined_before_them():
 @pytest.mark.slow
 def test_readme_quickstart_runs(tmp_path, capsys):
   blocks = _blocks()
-  assert len(blocks) == 7
+  assert len(blocks) == 8
   scope: dict = {}
   for index, code in enumerate(blocks, start=1):  # one namespace, built only by the blocks before
     for old in ("/tmp/qv_adapter", "/tmp/nnx_adapter", "/tmp/peft_lora", "/tmp/task_b"):
@@ -99,6 +99,11 @@ def test_readme_quickstart_runs(tmp_path, capsys):
     want = sp.peft.apply_adapters(model, params, ads, x[rows]) if ads else model.apply({"params": params}, x[rows])
     scale = max(1.0, float(jnp.max(jnp.abs(want))))
     np.testing.assert_allclose(mixed[rows], want, rtol=0, atol=1e-5 * scale)
+  # Quantized base: int4 kernels, gradients for the adapters, a re-quantization error per path.
+  q_params = scope["q_params"]
+  assert isinstance(q_params["SelfAttention_0"]["query"]["kernel"], sp.peft.QuantizedArray)
+  assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(scope["q_grads"]))
+  assert set(scope["q_error"]) == set(scope["q_adapters"]) and all(0 <= e < 0.5 / 7 + 1e-6 for e in scope["q_error"].values())
   # Sharding: the base and its adapters placed on the mesh the block built.
   mesh = scope["mesh"]
   assert params["SelfAttention_0"]["query"]["kernel"].sharding.mesh == mesh
