@@ -1,0 +1,128 @@
+"""Training memory over a quantized base: int4 and int8 vs bfloat16 and float32 bases, every method.
+
+The model is a residual MLP stack (``layers`` blocks ``x + W2 gelu(W1 x)``, ``embed`` -> ``hidden`` ->
+``embed``) with an adapter on every kernel at LoRA rank ``rank``'s parameter count. One training step
+(loss, gradient with respect to the adapters through ``sp.peft.apply_adapters``, an Adam update) is
+compiled for each base:
+
+* float32: the base as initialised;
+* bfloat16: the base cast to bfloat16 (adapters in bfloat16 too: they follow the weight's dtype);
+* int8 / int4: the bfloat16 base quantized (``sp.peft.quantize``, per-output-channel scales), so the
+  adapters and the dequantized products are bfloat16 as on the bfloat16 base.
+
+Reported: XLA's compiled memory analysis of the step, argument bytes (base + adapters + optimizer
+state + batch) and temp bytes, in MiB. No timing.
+
+Run:
+  python -m experiments.bench_quantized --preset quick
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import spectral_peft as sp
+from experiments import _common
+
+NAME = "bench_quantized"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  layers: int = 4
+  embed: int = 1024
+  hidden: int = 4096
+  batch: int = 8
+  tokens: int = 128
+  rank: int = 8
+  methods: tuple[str, ...] = ("LoRA", "DoRA", "SineLoRA", "SineDoRA", "SHiRA", "WaveFT", "FourierFT", "LFMA")
+  bases: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4")
+
+
+PRESETS = {"quick": Config(), "tiny": Config(layers=1, embed=32, hidden=64, batch=2, tokens=4,
+                                             methods=("LoRA", "WaveFT"))}
+
+
+class Stack(nn.Module):
+  layers: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.layers):
+      x = x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.hidden)(x)))
+    return x
+
+
+def method(name: str, rank: int):
+  if name in ("LoRA", "DoRA", "SineLoRA", "SineDoRA"):
+    return getattr(sp.peft, name)(rank)
+
+  def per_target(path, shape):
+    m, n = shape
+    p = rank * (m + n)
+    return sp.peft.LFMA((p / 2 + 0.5) / (m * n)) if name == "LFMA" else getattr(sp.peft, name)(p)
+
+  return per_target
+
+
+def base_params(params, kind: str):
+  if kind == "float32":
+    return params
+  half = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+  return half if kind == "bfloat16" else sp.peft.quantize(half, bits=int(kind[3:]))
+
+
+def step_memory(model, params, adapters, x) -> tuple[int, int]:
+  """(argument bytes, temp bytes) of one compiled training step."""
+  tx = optax.adam(1e-3)
+
+  def step(adapters, opt_state, params, x):
+    loss = lambda ad: jnp.mean(jnp.square(sp.peft.apply_adapters(model, params, ad, x).astype(jnp.float32)))
+    value, grads = jax.value_and_grad(loss)(adapters)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(adapters, updates), opt_state, value
+
+  analysis = jax.jit(step).lower(adapters, tx.init(adapters), params, x).compile().memory_analysis()
+  return analysis.argument_size_in_bytes, analysis.temp_size_in_bytes
+
+
+def main(preset: str = "quick") -> dict:
+  config, out = _common.setup(PRESETS, preset, NAME)
+  model = Stack(config.layers, config.hidden)
+  x = jax.random.normal(jax.random.key(0), (config.batch, config.tokens, config.embed))
+  params = model.init(jax.random.key(1), x)["params"]
+  rows = []
+  for name in _common.progress(config.methods, desc="methods"):
+    for kind in config.bases:
+      base = base_params(params, kind)
+      adapters = sp.peft.init_adapters(jax.random.key(2), base, method(name, config.rank), "kernel")
+      xs = x.astype(jnp.float32 if kind == "float32" else jnp.bfloat16)
+      argument, temp = step_memory(model, base, adapters, xs)
+      rows.append({"method": name, "base": kind, "argument_mib": argument / 2**20, "temp_mib": temp / 2**20})
+  table = _common.markdown_table(
+      ["method"] + [f"{kind} arg / temp MiB" for kind in config.bases],
+      [[name] + [f"{r['argument_mib']:.1f} / {r['temp_mib']:.1f}" for kind in config.bases
+                 for r in rows if r["method"] == name and r["base"] == kind] for name in config.methods])
+  weights = sum(w.size for w in jax.tree.leaves(params) if w.ndim == 2)
+  table += (f"\n{config.layers} blocks {config.embed} -> {config.hidden} -> {config.embed} ({weights / 1e6:.1f}M kernel "
+            f"weights), batch {config.batch} x {config.tokens} tokens, one Adam step on the adapters (LoRA r{config.rank}'s "
+            f"budget per kernel); XLA memory analysis, {jax.default_backend()} backend.\n")
+  int4 = {r["method"]: r for r in rows if r["base"] == "int4"}
+  bf16 = {r["method"]: r for r in rows if r["base"] == "bfloat16"}
+  ratios = {m: (int4[m]["argument_mib"] + int4[m]["temp_mib"]) / (bf16[m]["argument_mib"] + bf16[m]["temp_mib"])
+            for m in int4 if m in bf16}
+  verdict = ("Argument + temp memory on the int4 base / on the bfloat16 base: "
+             + ", ".join(f"{m} {r:.2f}" for m, r in ratios.items()) + ".")
+  result = {"config": config, "rows": rows, "table": table, "verdict": verdict, "environment": _common.environment()}
+  _common.write_preset_results(out, NAME, preset, table + "\n" + verdict + "\n", result)
+  return result
+
+
+if __name__ == "__main__":
+  _common.cli(main, PRESETS, __doc__)
