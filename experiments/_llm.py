@@ -156,12 +156,17 @@ def adapted(family: str, size: ModelSize, name: str, rank: int, *, seed: int = 0
   return model
 
 
-def qwix_lora(family: str, size: ModelSize, rank: int, *, seed: int = 0, alpha: float | None = None) -> nnx.Module:
-  """A fresh random ``family`` model with qwix's LoRA (``alpha`` default ``rank``: scale 1, as ours)."""
+def qwix_lora(family: str, size: ModelSize, rank: int, *, seed: int = 0, alpha: float | None = None,
+              weight_qtype: str | None = None) -> nnx.Module:
+  """A fresh random ``family`` model with qwix's LoRA (``alpha`` default ``rank``: scale 1, as ours).
+
+  ``weight_qtype`` (e.g. ``"int4"``): qwix's QLoRA, the adapted projections' weights quantized.
+  """
   import qwix
 
   model = build(family, size, seed)
-  provider = qwix.LoraProvider(module_path=QWIX_MODULES[family], rank=rank, alpha=float(alpha or rank))
+  provider = qwix.LoraProvider(module_path=QWIX_MODULES[family], rank=rank, alpha=float(alpha or rank),
+                               weight_qtype=weight_qtype)
   tokens = jnp.zeros((1, 4), jnp.int32)
   inputs = model_inputs(tokens, jnp.ones_like(tokens, dtype=bool))
   return qwix.apply_lora_to_model(model, provider, tokens, inputs["positions"], None, inputs["attention_mask"],

@@ -10,6 +10,8 @@ Adapters go on the 14 projection weights: the attention einsums ``q/k/v/o_proj/w
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,49 @@ def test_our_lora_equals_qwix_lora_given_the_same_numbers(logits):
   ours_out, theirs_out = logits(ours), logits(theirs)
   assert float(jnp.max(jnp.abs(ours_out - logits(_llm.build("llama3", SIZE))))) > 1e-2  # the adapters act
   np.testing.assert_allclose(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
+
+
+def _module(model, path):
+  *module_path, weight = path.split("/")
+  module = model
+  for part in module_path:
+    module = module[int(part)] if part.isdigit() else getattr(module, part)
+  return module, weight
+
+
+def test_our_lora_over_qwix_int4_base_equals_qwix_qlora(logits):
+  """QLoRA: qwix quantizes the 14 projections to int4 and adds its LoRA; ours reads the same int4 weights."""
+  theirs = _llm.qwix_lora("llama3", SIZE, RANK, weight_qtype="int4")
+  ours = _llm.build("llama3", SIZE)
+  paths = [p for p in sp.peft.leaf_paths(sp.nnx.base_params(ours)) if re.search(_llm.TARGETS["llama3"], p)]
+  sp.nnx.quantize(ours, weights={p: getattr(*_module(theirs, p)) for p in paths})
+  sp.nnx.adapt(ours, sp.peft.LoRA(RANK), _llm.TARGETS["llama3"], key=jax.random.key(1))
+  rng = np.random.default_rng(4)
+  state = nnx.state(ours, sp.nnx.AdapterParam)
+  nnx.update(ours, jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.3), state))
+  for path, adapter in sp.nnx.adapters_of(ours).items():
+    module, weight = _module(theirs, path)
+    getattr(module, f"{weight}_lora_a")[...] = adapter.params["a"].reshape(getattr(module, f"{weight}_lora_a").shape)
+    getattr(module, f"{weight}_lora_b")[...] = adapter.params["b"].reshape(getattr(module, f"{weight}_lora_b").shape)
+  ours_out, theirs_out = logits(ours), logits(theirs)
+  scale = max(1.0, float(jnp.max(jnp.abs(theirs_out))))
+  np.testing.assert_allclose(ours_out, theirs_out, rtol=0, atol=1e-4 * scale)
+  # The int4 base differs from the float one: the comparison is not of two float models.
+  assert float(jnp.max(jnp.abs(theirs_out - logits(_llm.build("llama3", SIZE))))) > 1e-3
+
+  def loss(model, wrt):
+    del wrt
+    return jnp.sum(jnp.sin(logits(model)))
+
+  our_grads = nnx.grad(lambda m: loss(m, 0), argnums=nnx.DiffState(0, sp.nnx.AdapterParam))(ours)
+  their_grads = nnx.grad(lambda m: loss(m, 0), argnums=nnx.DiffState(0, nnx.LoRAParam))(theirs)
+  ours_by_path = sp.peft.leaf_paths(our_grads)
+  theirs_by_path = sp.peft.leaf_paths(their_grads)
+  for path in sp.nnx.adapters_of(ours):
+    *module_path, weight = path.split("/")
+    prefix = "/".join(module_path)
+    for ours_name, theirs_name in (("p0", "lora_a"), ("p1", "lora_b")):
+      got = ours_by_path[f"{prefix}/{weight}_adapter_{ours_name}"]
+      want = theirs_by_path[f"{prefix}/{weight}_{theirs_name}"]
+      g_scale = max(1.0, float(jnp.max(jnp.abs(want))))
+      np.testing.assert_allclose(np.asarray(got).reshape(np.shape(want)), want, rtol=0, atol=1e-4 * g_scale)

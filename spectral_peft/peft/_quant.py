@@ -92,13 +92,40 @@ class QuantizedArray:
     return (values * self.scale.astype(jnp.float32)).reshape(shape).astype(self.dtype)
 
 
+def _qwix_kind(x: Any) -> Optional[str]:
+  """``"QArray"`` / ``"WithAux"`` for qwix's quantized weights (its PTQ/QLoRA providers), else None."""
+  kind = type(x)
+  if kind.__module__.startswith("qwix.") and kind.__name__ in ("QArray", "WithAux"):
+    return kind.__name__
+  return None
+
+
 def is_quantized(x: Any) -> bool:
-  return isinstance(x, QuantizedArray)
+  """Whether ``x`` is a quantized weight: ours (:class:`QuantizedArray`) or qwix's (``QArray``, ``WithAux``)."""
+  return isinstance(x, QuantizedArray) or _qwix_kind(x) is not None
 
 
 def dequantized(x: Any) -> Any:
-  """``x.dequantize()`` for a :class:`QuantizedArray`, ``x`` otherwise."""
-  return x.dequantize() if isinstance(x, QuantizedArray) else x
+  """The floating weight of a quantized ``x`` (ours or qwix's: ``qwix.dequantize``), ``x`` otherwise."""
+  if isinstance(x, QuantizedArray):
+    return x.dequantize()
+  kind = _qwix_kind(x)
+  if kind is None:
+    return x
+  import qwix  # Only reached for qwix's own arrays, so qwix is installed.
+
+  array = x.array if kind == "WithAux" else x
+  if _qwix_kind(array) != "QArray":  # A WithAux around a plain array (not quantized yet).
+    return jnp.asarray(array)
+  return qwix.dequantize(array)
+
+
+def describe(x: Any) -> str:
+  """``"4-bit"`` for ours, ``"qwix int4"`` for qwix's (for messages)."""
+  if isinstance(x, QuantizedArray):
+    return f"{x.bits}-bit"
+  array = x.array if _qwix_kind(x) == "WithAux" else x
+  return f"qwix {jnp.dtype(getattr(array, 'qtype', None) or getattr(array, 'dtype', 'float32')).name}"
 
 
 def quantize_array(w: Array, bits: int = 4, group_size: Optional[int] = None) -> QuantizedArray:

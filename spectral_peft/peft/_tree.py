@@ -29,7 +29,7 @@ import numpy as np
 
 from spectral_peft import _validation
 from spectral_peft.peft._methods.base import Adapter, AdapterMethod, matrix_shape, normalize_layout
-from spectral_peft.peft._quant import dequantized, is_quantized, quantize_array
+from spectral_peft.peft._quant import QuantizedArray, describe, dequantized, is_quantized, quantize_array
 
 Array = jax.Array
 PyTree = Any
@@ -491,7 +491,7 @@ def _map_targets(params: PyTree, adapters: Adapters, fn: Callable[[Adapter, Arra
       )
     if is_quantized(leaf) and what != "merge quantized":
       raise ValueError(
-          f"Cannot {what}: the weight at {name!r} is quantized ({leaf.bits}-bit); merging an update into it would be "
+          f"Cannot {what}: the weight at {name!r} is quantized ({describe(leaf)}); merging an update into it would be "
           "rounded away. Train through sp.peft.apply_adapters (each layer dequantizes its own weight), or "
           "sp.peft.merge_quantized(params, adapters) to merge into dequantized weights (requantize=True re-quantizes "
           "them and reports the error).")
@@ -560,6 +560,9 @@ def merge_quantized(params: PyTree, adapters: Adapters, *, requantize: bool = Fa
     merged = adapter.merge(dequantized(leaf))
     if not is_quantized(leaf):
       return merged
+    if requantize and not isinstance(leaf, QuantizedArray):
+      raise ValueError(f"requantize=True re-quantizes sp.peft.QuantizedArray weights; {adapter_paths[id(adapter)]!r} is "
+                       f"{describe(leaf)}: merge with requantize=False and quantize with qwix again.")
     if not requantize:
       errors[adapter_paths[id(adapter)]] = 0.0
       return merged

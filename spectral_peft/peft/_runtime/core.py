@@ -289,7 +289,7 @@ def quantized_product(product: Callable[[Array, Array], Array], x: Array, kernel
   if not is_quantized(kernel):
     return product(x, kernel)
   frozen = jax.tree.map(jax.lax.stop_gradient, kernel)
-  return jax.checkpoint(lambda x, k: product(x, k.dequantize()))(x, frozen)
+  return jax.checkpoint(lambda x, k: product(x, dequantized(k)))(x, frozen)
 
 
 def _tie(params: Any, anchor: Any) -> Any:

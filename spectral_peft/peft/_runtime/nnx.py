@@ -33,7 +33,7 @@ from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
 from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter, AdapterMethod
 from spectral_peft.peft._methods.combination import WeightedSum, concatenate_lora, weighted_combination
-from spectral_peft.peft._quant import is_quantized, quantize_array, select_quantized
+from spectral_peft.peft._quant import QuantizedArray, describe, dequantized, is_quantized, quantize_array, select_quantized
 from spectral_peft.peft._tree import Adapters, init_adapters, leaf_paths
 
 Array = jax.Array
@@ -813,7 +813,8 @@ def _detach(owner: nnx.Module) -> None:
     owner.__class__ = _base_class(type(owner))
 
 
-def quantize(model: nnx.Module, targets: Any = None, *, bits: int = 4, group_size: Optional[int] = None) -> nnx.Module:
+def quantize(model: nnx.Module, targets: Any = None, *, bits: int = 4, group_size: Optional[int] = None,
+             weights: Optional[Mapping[str, Any]] = None) -> nnx.Module:
   """Stores the target weights of ``model`` as :class:`~spectral_peft.peft.QuantizedArray`, in place (a QLoRA base).
 
   Each quantized layer dequantizes its own weight inside its call (rebuilt in the backward pass,
@@ -826,12 +827,17 @@ def quantize(model: nnx.Module, targets: Any = None, *, bits: int = 4, group_siz
       floating weight with 2 or more axes (``group_size`` dividing its first axis).
     bits: 8 or 4.
     group_size: entries of the first (input) axis per scale; ``None``: per output channel.
+    weights: instead of quantizing, ``{path: quantized weight}`` to install: ours
+      (:class:`~spectral_peft.peft.QuantizedArray`) or qwix's (a ``QArray``, or the ``WithAux`` its
+      PTQ provider stores), e.g. the base of a qwix QLoRA model; ``targets``, ``bits`` and
+      ``group_size`` are then unused.
 
   Returns:
     ``model``.
 
   Raises:
-    ValueError: no target, or a target that cannot be quantized (naming it).
+    ValueError: no target, a target that cannot be quantized (naming it), or a ``weights`` entry
+      that is not a quantized weight of the shape of the model's weight at its path.
 
   Example:
     >>> import jax, jax.numpy as jnp, spectral_peft as sp
@@ -843,18 +849,33 @@ def quantize(model: nnx.Module, targets: Any = None, *, bits: int = 4, group_siz
     (2, 4)
   """
   params = base_params(model)
-  chosen = select_quantized(params, targets, group_size)
   planned = []
-  for path, leaf in chosen.items():
-    try:
-      planned.append((path, quantize_array(leaf, bits, group_size)))
-    except ValueError as err:
-      raise ValueError(f"Cannot quantize {path!r}: {err}; the model is unchanged.") from None
+  if weights is not None:
+    available = leaf_paths(params)
+    for path, value in weights.items():
+      if _qwix_with_aux(value):
+        value = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, value.array,
+                             is_leaf=lambda v: isinstance(v, nnx.Variable))
+      if not is_quantized(value) or path not in available or tuple(value.shape) != tuple(np.shape(available[path])):
+        raise ValueError(f"`weights[{path!r}]` must be a quantized weight of the shape of the model's weight there "
+                         f"({tuple(np.shape(available[path])) if path in available else 'no such weight'}), got "
+                         f"{type(value).__name__} of shape {getattr(value, 'shape', None)}; the model is unchanged.")
+      planned.append((path, value))
+  else:
+    for path, leaf in select_quantized(params, targets, group_size).items():
+      try:
+        planned.append((path, quantize_array(leaf, bits, group_size)))
+      except ValueError as err:
+        raise ValueError(f"Cannot quantize {path!r}: {err}; the model is unchanged.") from None
   for path, value in planned:
     owner, name = _owner(model, path)
     getattr(owner, name).set_value(value)
     owner.__class__ = _adapted_class(type(owner))
   return model
+
+
+def _qwix_with_aux(value: Any) -> bool:
+  return type(value).__name__ == "WithAux" and type(value).__module__.startswith("qwix.")
 
 
 def merge_adapters(model: nnx.Module, *, check_finite: bool = True, quantized: str = "refuse") -> nnx.Module:
@@ -881,9 +902,12 @@ def merge_adapters(model: nnx.Module, *, check_finite: bool = True, quantized: s
       if is_quantized(base_value):
         if quantized not in ("dequantize", "requantize"):
           raise ValueError(
-              f"The weight at {slot.path!r} is quantized ({base_value.bits}-bit): merging would round the update away. "
+              f"The weight at {slot.path!r} is quantized ({describe(base_value)}): merging would round the update away. "
               "Pass quantized='dequantize' (a floating weight) or 'requantize'; nothing was merged.")
-      value = adapter.merge(base_value.dequantize() if is_quantized(base_value) else base_value)
+        if quantized == "requantize" and not isinstance(base_value, QuantizedArray):
+          raise ValueError(f"quantized='requantize' re-quantizes sp.peft.QuantizedArray weights; {slot.path!r} is "
+                           f"{describe(base_value)}: merge with 'dequantize' and quantize with qwix again.")
+      value = adapter.merge(dequantized(base_value))
       if check_finite and not bool(jnp.all(jnp.isfinite(value))):
         raise ValueError(f"Merging the adapter at {slot.path!r} gives non-finite weights; nothing was merged "
                          "(the model keeps every adapter).")
