@@ -161,6 +161,17 @@ def test_nnx_trains_adapters_only_over_an_int4_base(case):
   want = reference(X)
   np.testing.assert_allclose(y, want, rtol=0, atol=64 * 24 * EPS * max(1.0, float(jnp.max(jnp.abs(want)))))
 
+  # Gradients: ours through the quantized layers, the reference through the merged dequantized model.
+  graphdef, _ = nnx.split(NNXNet())
+  loss_ref = lambda ads: jnp.sum(jnp.sin(nnx.merge(graphdef, sp.peft.merge(dense, ads))(X)))
+  ref_grads = jax.grad(loss_ref)(trained)
+  grads = sp.peft.leaf_paths(nnx.grad(lambda m: jnp.sum(jnp.sin(m(X))), argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
+  for path, adapter_grads in ref_grads.items():
+    prefix, name = path.rsplit("/", 1)
+    for i, want in enumerate(jax.tree.leaves(adapter_grads.params)):
+      got = grads[f"{prefix}/{name}_adapter_p{i}"]
+      np.testing.assert_allclose(got, want, rtol=0, atol=64 * 24 * 16 * EPS * max(1.0, float(jnp.max(jnp.abs(want)))))
+
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
   base_before = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
 
