@@ -282,6 +282,19 @@ class TransformerBlock(nn.Module):
     return x + nn.Dense(self.embed, dtype=self.dtype, name="mlp_out")(h)
 
 
+class ResidualMLP(nn.Module):
+  """``layers`` blocks ``x + W2 gelu(W1 x)`` (``embed -> hidden -> embed``): the adapter benchmarks' stack."""
+
+  layers: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.layers):
+      x = x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.hidden)(x)))
+    return x
+
+
 class Transformer(nn.Module):
   """The benchmarks' small Linen transformer: ``layers`` :class:`TransformerBlock` s named ``block_<i>``,
   mapping ``(batch, seq, embed)`` to ``(batch, seq, embed)`` (no embedding, no head)."""

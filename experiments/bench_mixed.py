@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import spectral_peft as sp
 from experiments import _common
+from experiments.bench_attach import method
 
 NAME = "bench_mixed"
 
@@ -50,23 +50,6 @@ PRESETS = {"quick": Config(), "tiny": Config(layers=1, embed=32, hidden=64, batc
            "full": Config(layers=4, embed=1024, hidden=4096, batch=32, tokens=128, repeats=10)}
 
 
-class Stack(nn.Module):
-  layers: int
-  hidden: int
-
-  @nn.compact
-  def __call__(self, x):
-    for _ in range(self.layers):
-      x = x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.hidden)(x)))
-    return x
-
-
-def method(name: str, rank: int):
-  if name in ("LoRA", "DoRA"):
-    return getattr(sp.peft, name)(rank)
-  return lambda path, shape: getattr(sp.peft, name)(rank * (shape[0] + shape[1]))
-
-
 def _adapters(params, spec, seed: int):
   adapters = sp.peft.init_adapters(jax.random.key(seed), params, spec, "kernel")
   key = jax.random.key(seed + 1000)
@@ -76,7 +59,7 @@ def _adapters(params, spec, seed: int):
 
 def main(preset: str = "quick") -> dict:
   config, out = _common.setup(PRESETS, preset, NAME)
-  model = Stack(config.layers, config.hidden)
+  model = _common.ResidualMLP(config.layers, config.hidden)
   x = jax.random.normal(jax.random.key(0), (config.batch, config.tokens, config.embed))
   params = model.init(jax.random.key(1), x)["params"]
   calls, memory = {}, {}

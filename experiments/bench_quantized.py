@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 import spectral_peft as sp
 from experiments import _common
+from experiments.bench_attach import method
 
 NAME = "bench_quantized"
 
@@ -46,29 +46,6 @@ class Config:
 
 PRESETS = {"quick": Config(), "tiny": Config(layers=1, embed=32, hidden=64, batch=2, tokens=4,
                                              methods=("LoRA", "WaveFT"))}
-
-
-class Stack(nn.Module):
-  layers: int
-  hidden: int
-
-  @nn.compact
-  def __call__(self, x):
-    for _ in range(self.layers):
-      x = x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.hidden)(x)))
-    return x
-
-
-def method(name: str, rank: int):
-  if name in ("LoRA", "DoRA", "SineLoRA", "SineDoRA"):
-    return getattr(sp.peft, name)(rank)
-
-  def per_target(path, shape):
-    m, n = shape
-    p = rank * (m + n)
-    return sp.peft.LFMA((p / 2 + 0.5) / (m * n)) if name == "LFMA" else getattr(sp.peft, name)(p)
-
-  return per_target
 
 
 def base_params(params, kind: str):
@@ -94,7 +71,7 @@ def step_memory(model, params, adapters, x) -> tuple[int, int]:
 
 def main(preset: str = "quick") -> dict:
   config, out = _common.setup(PRESETS, preset, NAME)
-  model = Stack(config.layers, config.hidden)
+  model = _common.ResidualMLP(config.layers, config.hidden)
   x = jax.random.normal(jax.random.key(0), (config.batch, config.tokens, config.embed))
   params = model.init(jax.random.key(1), x)["params"]
   rows = []

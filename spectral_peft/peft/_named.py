@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax
 
 from spectral_peft.peft._methods.base import Adapter
-from spectral_peft.peft._methods.combination import concatenate_lora, weighted_combination
+from spectral_peft.peft._methods.combination import combine_adapters, weighted_combination
 from spectral_peft.peft._tree import Adapters, _check_adapters
 
 
@@ -144,14 +144,7 @@ class NamedAdapters(Mapping[str, Adapter]):
     """
     names = [names] if isinstance(names, str) else list(names)
     self._check_known(names)
-    terms = [self._named[n] for n in names]
-    if combination_type == "linear":
-      combined = weighted_combination(terms, list(weights))
-    elif combination_type == "cat":
-      combined = concatenate_lora(terms, list(weights))
-    else:
-      raise ValueError(f"`combination_type` must be 'linear' or 'cat', got {combination_type!r}.")
-    return self.add(name, combined)
+    return self.add(name, combine_adapters([self._named[n] for n in names], weights, combination_type))
 
   def _check_known(self, names: Sequence[str]) -> None:
     missing = [n for n in names if n not in self._named]

@@ -183,3 +183,17 @@ def concatenate_lora(adapters_list: Sequence[Adapters], weights: Sequence[float]
     out[path] = Adapter({"a": a, "b": b}, {}, method, first.shape, first.dtype, first.in_axes, first.layout,
                         first.stack_axes)
   return out
+
+
+def combine_adapters(adapters_list: Sequence[Adapters], weights: Sequence[float], combination_type: str) -> Adapters:
+  """PEFT's ``add_weighted_adapter`` combinations: ``"linear"`` (:func:`weighted_combination`, every method)
+  or ``"cat"`` (:func:`concatenate_lora`, LoRA only).
+
+  Raises:
+    ValueError: another ``combination_type`` (and the errors of the two functions).
+  """
+  if combination_type == "linear":
+    return weighted_combination(adapters_list, list(weights))
+  if combination_type == "cat":
+    return concatenate_lora(adapters_list, list(weights))
+  raise ValueError(f"`combination_type` must be 'linear' or 'cat', got {combination_type!r}.")

@@ -237,7 +237,8 @@ def merged_call(adapters: Mapping[str, tuple[LayerAdapter | None, Any]],
     ``call(merged, operands)``, equal in value and gradient to evaluating it at merged weights.
   """
   names = sorted(adapters)
-  shells = [None if adapters[n][0] is None else (adapters[n][0].shell, adapters[n][0].path) for n in names]
+  layer_adapters = [adapters[n][0] for n in names]
+  shells = [None if a is None else (a.shell, a.path) for a in layer_adapters]
 
   def merge_all(arrays, weights):
     out = {}
@@ -273,8 +274,8 @@ def merged_call(adapters: Mapping[str, tuple[LayerAdapter | None, Any]],
     return d_params, d_frozen, d_weights, rebuild(d_float_ops, fill=True)
 
   run.defvjp(run_fwd, run_bwd)
-  params = [() if adapters[n][0] is None else adapters[n][0].params for n in names]
-  frozen = [() if adapters[n][0] is None else adapters[n][0].frozen for n in names]
+  params = [() if a is None else a.params for a in layer_adapters]
+  frozen = [() if a is None else a.frozen for a in layer_adapters]
   weights = [adapters[n][1] for n in names]
   return run(params, frozen, weights, operands)
 

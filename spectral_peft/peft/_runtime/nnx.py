@@ -32,7 +32,7 @@ from spectral_peft.peft._runtime import core as _runtime
 from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
 from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter, AdapterMethod
-from spectral_peft.peft._methods.combination import WeightedSum, concatenate_lora, weighted_combination
+from spectral_peft.peft._methods.combination import WeightedSum, combine_adapters
 from spectral_peft.peft._quant import QuantizedArray, describe, dequantized, is_quantized, quantize_array, select_quantized
 from spectral_peft.peft._tree import Adapters, init_adapters, leaf_paths
 
@@ -714,13 +714,7 @@ def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Se
   _check_name(adapter_name)
   if adapter_name in adapter_names(model):
     raise ValueError(f"The model already has an adapter named {adapter_name!r}; delete_adapter it or pick another name.")
-  terms = [adapters_of(model, name) for name in names]
-  if combination_type == "linear":
-    combined = weighted_combination(terms, list(weights))
-  elif combination_type == "cat":
-    combined = concatenate_lora(terms, list(weights))
-  else:
-    raise ValueError(f"`combination_type` must be 'linear' or 'cat', got {combination_type!r}.")
+  combined = combine_adapters([adapters_of(model, name) for name in names], weights, combination_type)
   return attach(model, combined, adapter_name=adapter_name)
 
 
@@ -896,7 +890,7 @@ def merge_adapters(model: nnx.Module, *, check_finite: bool = True, quantized: s
   """
   plans = []
   for owner in list(_adapted_owners(model)):  # Every merged weight first: all or nothing.
-    merged = {}
+    merged: dict[str, Any] = {}
     for slot, adapter in _found(owner).values():
       base_value = getattr(owner, slot.name).get_value()
       if is_quantized(base_value):
@@ -911,9 +905,10 @@ def merge_adapters(model: nnx.Module, *, check_finite: bool = True, quantized: s
       if check_finite and not bool(jnp.all(jnp.isfinite(value))):
         raise ValueError(f"Merging the adapter at {slot.path!r} gives non-finite weights; nothing was merged "
                          "(the model keeps every adapter).")
-      if quantized == "requantize" and is_quantized(base_value):
-        value = quantize_array(value, base_value.bits, base_value.group_size)
-      merged[slot.name] = value
+      if quantized == "requantize" and isinstance(base_value, QuantizedArray):
+        merged[slot.name] = quantize_array(value, base_value.bits, base_value.group_size)
+      else:
+        merged[slot.name] = value
     plans.append((owner, merged))
   for owner, merged in plans:
     for name, value in merged.items():
