@@ -55,7 +55,7 @@ class Config:
   llm_bases: tuple[str, ...] = ("float32", "int8", "int4")
 
 
-PRESETS = {"quick": Config(), "tiny": Config(layers=1, embed=32, hidden=64, batch=2, tokens=4,
+PRESETS = {"quick": Config(layers=2), "full": Config(), "tiny": Config(layers=1, embed=32, hidden=64, batch=2, tokens=4,
                                              methods=("LoRA", "WaveFT"), llm_embed=32, llm_hidden=64)}
 
 

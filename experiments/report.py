@@ -107,6 +107,12 @@ CLAIMS = (
           "merge.",
           "Design target, no paper figure. PyTorch PEFT's WaveFT ran out of memory on a 24 GB GPU in its MetaMathQA "
           "benchmark; the sine low-rank paper (Ji et al.), Tab. 6: +31% training memory for sine LoRA on LLaMA-3-8B."),
+    Claim("bench_quantized", "Adapters over a quantized base: training memory on int4, int8, bfloat16 and float32",
+          "Every method trains over an int4/int8 base through the adapter runtime (each layer dequantizes its own weight "
+          "inside its product), so the base's argument memory shrinks with its bits while the temporaries stay those "
+          "of one layer.",
+          "QLoRA (Dettmers et al., 2023) trains LoRA over a 4-bit base; no paper reports the sparse/spectral methods "
+          "over a quantized base. Design target, no paper figure."),
     Claim("bench_sine_memory", "Memory of the sine low-rank product",
           "The sine low-rank product can be trained without materialising the (m, n) matrix.",
           "The sine low-rank paper (Ji et al.), Tab. 6: +31% training memory (and +17% time) for sine LoRA on LLaMA-3-8B."),
