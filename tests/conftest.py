@@ -6,6 +6,12 @@ import os
 
 # Tests run on the CPU unless the caller chose a platform.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite compiles thousands of small programs: XLA:CPU's backend optimisations (LLVM -O2) cost more
+# there than they save. Numerics are IEEE float either way (tolerances account for reassociation); a
+# caller's own XLA_FLAGS setting wins. The notebooks run as users run them (see test_notebooks.py).
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAG).strip()
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -195,6 +195,11 @@ def test_notebook_runs_and_plots(path, tmp_path, monkeypatch):
     _require_flax_transformers()
   monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
   monkeypatch.setenv("SPECTRAL_PEFT_SOURCE", ROOT)
+  flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "").strip()
+  if flags:  # The kernel compiles as a user's would (conftest's flag is the suite's, not the notebook's).
+    monkeypatch.setenv("XLA_FLAGS", flags)
+  else:
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders PNGs with Agg
   notebook = nbformat.read(path, as_version=4)
   assert any(c.cell_type == "code" for c in notebook.cells), "a notebook without code"
