@@ -150,3 +150,28 @@ def test_bank_on_a_conv_is_refused_naming_the_layer():
   terms = [sp.peft.init_adapters(jax.random.key(k), params, sp.peft.LoRA(2), "kernel", in_axes=2) for k in range(2)]
   with pytest.raises(ValueError, match=r"'kernel'.*AdapterBank.*Conv"):
     sp.peft.apply_adapters(model, params, sp.peft.stack_adapters(terms), x, adapter_index=jnp.array([0, 1]))
+
+
+@pytest.mark.parametrize("case", [CASES[5], CASES[2]], ids=["waveft", "sine_lora"])
+def test_grouped_product_equals_the_per_example_reference(dense, case, monkeypatch):
+  """Large batches group the examples by adapter (a ragged dot) instead of gathering their matrices."""
+  from spectral_peft.peft._methods import bank as bank_module
+
+  model, params, _ = dense
+  x = jax.random.normal(jax.random.key(5), (11, 2, IN))  # 11 > 2 (K + 1) and no byte budget: grouped
+  index = np.array([2, 0, -1, 1, 1, 0, 2, 2, -1, 0, 1])
+  terms = _bank_terms(params, case)
+  monkeypatch.setattr(bank_module, "GATHER_BYTES", 0)
+  loss = lambda b: jnp.sum(jnp.sin(sp.peft.apply_adapters(model, params, b, x, adapter_index=jnp.asarray(index))))  # noqa: E731
+  value, grads = jax.value_and_grad(loss)(sp.peft.stack_adapters(terms))
+
+  def reference(terms):
+    return sum(jnp.sum(jnp.sin(model.apply({"params": params if i < 0 else sp.peft.merge(params, terms[i])}, x[b])))
+               for b, i in enumerate(index))
+
+  ref_value, ref_grads = jax.value_and_grad(reference)(terms)
+  _close(value, ref_value, IN * x.shape[0] * x.shape[1] * OUT)
+  for k in range(K):
+    for got, want in zip(jax.tree.leaves(jax.tree.map(lambda g: g[k], grads["kernel"].params)),
+                         jax.tree.leaves(ref_grads[k]["kernel"].params)):
+      _close(got, want, IN * OUT * x.shape[1])
