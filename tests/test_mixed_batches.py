@@ -47,6 +47,7 @@ def dense():
   return model, model.init(jax.random.key(1), x)["params"], x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_linen_values_and_gradients_equal_per_example_reference(dense, case):
   model, params, x = dense
@@ -70,6 +71,7 @@ def test_linen_values_and_gradients_equal_per_example_reference(dense, case):
       _close(got, want, IN * OUT * x.shape[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]], ids=["lora", "dora", "waveft"])
 def test_nnx_values_under_jit_equal_per_example_reference(case):
   layer = nnx.Linear(IN, OUT, rngs=nnx.Rngs(0))
@@ -152,6 +154,7 @@ def test_bank_on_a_conv_is_refused_naming_the_layer():
     sp.peft.apply_adapters(model, params, sp.peft.stack_adapters(terms), x, adapter_index=jnp.array([0, 1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [CASES[5], CASES[2]], ids=["waveft", "sine_lora"])
 def test_grouped_product_equals_the_per_example_reference(dense, case, monkeypatch):
   """Large batches group the examples by adapter (a ragged dot) instead of gathering their matrices."""

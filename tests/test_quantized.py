@@ -73,6 +73,7 @@ def _trained(params, case, targets=TARGETS):
 LINEN_CASES = [(c, 4) for c in CASES] + [(c, 8) for c in CASES if c.name in ("lora", "waveft")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,bits", LINEN_CASES, ids=[f"{c.name}-int{b}" for c, b in LINEN_CASES])
 def test_linen_every_method_over_a_quantized_base(base, case, bits):
   model, params = base
@@ -147,6 +148,7 @@ class NNXNet(nnx.Module):
     return self.b(nnx.gelu(self.c(self.a(x))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], CASES[7]], ids=["lora", "dora", "waveft", "fourierft"])
 def test_nnx_trains_adapters_only_over_an_int4_base(case):
   model = NNXNet()

@@ -145,6 +145,7 @@ def _module(model, path):
   return module, weight
 
 
+@pytest.mark.slow
 def test_our_lora_over_qwix_int4_base_equals_qwix_qlora(logits):
   """QLoRA: qwix quantizes the 14 projections to int4 and adds its LoRA; ours reads the same int4 weights."""
   theirs = _llm.qwix_lora("llama3", SIZE, RANK, weight_qtype="int4")
