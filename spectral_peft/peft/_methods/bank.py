@@ -129,9 +129,7 @@ class AdapterBank(AdapterMethod):
     terms = frozen.get(TERMS, {})
     mixed = getattr(self.method, "mixed_branch", None)
     if mixed is not None:
-      y = mixed(params, x, w0, terms, gather)
-      if with_base:
-        y = jnp.matmul(x, w0) + y
+      y = mixed(params, x, w0, terms, gather, with_base=with_base)
     else:
       y = _grouped_product(self.method, params, x, w0, terms, gather, with_base)
     nan = jnp.asarray(jnp.nan, y.dtype)

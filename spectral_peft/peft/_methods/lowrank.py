@@ -300,10 +300,14 @@ class LoRA(_AdditiveLowRank, _PlainUpdate, _LowRankBase):
     ((16, 4), (4, 8))
   """
 
-  def mixed_branch(self, params, x, w0, terms, gather):
-    """Mixed-adapter batches (:class:`~spectral_peft.peft.AdapterBank`): gathered factors, no ``(m, n)`` array."""
+  def mixed_branch(self, params, x, w0, terms, gather, with_base=False):
+    """Mixed-adapter batches (:class:`~spectral_peft.peft.AdapterBank`): gathered factors, no ``(m, n)`` array.
+
+    ``with_base``: the whole product ``x W0 + branch`` instead of the branch.
+    """
     del terms
-    return _gathered_update_matmul(self, params, x, gather).astype(jnp.result_type(x, w0))
+    y = _gathered_update_matmul(self, params, x, gather).astype(jnp.result_type(x, w0))
+    return jnp.matmul(x, w0) + y if with_base else y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,14 +382,18 @@ class DoRA(_MagnitudeDirection, _PlainUpdate, _LowRankBase):
     update_sq = jnp.sum(b * jnp.matmul(jnp.matmul(a.T, a), b), axis=0)
     return _safe_sqrt(jnp.sum(w0 * w0, axis=0) + 2.0 * s * cross + s * s * update_sq)
 
-  def mixed_branch(self, params, x, w0, terms, gather):
-    """Mixed-adapter batches: the ``K`` column factors, gathered per example with the factors ``a``, ``b``."""
+  def mixed_branch(self, params, x, w0, terms, gather, with_base=False):
+    """Mixed-adapter batches: the ``K`` column factors, gathered per example with the factors ``a``, ``b``.
+
+    ``with_base``: the whole product ``factor (x W0 + x update)``, with ``x W0`` computed once.
+    """
     del terms
     dtype = jnp.result_type(x, w0)
     factors = jax.vmap(lambda p: self._norm_factor(p, self._direction_norm(p, w0)))(params)
     factor = _padded(factors, 1.0).astype(dtype)[gather].reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (-1,))
     update = _gathered_update_matmul(self, params, x, gather).astype(dtype)
-    return (factor - 1) * jnp.matmul(x, w0.astype(dtype)) + factor * update
+    base = jnp.matmul(x, w0.astype(dtype))
+    return factor * (base + update) if with_base else (factor - 1) * base + factor * update
 
 
 @dataclasses.dataclass(frozen=True)

@@ -356,9 +356,9 @@ def _plain_call(self, base, quantized, args, kwargs):
   return _merged(self, base, {}, args, kwargs)
 
 
-def _factored_product(self, x: Array, product) -> Array:
+def _factored_product(self, x: Array, product, use_bias: bool = True) -> Array:
   """``product(x, kernel) + bias`` of an ``nnx.Linear`` in its promoted dtype (a quantized kernel dequantized inside)."""
-  bias = self.bias[...] if self.bias is not None else None
+  bias = self.bias[...] if self.bias is not None and use_bias else None
   kernel = self.kernel.get_value()
   probe = jnp.zeros((), kernel.dtype) if is_quantized(kernel) else kernel
   x, probe, bias = self.promote_dtype((x, probe, bias), dtype=self.dtype)
@@ -465,11 +465,7 @@ def _dropout_call(self, base, found, factored, dropout, args, kwargs):
   quantized = _quantized_names(self)
   y = _plain_call(self, base, quantized, args, {})
   if factored is not None:
-    kernel = self.kernel.get_value()
-    probe = jnp.zeros((), kernel.dtype) if is_quantized(kernel) else kernel
-    xd, probe = self.promote_dtype((x_dropped, probe), dtype=self.dtype)
-    branch = _runtime.quantized_product(lambda x, k: factored.branch(x, k.astype(x.dtype)), xd,
-                                        kernel if is_quantized(kernel) else probe)
+    branch = _factored_product(self, x_dropped, lambda x, k: factored.branch(x, k), use_bias=False)
     return y + branch.astype(y.dtype)
   return y + (_merged(self, base, found, (x_dropped,), {}) - _plain_call(self, base, quantized, (x_dropped,), {}))
 
