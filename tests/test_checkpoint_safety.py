@@ -113,6 +113,17 @@ def test_leftovers_of_interrupted_saves_are_removed_but_running_saves_and_user_f
   live = _checkpoint._new_staging(str(path), live_stack)
   # An unreferenced, half-written version inside the checkpoint (killed mid-overwrite).
   _checkpoint._new_version(str(path), "version-half", token)
+  # Killed between making a version directory and completing its marker: hidden temporaries named
+  # with the token, one empty, one with a partly written marker.
+  killed_empty = path / _checkpoint._version_temporary("version-aaaa", token)
+  killed_empty.mkdir()
+  killed_partial = path / _checkpoint._version_temporary("version-bbbb", token)
+  killed_partial.mkdir()
+  (killed_partial / _checkpoint.VERSION_MARKER).write_text('{"tok')
+  # The same name pattern holding anything else is not ours to remove.
+  user_temp = path / _checkpoint._version_temporary("version-cccc", token)
+  user_temp.mkdir()
+  (user_temp / "data.txt").write_text("mine")
   # Look-alikes the library did not write: kept, whatever their names.
   user_sibling = tmp_path / ".ckpt.saving-userdata"
   user_sibling.mkdir()
@@ -125,6 +136,8 @@ def test_leftovers_of_interrupted_saves_are_removed_but_running_saves_and_user_f
     remaining = versions(path)
     assert "version-half" not in remaining and "version-mine" in remaining and len(remaining) == 2
     assert (path / "version-mine" / "data.txt").read_text() == "mine"
+    assert not killed_empty.exists() and not killed_partial.exists()
+    assert (user_temp / "data.txt").read_text() == "mine"
     assert (user_sibling / "notes.txt").read_text() == "mine"
   finally:
     live_stack.close()

@@ -243,11 +243,35 @@ def _is_our_version(directory: str, name: str, token: Optional[str]) -> bool:
   return isinstance(marker, dict) and marker.get("token") == token and marker.get("version") == name
 
 
+def _version_temporary(version: str, token: str) -> str:
+  """The hidden name a version directory has until its marker is complete."""
+  return f".{version}.{token}.tmp"
+
+
 def _new_version(root: str, version: str, token: str) -> None:
-  """Creates the version directory ``root/version`` with its marker (orbax then writes inside it)."""
-  full = os.path.join(root, version)
-  os.mkdir(full)
-  _write_new_file(os.path.join(full, VERSION_MARKER), json.dumps({"token": token, "version": version}).encode())
+  """Creates the version directory ``root/version`` with its marker (orbax then writes inside it).
+
+  The directory is made and marked under a hidden name carrying ``token``, then renamed: a version
+  directory therefore never exists without its complete marker (a save killed in between leaves a
+  temporary that :func:`_remove_unreferenced` recognises by name and contents).
+  """
+  tmp = os.path.join(root, _version_temporary(version, token))
+  os.mkdir(tmp)
+  _write_new_file(os.path.join(tmp, VERSION_MARKER), json.dumps({"token": token, "version": version}).encode())
+  os.rename(tmp, os.path.join(root, version))
+
+
+def _remove_version_temporary(full: str) -> None:
+  """Removes the directory ``full`` if it holds at most our marker file (a version temporary left by a
+  killed save, or a version emptied by :func:`_remove_version`); anything else in it keeps it."""
+  if os.path.islink(full) or not os.path.isdir(full):
+    return
+  with contextlib.suppress(OSError):
+    if set(os.listdir(full)) <= {VERSION_MARKER}:
+      marker = os.path.join(full, VERSION_MARKER)
+      if os.path.lexists(marker) and not os.path.islink(marker) and os.path.isfile(marker):
+        os.remove(marker)
+      os.rmdir(full)  # Fails (and removes nothing) if anything else appeared meanwhile.
 
 
 def _remove_version(directory: str, name: str, token: Optional[str]) -> None:
@@ -257,9 +281,16 @@ def _remove_version(directory: str, name: str, token: Optional[str]) -> None:
     return
   with _locked(full, blocking=False) as got:
     if got:
-      shutil.rmtree(full, ignore_errors=True)
-
-
+      # The marker goes last, so a removal killed halfway leaves a version still proven ours.
+      for entry in os.listdir(full):
+        if entry != VERSION_MARKER:
+          inner = os.path.join(full, entry)
+          if os.path.isdir(inner) and not os.path.islink(inner):
+            shutil.rmtree(inner, ignore_errors=True)
+          else:
+            with contextlib.suppress(OSError):
+              os.remove(inner)
+      _remove_version_temporary(full)  # The marker and the directory, once nothing else is left.
 
 
 def _is_legacy(path: str) -> bool:
@@ -316,10 +347,11 @@ def _write_pointer(directory: str, version: str, token: str, description: dict[s
 
 
 def _remove_unreferenced(directory: str, keep: Optional[str], token: Optional[str]) -> None:
-  """Removes our versions other than ``keep`` and our stale pointer temporaries (caller holds the lock).
+  """Removes our versions other than ``keep`` and our stale temporaries (caller holds the lock).
 
   "Ours" means proven: a version directory whose marker holds this checkpoint's ``token``; a pointer
-  temporary whose name carries it. Anything else, whatever its name, is left alone.
+  temporary whose name carries it; a version temporary whose name carries it and that holds nothing
+  but a marker. Anything else, whatever its name, is left alone.
   """
   if token is None:
     return
@@ -330,6 +362,8 @@ def _remove_unreferenced(directory: str, keep: Optional[str], token: Optional[st
     elif entry.startswith(f".{POINTER}.{token}.") and entry.endswith(".tmp") and not os.path.islink(full):
       with contextlib.suppress(OSError):
         os.remove(full)
+    elif entry.startswith(f".{VERSION_PREFIX}") and entry.endswith(f".{token}.tmp"):
+      _remove_version_temporary(full)
 
 
 def _staging_prefix(path: str) -> str:
