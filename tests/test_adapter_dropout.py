@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import spectral_peft as sp
+from spectral_peft.peft._runtime.core import LayerAdapter
 from adapter_cases import CASES
 
 M, N, BATCH, RATE = 6, 12, 16, 0.3
@@ -182,7 +183,7 @@ def test_scanned_layers_draw_their_own_masks():
 
   value, grads = jax.jit(jax.value_and_grad(loss))(adapters, jax.random.key(3))
   assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-  keys = sp.peft._runtime.core.LayerAdapter.from_adapter("layer/kernel", adapters["layer/kernel"], jax.random.key(3)).dropout_key
+  keys = LayerAdapter.from_adapter("layer/kernel", adapters["layer/kernel"], jax.random.key(3)).dropout_key
   assert keys.shape == (3,)
   data = np.asarray(jax.random.key_data(keys))
   assert len({tuple(row) for row in data.reshape(3, -1)}) == 3  # one key per scanned layer
@@ -286,3 +287,16 @@ def test_a_layer_called_twice_draws_a_mask_per_call():
   # Without dropout both calls agree: the difference is the masks alone.
   plain_first, plain_second = sp.peft.apply_adapters(model, params, adapters, x)
   np.testing.assert_array_equal(plain_first, plain_second)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_the_mask_is_the_bernoulli_draw_at_the_input_shape(jit):
+  """The mask is drawn flat (faster to compile for 4-D Conv inputs) but equals the draw at x's shape."""
+  params = {"conv": {"kernel": jnp.ones((3, 3, 4, 5))}}
+  adapter = sp.peft.init_adapters(jax.random.key(0), params, sp.peft.LoRA(2), "kernel", in_axes=3)["conv/kernel"]
+  layer = LayerAdapter.from_adapter("conv/kernel", adapter, jax.random.key(7))
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
+  dropped = jax.jit(layer.dropped, static_argnums=1) if jit else layer.dropped
+  keep = jax.random.bernoulli(layer.dropout_key, 0.7, x.shape)
+  np.testing.assert_array_equal(np.asarray(dropped(x, 0.3)) != 0, np.asarray(keep))
+  np.testing.assert_allclose(dropped(x, 0.3), jnp.where(keep, x / 0.7, 0.0), rtol=1e-6, atol=0)

@@ -167,7 +167,10 @@ class LayerAdapter:
       raise ValueError(
           f"The adapter at {self.path!r} is stacked ({self.shell.stack_axes} stack axes); adapter dropout "
           "needs its layer to run once per slice (nn.scan / nnx.scan), not on the whole stack.")
-    keep = jax.random.bernoulli(key, 1.0 - rate, jnp.shape(x))
+    # Drawn flat and reshaped: the same bits as drawing at x's shape, but XLA:CPU compiles the
+    # generator for a 4-D activation (a Conv's NHWC input) up to 5x slower (measured 4.0 s vs 0.8 s
+    # for (8, 32, 32, 16)).
+    keep = jax.random.bernoulli(key, 1.0 - rate, (math.prod(jnp.shape(x)),)).reshape(jnp.shape(x))
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
