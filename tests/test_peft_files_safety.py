@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -110,6 +111,24 @@ def test_an_existing_export_needs_overwrite_and_other_files_are_kept(adapters, p
   back = sp.peft.import_peft(str(out), params)
   np.testing.assert_array_equal(back["layers/0/query/kernel"].params["a"], 2 * adapters["layers/0/query/kernel"].params["a"])
   assert sorted(os.listdir(tmp_path)) == ["export"]  # No private directory left behind.
+
+
+def test_weights_beside_the_config_of_another_export_are_refused(adapters, params, tmp_path):
+  """What an overwrite killed between its two replacements leaves (the weights go first) is refused;
+  editing a field that does not change Delta W is not."""
+  sp.peft.export_peft(str(tmp_path / "old"), adapters)
+  targets = "|".join(re.escape(p) for p in adapters)
+  rank = adapters["layers/0/query/kernel"].params["a"].shape[-1] + 1
+  other = sp.peft.init_adapters(jax.random.key(0), params, sp.peft.LoRA(rank), targets)
+  sp.peft.export_peft(str(tmp_path / "new"), other)
+  shutil.copy(tmp_path / "new" / "adapter_model.safetensors", tmp_path / "old" / "adapter_model.safetensors")
+  with pytest.raises(ValueError, match="mixes two exports"):
+    sp.peft.import_peft(str(tmp_path / "old"), params)
+  config = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+  config["base_model_name_or_path"], config["inference_mode"] = "my/model", False
+  (tmp_path / "new" / "adapter_config.json").write_text(json.dumps(config))
+  back = sp.peft.import_peft(str(tmp_path / "new"), params)
+  np.testing.assert_array_equal(back["layers/0/query/kernel"].params["a"], other["layers/0/query/kernel"].params["a"])
 
 
 @pytest.mark.parametrize("extra", [{"task_type": object()}, {"lora_dropout": float("nan")}, {3: "x"}])

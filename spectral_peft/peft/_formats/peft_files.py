@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import errno
 import functools
+import hashlib
 import json
 import math
 import os
@@ -76,6 +77,17 @@ _PEFT_WAVELETS = frozenset(["haar"] + [f"db{i}" for i in range(1, 11)] + [f"sym{
 # Config fields export_peft writes that extra_config may change (they do not change Delta W).
 _FREE_FIELDS = frozenset({"base_model_name_or_path", "task_type", "inference_mode", "revision", "lora_dropout",
                           "init_lora_weights", "init_weights", "mask_type", "random_seed"})
+
+# Recorded in the safetensors header of our exports: the digest of the config fields that change
+# Delta W (all but _FREE_FIELDS), so an import can tell weights from one export beside the config of
+# another (an overwrite killed between its two file replacements, or a file copied in by hand).
+CONFIG_DIGEST_KEY = "spectral_peft_config_sha256"
+
+
+def _config_digest(config: Mapping[str, Any]) -> str:
+  fields = {k: v for k, v in config.items() if k not in _FREE_FIELDS}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
+
 
 _ADAPTER_SUFFIXES = {
     "LORA": (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"),
@@ -188,6 +200,7 @@ def _read_config(directory: Any) -> dict[str, Any]:
 
 def _read(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so BF16 tensors load (JAX imports it anyway).
+  from safetensors import safe_open
   from safetensors.numpy import load_file
 
   config = _read_config(directory)
@@ -196,12 +209,21 @@ def _read(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     raise _not_an_adapter_directory(directory, WEIGHTS_NAME)
   try:
     tensors = load_file(weights_file)
+    with safe_open(weights_file, framework="numpy") as f:
+      header = f.metadata() or {}
   except Exception as err:  # safetensors raises SafetensorError (and others) for damaged files.
     text = str(err).strip().splitlines()
     raise ValueError(
         f"{weights_file!r} is not a readable safetensors file ({type(err).__name__}: {text[0] if text else ''}); "
         "the file is truncated or corrupt."
     ) from None
+  recorded = header.get(CONFIG_DIGEST_KEY)
+  if recorded is not None and recorded != _config_digest(config):
+    raise ValueError(
+        f"`path` {os.fspath(directory)!r} mixes two exports: {WEIGHTS_NAME} was written with another "
+        f"{CONFIG_NAME} than the one beside it (they differ in a field that changes the update; fields that "
+        f"do not, such as {', '.join(sorted(_FREE_FIELDS)[:3])}, may be edited freely). An overwrite was "
+        "interrupted between its two file replacements, or one file was copied in by hand: export again.")
   return config, tensors
 
 
@@ -641,7 +663,10 @@ def export_peft(
   (a link named ``adapter_config.json`` is replaced, not written through), and nothing but the two
   files PEFT reads is ever replaced or removed. An existing export is replaced only with
   ``overwrite=True``, and a failed export (a bad ``extra_config``, a refused adapter, a full disk)
-  leaves the previous one as it was.
+  leaves the previous one as it was. Replacing an export swaps two files (the weights, then the
+  config); the weights' safetensors header records the digest of the config fields that change
+  Delta W, so a process killed between the two swaps leaves a directory that :func:`import_peft`
+  refuses ("mixes two exports") instead of loading the new weights under the old config.
 
   The torch model must have ``Linear`` layers at the mapped module names with
   ``weight = kernel.T`` (``(out, in)``); PEFT's merged weight (or ``get_delta_weight``) then equals
@@ -812,7 +837,7 @@ def export_peft(
       )
     config[field] = value
   config_bytes = (json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
-  weights_bytes = save_tensors(tensors, metadata={"format": "pt"})
+  weights_bytes = save_tensors(tensors, metadata={"format": "pt", CONFIG_DIGEST_KEY: _config_digest(config)})
   _publish(target, {WEIGHTS_NAME: weights_bytes, CONFIG_NAME: config_bytes}, overwrite)
   return config
 
