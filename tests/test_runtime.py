@@ -397,3 +397,58 @@ def test_nnx_einsum_and_conv_transpose_equal_merge(case):
   nnx.update(model, got_grads)
   _assert_relative({p: a.params for p, a in sp.nnx.adapters_of(model).items()},
                    {p: a.params for p, a in grads.items()}, _gradient_rtol(case))
+
+
+class _Pair(nnx.Module):
+  def __init__(self, rngs):
+    self.a, self.b = nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(jax.nn.relu(self.a(x)))
+
+
+def _adapted_pair(seed=1):
+  model = _Pair(nnx.Rngs(0))
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "kernel", key=jax.random.key(seed))
+  nnx.update(model, _perturb(nnx.state(model, sp.nnx.AdapterParam), 0.3, key=jax.random.key(seed)))
+  return model
+
+
+def test_nnx_state_round_trips_give_the_adapted_model_or_raise():
+  x = jax.random.normal(jax.random.key(0), (5, 4))
+  adapted = _adapted_pair()
+  want = adapted(x)
+  assert float(jnp.max(jnp.abs(want - _Pair(nnx.Rngs(0))(x)))) > 1e-3  # The adapters change the output.
+  graphdef, state = nnx.split(adapted)
+  graphdef2, adapter_state, rest = nnx.split(adapted, sp.nnx.AdapterParam, ...)
+  for rebuilt in (nnx.merge(graphdef, state), nnx.clone(adapted), nnx.merge(graphdef2, adapter_state, rest)):
+    np.testing.assert_array_equal(rebuilt(x), want)
+    assert sorted(sp.nnx.adapters_of(rebuilt)) == ["a/kernel", "b/kernel"]
+  # The state of one adapted model into another adapted alike: that model, once (not twice).
+  other = _adapted_pair(seed=2)
+  nnx.update(other, nnx.state(adapted))
+  nnx.update(other, nnx.state(adapted))
+  np.testing.assert_array_equal(other(x), want)
+  # Into a model that was never adapted: flax adds the variables as inert attributes. Every sp.nnx
+  # function that reads adapters refuses such a model, naming the layer.
+  plain = _Pair(nnx.Rngs(0))
+  nnx.update(plain, nnx.state(adapted))
+  for call in (sp.nnx.adapters_of, sp.nnx.merge_adapters, sp.nnx.adapter_names, sp.nnx.detach_adapters):
+    with pytest.raises(ValueError, match=r"'a' \(Linear\) holds adapter variables that no adapter of it uses"):
+      call(plain)
+  with pytest.raises(ValueError, match="inert"):
+    sp.nnx.attach(plain, sp.nnx.adapters_of(adapted))
+  # A graph of one kind with the state of the other is refused by flax itself.
+  with pytest.raises(ValueError):
+    nnx.merge(nnx.split(_Pair(nnx.Rngs(0)))[0], state)
+  with pytest.raises(ValueError):
+    nnx.merge(graphdef, nnx.state(_Pair(nnx.Rngs(0))))
+  # The way that works: adapt the same way first, then update.
+  target = _Pair(nnx.Rngs(5))
+  sp.nnx.adapt(target, sp.peft.LoRA(2), "kernel", key=jax.random.key(9))
+  nnx.update(target, nnx.state(adapted))
+  np.testing.assert_array_equal(target(x), want)
+  target = _Pair(nnx.Rngs(5))
+  sp.nnx.load_into(target, sp.nnx.adapters_of(adapted))
+  nnx.update(target, sp.nnx.base_params(adapted))
+  np.testing.assert_array_equal(target(x), want)

@@ -751,9 +751,31 @@ def adapt(model: nnx.Module, method: Any, targets: Any, *, key: Array, in_axes: 
 
 
 def _adapted_owners(model: nnx.Module):
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module) and len(getattr(node, _SLOTS, ())) > 0:
+  """The model's modules that hold adapters; refuses adapter variables that no adapter of theirs uses."""
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Module):
+      continue
+    slots = getattr(node, _SLOTS, ())
+    _check_no_inert_variables(node, slots, path)
+    if len(slots) > 0:
       yield node
+
+
+def _check_no_inert_variables(node: nnx.Module, slots: Sequence[_Slot], path: Any) -> None:
+  """Adapter variables on a module that does not apply them: what ``nnx.update`` / ``nnx.merge`` give
+  when an adapted model's state goes into a model that was not adapted (flax adds unknown variables
+  as plain attributes, which the plain layer never reads)."""
+  used = {n for slot in slots for n in slot.param_names() + slot.constant_names()}
+  inert = sorted(name for name, value in vars(node).items()
+                 if isinstance(value, (AdapterParam, AdapterConstant)) and name not in used)
+  if inert:
+    where = "/".join(str(p) for p in path) or "<the model itself>"
+    raise ValueError(
+        f"The module at {where!r} ({type(node).__name__}) holds adapter variables that no adapter of it uses: "
+        f"{inert}. This is what nnx.update / nnx.merge give when the state of an adapted model goes into a model "
+        "(or layer) that was not adapted: the variables are added as inert attributes and the layer computes "
+        "without them. Adapt the model first (sp.nnx.adapt with the same method and targets, or sp.nnx.attach / "
+        "sp.nnx.load_into with sp.nnx.adapters_of(adapted_model)), then nnx.update it; or remove the variables.")
 
 
 def adapters_of(model: nnx.Module, adapter_name: str | None = None) -> Adapters:
