@@ -159,9 +159,14 @@ def test_rate_zero_keys_and_layers():
   c = sp.peft.apply_adapters(model, params, adapters, x, adapter_dropout=RATE, dropout_key=jax.random.key(2))
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
-  with sp.peft.factored(adapters, adapter_dropout=RATE, dropout_key=jax.random.key(1)):
-    in_context = model.apply({"params": params}, x)
-  np.testing.assert_allclose(in_context, a, rtol=1e-6, atol=1e-6)
+  # The context draws from the key alone; given apply_adapters' stream, it draws the same masks.
+  runs = []
+  for rngs in ({}, {}, {"adapter_dropout": jax.random.key(1)}):
+    with sp.peft.factored(adapters, adapter_dropout=RATE, dropout_key=jax.random.key(1)):
+      runs.append(model.apply({"params": params}, x, rngs=rngs))
+  np.testing.assert_array_equal(runs[0], runs[1])
+  assert not np.allclose(runs[0], y0)
+  np.testing.assert_allclose(runs[2], a, rtol=1e-6, atol=1e-6)
 
 
 class _Stack(nn.Module):
@@ -300,3 +305,33 @@ def test_the_mask_is_the_bernoulli_draw_at_the_input_shape(jit):
   keep = jax.random.bernoulli(layer.dropout_key, 0.7, x.shape)
   np.testing.assert_array_equal(np.asarray(dropped(x, 0.3)) != 0, np.asarray(keep))
   np.testing.assert_allclose(dropped(x, 0.3), jnp.where(keep, x / 0.7, 0.0), rtol=1e-6, atol=0)
+
+
+class _Cell(nn.Module):
+  """One Dense applied at every step of an nn.scan (an RNN cell's input projection)."""
+  split: bool
+
+  @nn.compact
+  def __call__(self, xs):
+    def body(mdl, carry, x):
+      return carry, nn.Dense(M, use_bias=False, name="cell")(x)
+    split_rngs = {"params": False, "adapter_dropout": True} if self.split else {"params": False}
+    return nn.scan(body, variable_broadcast="params", split_rngs=split_rngs)(self, None, xs)[1]
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_a_scanned_cell_draws_a_mask_per_step_when_the_scan_splits_the_stream(split):
+  xs = jnp.ones((5, 2, M))  # The same input at every step: only the masks can tell the steps apart.
+  model = _Cell(split)
+  params = model.init(jax.random.key(0), xs)["params"]
+  adapters = _perturbed(sp.peft.init_adapters(jax.random.key(1), params, sp.peft.LoRA(M), "kernel"), 0.5)
+  run = jax.jit(lambda key: sp.peft.apply_adapters(model, params, adapters, xs, adapter_dropout=0.5, dropout_key=key))
+  branch = np.asarray(run(jax.random.key(3)) - sp.peft.apply_adapters(model, params, adapters, xs))
+  steps = {tuple(np.round(b.ravel(), 4)) for b in branch}
+  assert len(steps) == (5 if split else 1)
+  # Each step differs from the undropped output by (x_d - x) @ Delta W, with x_d in {0, 1 / (1 - rate)}:
+  # here x = 1 and the rate 0.5, so x_d - x is -1 or +1 per entry.
+  delta = np.asarray(adapters["cell/kernel"].delta(params["cell"]["kernel"]), np.float64)
+  for b in branch.reshape(-1, branch.shape[-1]):
+    signs = np.linalg.solve(delta.T, b)
+    np.testing.assert_allclose(np.abs(signs), 1.0, atol=1e-3 * np.linalg.cond(delta) ** 0.5)

@@ -301,7 +301,7 @@ def _interceptor(next_fun, args, kwargs, context):
       for adapter in found.values():
         _runtime.check_bank_layer(adapter, f"{owner!r} ({type(module).__name__}, called as {context.method_name!r})")
     if frame.dropout:
-      found = _fresh_dropout_keys(found, frame)
+      found = _fresh_dropout_keys(found, frame, module)
       return _dropout_call(module, context.method_name, found, factored, next_fun, x, args, kwargs, frame.dropout)
     if factored is not None:
       return _factored_call(module, found["kernel"], x)
@@ -350,17 +350,30 @@ def _factored_kernel(module: Any, method_name: str, found, x) -> Array | None:
   return None
 
 
-def _fresh_dropout_keys(found, frame: _Frame):
+DROPOUT_RNG = "adapter_dropout"
+"""The Linen rng stream :func:`apply_adapters` provides for adapter dropout (see its ``adapter_dropout``)."""
+
+
+def _fresh_dropout_keys(found, frame: _Frame, module: Any):
   """Each call of a layer in one model call draws its own mask (PEFT draws a new one per forward).
 
-  The first call of a layer uses its key as it is; the ``k``-th further call folds in ``k``.
+  Where the call's module has the :data:`DROPOUT_RNG` stream, every call folds in a draw of it
+  (``module.make_rng``): distinct per call, and per step of an ``nn.scan`` that splits the stream.
+  Otherwise the first call of a layer uses its key as it is and the ``k``-th further call folds in
+  ``k`` (a count kept while tracing: the same for every step of a scan).
   """
+  step = None
+  if module.scope is not None and module.has_rng(DROPOUT_RNG):
+    step = jax.random.bits(module.make_rng(DROPOUT_RNG), (), jnp.uint32)
   out = {}
   for name, adapter in found.items():
     count = frame.dropout_calls.get(adapter.path, 0)
     frame.dropout_calls[adapter.path] = count + 1
-    if count and adapter.dropout_key is not None and jnp.ndim(adapter.dropout_key) == 0:
-      adapter = dataclasses.replace(adapter, dropout_key=jax.random.fold_in(adapter.dropout_key, count))
+    if adapter.dropout_key is not None and jnp.ndim(adapter.dropout_key) == 0:
+      if step is not None:
+        adapter = dataclasses.replace(adapter, dropout_key=jax.random.fold_in(adapter.dropout_key, step))
+      elif count:
+        adapter = dataclasses.replace(adapter, dropout_key=jax.random.fold_in(adapter.dropout_key, count))
     out[name] = adapter
   return out
 
@@ -422,7 +435,9 @@ def adapted(adapters: Mapping[str, Adapter], *, adapter_dropout: float = 0.0,
   adapter runs through the adapter runtime (see :func:`apply_adapters`). On leaving the context
   without an error, every adapter must have been applied, or ``ValueError`` names the ones that were
   not. Lifted transforms that stack weights (``nn.scan``) need :func:`apply_adapters`, which carries
-  the adapters in the ``params`` collection so they are sliced with the weights.
+  the adapters in the ``params`` collection so they are sliced with the weights. With dropout, pass
+  ``rngs={"adapter_dropout": dropout_key}`` to ``model.apply`` for the masks :func:`apply_adapters`
+  draws (and a new mask per step of a scan that splits that stream).
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, spectral_peft as sp
@@ -501,7 +516,12 @@ def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
       (the default) for evaluation. Costs one extra product with ``W0`` per layer on the merged
       path (and for DoRA), none for LoRA and the sparse methods on the factored path.
     dropout_key: a ``jax.random.key``, needed when ``adapter_dropout > 0`` (a new one each step);
-      every layer (and every slice of a stacked weight) draws its own mask from it.
+      every layer (and every slice of a stacked weight) draws its own mask from it, and so does
+      every call of a layer (through the ``"adapter_dropout"`` rng stream: this key, passed to
+      ``model.apply`` unless ``rngs=`` already has that stream). A layer called at every step of an ``nn.scan`` (an RNN cell) draws a
+      new mask per step when the scan splits that stream, as ``nn.Dropout`` needs ``"dropout"``:
+      ``nn.scan(..., split_rngs={"params": False, "adapter_dropout": True})``; a scan that does not
+      split it gives every step the same mask (Linen's rule for every stream).
     adapter_index: for a mixed-adapter batch: ``(B,)`` integers, one per example of the batch, that
       pick the adapter of every :class:`~spectral_peft.peft.AdapterBank` in ``adapters`` (made by
       :func:`sp.peft.stack_adapters`): example ``b`` sees ``W0 + Delta W_{adapter_index[b]}``, and
@@ -531,6 +551,12 @@ def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
   _check_index(adapters, adapter_index)
   injected = inject(params, adapters, dropout_key if rate else None, adapter_index)
   all_variables = {**dict(variables or {}), "params": injected}
+  if rate:
+    rngs = kwargs.get("rngs") or {}
+    if not isinstance(rngs, Mapping):
+      raise TypeError(f"`rngs` must be a dict of named keys (Linen's apply), got {type(rngs).__name__}.")
+    if DROPOUT_RNG not in rngs:  # A stream the caller gave is kept.
+      kwargs["rngs"] = {**rngs, DROPOUT_RNG: dropout_key}
   with _frame(adapters, by_path=False, dropout=rate) as frame:
     out = model.apply(all_variables, *args, **kwargs)
   _raise_unused(frame)
