@@ -145,6 +145,38 @@ def run_case(case, block, params, params_shardings, mesh, x, y):
   print(f"OK {case.name} loss={float(loss):.6f}", flush=True)
 
 
+FSDP_TARGETS = r"mlp_(in|out)/kernel$"
+FSDP_CASES = ("fourierft", "lfma", "waveft", "shira")
+
+
+def run_fsdp_output_axis(case, block, params, x, y):
+  """Kernels split on their output axis (FSDP ``P(None, "data")``): the step runs and equals one device.
+
+  XLA:CPU's FFT needs row-major operands, and a merged kernel split this way used to get a
+  column-major FFT (a run-time error in ``fft_thunk``), through merge and through the runtime.
+  """
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  shardings = sp.peft.path_shardings(params, mesh, {r"mlp_(in|out)/kernel$": P(None, "data")})
+  adapters = perturb(sp.peft.init_adapters(jax.random.key(7), params, case.method, FSDP_TARGETS),
+                     jax.random.key(11), case.scale)
+  trainable, rest = sp.peft.partition(adapters)
+
+  def losses(trainable, params, x, y):
+    ad = sp.peft.combine(trainable, rest)
+    through_merge = jnp.mean(jnp.square(block.apply({"params": sp.peft.merge(params, ad)}, x) - y))
+    through_runtime = jnp.mean(jnp.square(sp.peft.apply_adapters(block, params, ad, x) - y))
+    return through_merge + 2 * through_runtime
+
+  step = jax.jit(jax.value_and_grad(losses))
+  want = step(trainable, params, x, y)
+  batch = NamedSharding(mesh, P("data"))
+  got = step(trainable, jax.device_put(params, shardings), jax.device_put(x, batch), jax.device_put(y, batch))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6 * float(np.max(np.abs(w))),
+                               err_msg=case.name)
+  print(f"OK fsdp-output-axis {case.name}", flush=True)
+
+
 def main():
   assert jax.device_count() == 8, f"needs 8 devices, got {jax.device_count()} (set XLA_FLAGS)"
   mesh = sp.peft.data_model_mesh(2, 4)
@@ -157,6 +189,10 @@ def main():
   for case in CASES:
     if not only or case.name in only:
       run_case(case, block, params, params_shardings, mesh, x, y)
+  x8, y8 = (jax.random.normal(jax.random.key(k), (8, SEQ, EMBED)) for k in (3, 4))  # a batch of 8: one per device
+  for case in CASES:
+    if case.name in FSDP_CASES and (not only or case.name in only):
+      run_fsdp_output_axis(case, block, params, x8, y8)
   print("ALL OK", flush=True)
 
 

@@ -156,6 +156,8 @@ def test_sharded_training_equals_unsharded_for_every_method_on_8_devices():
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
   for case in CASES:
     assert f"OK {case.name} " in proc.stdout, proc.stdout
+  for name in ("fourierft", "lfma", "waveft", "shira"):
+    assert f"OK fsdp-output-axis {name}" in proc.stdout, proc.stdout
   assert proc.stdout.rstrip().endswith("ALL OK")
 
 

@@ -278,7 +278,17 @@ def fourier_delta(values: Array, indices: Array, shape: Sequence[int]) -> Array:
                                jnp.where(keep_mirror, mirror_rows * half + mirror_cols, m * half)])
   contributions = 0.5 * jnp.concatenate([values, jnp.conj(values)])
   spectrum = _zeros_after(contributions, m * half).at[positions].add(contributions, mode="drop")
-  return jnp.fft.irfft2(spectrum.reshape(m, half), s=(m, n))
+  return _row_major(jnp.fft.irfft2(spectrum.reshape(m, half), s=(m, n)))
+
+
+def _row_major(x: Array) -> Array:
+  """``x`` through a flat reshape, which pins XLA's layout of ``x`` (an FFT's result) to row-major.
+
+  XLA:CPU's FFT runs only on row-major operands, yet its layout assignment may give the FFT of a
+  merged kernel the column-major layout a consumer prefers (a kernel split on its output axis, as
+  under FSDP ``P(None, "data")``), and the compiled step then stops at run time in ``fft_thunk``.
+  """
+  return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
 
 def topk_count(shape: Sequence[int], ratio: Any) -> int:
