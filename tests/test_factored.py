@@ -80,3 +80,31 @@ def test_dense_general_two_axes(inputs):
   y = sp.peft.apply_factored(model, params, adapters, x)
   chex.assert_trees_all_close(y, model.apply({"params": sp.peft.merge(params, adapters)}, x), atol=1e-5, rtol=1e-5)
   assert float(jnp.max(jnp.abs(y - model.apply({"params": params}, x)))) > 1e-2  # the root layer was adapted
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("batch, m, n", [
+    ((2,), 7, 30),       # fewer rows than m and n: factored forward and input gradient
+    ((3, 5), 7, 4),      # more rows than m and n: merged forward and input gradient
+    ((20,), 50, 3),      # factored forward, merged input gradient
+    ((2, 3), 4, 40),     # merged forward, factored input gradient
+])
+def test_low_rank_product_equals_the_dense_formula_in_every_regime(batch, m, n, jit):
+  """LoRA's product picks merged or factored per pass from the shapes; each equals x (w0 + a b) and its
+  gradients (all four arguments) equal those of the dense formula."""
+  from spectral_peft.peft._methods.lowrank import low_rank_product
+
+  keys = jax.random.split(jax.random.key(0), 5)
+  x, w0 = jax.random.normal(keys[0], (*batch, m)), jax.random.normal(keys[1], (m, n))
+  a, b = jax.random.normal(keys[2], (m, 3)), jax.random.normal(keys[3], (3, n))
+  cotangent = jax.random.normal(keys[4], (*batch, n))
+  dense = lambda *t: jnp.sum(jnp.sin(t[0] @ (t[1] + t[2] @ t[3])) * cotangent)  # noqa: E731
+  ours = lambda *t: jnp.sum(jnp.sin(low_rank_product(*t)) * cotangent)  # noqa: E731
+  wrap = jax.jit if jit else (lambda f: f)
+  np.testing.assert_allclose(wrap(low_rank_product)(x, w0, a, b), x @ (w0 + a @ b), rtol=1e-5,
+                             atol=1e-6 * np.sqrt(m * 3) * float(np.abs(x @ (w0 + a @ b)).max()))
+  got = wrap(jax.grad(ours, argnums=(0, 1, 2, 3)))(x, w0, a, b)
+  want = jax.grad(dense, argnums=(0, 1, 2, 3))(x, w0, a, b)
+  terms = int(np.prod(batch)) * max(m, n)  # the most terms any gradient entry sums
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * np.sqrt(terms) * float(np.abs(w).max()) + 1e-7)

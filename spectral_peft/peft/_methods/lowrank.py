@@ -176,6 +176,51 @@ class _AdditiveLowRank:
     return self.update_matmul(params, x).astype(jnp.result_type(x, w0))
 
 
+def _tokens(x: Array) -> int:
+  return math.prod(x.shape[:-1])
+
+
+def _batch_contract(u: Array, v: Array) -> Array:
+  """``sum over the leading axes of u[..., i] v[..., j]``: ``(i, j)``, one dot over the flattened batch."""
+  return jax.lax.dot_general(u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1]), (((0,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def low_rank_product(x: Array, w0: Array, a: Array, b: Array) -> Array:
+  """``x @ (w0 + a @ b)`` for ``x: (..., m)``, ``w0: (m, n)``, ``a: (m, r)``, ``b: (r, n)`` (one dtype).
+
+  The factored form ``x w0 + (x a) b`` needs, besides ``x w0``, a second activation-sized array (the
+  branch, ``(..., n)``) until the two are added; the merged form needs a transient ``(m, n)`` weight.
+  Each pass takes the lighter one, from the shapes: the forward merges when the batch has more rows
+  than ``m`` (``tokens * n > m * n``), the input gradient (``g w0^T + (g b^T) a^T`` against
+  ``g (w0 + a b)^T``) when it has more than ``n``. So a layer never keeps an array the merged product
+  would not, and a small batch against a large weight never forms the ``(m, n)`` weight. The
+  gradients of ``a`` and ``b`` contract the batch with the rank-``r`` operand on the left, so XLA
+  does not materialise a transposed copy of ``x``; the gradient of ``w0`` is formed only when asked
+  for (XLA removes it otherwise).
+  """
+  if _tokens(x) > w0.shape[0]:
+    return jnp.matmul(x, w0 + jnp.matmul(a, b))
+  return jnp.matmul(x, w0) + jnp.matmul(jnp.matmul(x, a), b)
+
+
+def _low_rank_product_fwd(x, w0, a, b):
+  return low_rank_product(x, w0, a, b), (x, w0, a, b)
+
+
+def _low_rank_product_bwd(residuals, g):
+  x, w0, a, b = residuals
+  g_b = jnp.matmul(g, b.T)  # (..., r)
+  if _tokens(x) > w0.shape[1]:
+    gx = jnp.matmul(g, (w0 + jnp.matmul(a, b)).T)
+  else:
+    gx = jnp.matmul(g, w0.T) + jnp.matmul(g_b, a.T)
+  return gx, _batch_contract(x, g), _batch_contract(g_b, x).T, _batch_contract(jnp.matmul(x, a), g)
+
+
+low_rank_product.defvjp(_low_rank_product_fwd, _low_rank_product_bwd)
+
+
 def _column_norm(w: Array) -> Array:
   """Norm of every output column of an ``(in, out)`` matrix: ``(out,)``, in at least float32.
 
@@ -299,6 +344,14 @@ class LoRA(_AdditiveLowRank, _PlainUpdate, _LowRankBase):
     >>> params["a"].shape, params["b"].shape
     ((16, 4), (4, 8))
   """
+
+  def apply(self, params, x, w0, frozen=None):
+    """``x @ (w0 + scale a b)`` at the memory of the lighter of the factored and the merged product
+    (:func:`low_rank_product`)."""
+    del frozen
+    dtype = jnp.result_type(x, w0)
+    a = (self.scale * _up(params["a"])).astype(dtype)
+    return low_rank_product(x.astype(dtype), w0.astype(dtype), a, params["b"].astype(dtype))
 
   def mixed_branch(self, params, x, w0, terms, gather, with_base=False):
     """Mixed-adapter batches (:class:`~spectral_peft.peft.AdapterBank`): gathered factors, no ``(m, n)`` array.
