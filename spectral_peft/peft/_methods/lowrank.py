@@ -285,8 +285,18 @@ class _MagnitudeDirection:
 
   def apply(self, params, x, w0, frozen=None):
     del frozen
-    factor = self._norm_factor(params, self._direction_norm(params, w0)).astype(jnp.result_type(x, w0))
-    y = jnp.matmul(x, w0) + self.update_matmul(params, x).astype(jnp.result_type(x, w0))
+    dtype = jnp.result_type(x, w0)
+    factor = self._norm_factor(params, self._direction_norm(params, w0)).astype(dtype)
+    if isinstance(self, _PlainUpdate):
+      # (w0 + s a b) * factor = w0 * factor + s a (b * factor): LoRA's product, merged or factored
+      # as it is lighter (low_rank_product); the column factor joins the weight where the forward
+      # merges anyway, and scales the output otherwise (no (m, n) array for small batches).
+      a, b = (self.scale * _up(params["a"])).astype(dtype), params["b"].astype(dtype)
+      x, w0 = x.astype(dtype), w0.astype(dtype)
+      if _tokens(x) > w0.shape[0]:
+        return low_rank_product(x, w0 * factor, a, b * factor)
+      return low_rank_product(x, w0, a, b) * factor
+    y = jnp.matmul(x, w0) + self.update_matmul(params, x).astype(dtype)
     return y * factor
 
   def branch(self, params, x, w0, frozen=None):
