@@ -23,7 +23,8 @@ With ``execute`` each sharded step also runs once and its loss and gradients are
 one-device step (largest relative difference over the adapter leaves): "runs" says every layout
 compiles *and* executes. On a CPU the devices share the host, so no timing is reported.
 
-Run (the flag is set here when jax has not started yet):
+Run (the flag is set here when jax has not started yet; ``--record`` also writes the result with its
+command, machine and run time to ``experiments/recorded/bench_sharded/<preset>.json``):
   python -m experiments.bench_sharded --preset quick   # embed 512: compiles and executes every case
   python -m experiments.bench_sharded --preset full    # the 2048 / 4096 stack; compile-only
 """
@@ -121,15 +122,18 @@ def _layout(name: str, params: Any) -> tuple[Optional[Mesh], Any, Optional[P]]:
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
 
   def spec(path, leaf):
-    keys = [getattr(k, "key", str(k)) for k in path]
-    index = int(keys[-2].split("_")[-1])
+    kernel = getattr(path[-1], "key", None) == "kernel"
     if name == "FSDP rows":
-      return P("data", None) if keys[-1] == "kernel" else P()
+      return P("data", None) if kernel else P()
     if name == "FSDP cols":
-      return P(None, "data") if keys[-1] == "kernel" else P()
-    if keys[-1] == "kernel":  # TP: Dense_{2i} = W1 (column split), Dense_{2i+1} = W2 (row split)
-      return P(None, "model") if index % 2 == 0 else P("model", None)
-    return P("model") if index % 2 == 0 else P()
+      return P(None, "data") if kernel else P()
+    # TP (Megatron), told apart by shape: W1 (embed, hidden) column-split with its bias, W2 (hidden,
+    # embed) row-split with its bias replicated.
+    if kernel:
+      return P(None, "model") if leaf.shape[1] > leaf.shape[0] else P("model", None)
+    return P("model") if leaf.shape[0] > embed else P()
+
+  embed = next(leaf.shape[0] for leaf in jax.tree.leaves(params) if leaf.ndim == 2 and leaf.shape[1] > leaf.shape[0])
 
   shardings = jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec(p, x)), params)
   return mesh, shardings, P("data")
@@ -243,4 +247,17 @@ def main(preset: str = "quick") -> dict:
 
 
 if __name__ == "__main__":
-  _common.cli(main, PRESETS, __doc__)
+  import argparse
+
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+  parser.add_argument("--record", action="store_true",
+                      help=f"also write the result, with command, date, versions, machine and wall/CPU time, to "
+                           f"experiments/recorded/{NAME}/<preset>.json (to be committed)")
+  args = parser.parse_args()
+  result, usage = _common.measured(lambda: main(args.preset))
+  print(result["table"])
+  print(result["verdict"])
+  if args.record:
+    command = f"python -m experiments.{NAME} --preset {args.preset} --record"
+    print("recorded", _common.record(NAME, args.preset, result, usage, command=command, config=PRESETS[args.preset]))

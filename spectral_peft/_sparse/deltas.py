@@ -117,7 +117,11 @@ def scatter_coefficients(values: Array, indices: Array, shape: Sequence[int]) ->
   values = jnp.asarray(values)
   _validation.check_ndim("values", values, 1)
   flat = flat_indices(indices, grid, values.shape[0])
-  return _zeros_after(values, grid[0] * grid[1]).at[flat].add(values, mode="drop").reshape(grid)
+  # A 2-D scatter (not a flat one reshaped): XLA's SPMD partitioner then scatters into each shard of a
+  # sharded grid locally (indices outside a shard are dropped there), where the flat form gathers it.
+  rows, cols = flat // grid[1], flat % grid[1]  # flat == M * N (dropped under jit) gives row M: dropped too
+  zeros = jnp.broadcast_to(zero_from(values), grid)
+  return zeros.at[rows, cols].add(values, mode="drop")
 
 
 def _zeros_after(values: Array, size: int) -> Array:
