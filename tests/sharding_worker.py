@@ -177,6 +177,36 @@ def run_fsdp_output_axis(case, block, params, x, y):
   print(f"OK fsdp-output-axis {case.name}", flush=True)
 
 
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(EMBED, name="mlp_out")(nn.gelu(nn.Dense(4 * EMBED, name="mlp_in")(x)))
+
+
+def check_no_gather_under_tensor_parallelism(case, mesh):
+  """Megatron TP: the runtime's step gathers neither a kernel nor an activation (no all-gather at all).
+
+  Each device adds its shard of the update into its shard of the kernel (sparse methods scatter in
+  2-D; a flat scatter gathered the whole kernel) and LoRA-type factors are split like the kernel.
+  """
+  model = _MLP()
+  x = jax.random.normal(jax.random.key(1), (8, SEQ, EMBED))
+  params = model.init(jax.random.key(0), x)["params"]
+  rules = {r"mlp_in/kernel$": P(None, "model"), r"mlp_in/bias$": P("model"), r"mlp_out/kernel$": P("model", None)}
+  shardings = sp.peft.path_shardings(params, mesh, rules)
+  adapters = sp.peft.init_adapters(jax.random.key(2), params, case.method, "kernel")
+  step = jax.jit(jax.value_and_grad(lambda a, p, x: jnp.mean(sp.peft.apply_adapters(model, p, a, x) ** 2)))
+  args = (jax.device_put(adapters, sp.peft.adapter_shardings(adapters, shardings, mesh)),
+          jax.device_put(params, shardings), jax.device_put(x, NamedSharding(mesh, P("data"))))
+  hlo = step.lower(*args).compile().as_text()
+  gathers = [line.strip()[:160] for line in hlo.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
+  assert not gathers, (case.name, gathers)
+  print(f"OK tp-no-gather {case.name}", flush=True)
+
+
+TP_NO_GATHER_CASES = ("lora", "dora", "sine_lora", "shira", "waveft")
+
+
 def main():
   assert jax.device_count() == 8, f"needs 8 devices, got {jax.device_count()} (set XLA_FLAGS)"
   mesh = sp.peft.data_model_mesh(2, 4)
@@ -193,6 +223,8 @@ def main():
   for case in CASES:
     if case.name in FSDP_CASES and (not only or case.name in only):
       run_fsdp_output_axis(case, block, params, x8, y8)
+    if case.name in TP_NO_GATHER_CASES and (not only or case.name in only):
+      check_no_gather_under_tensor_parallelism(case, mesh)
   print("ALL OK", flush=True)
 
 

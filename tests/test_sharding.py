@@ -158,6 +158,8 @@ def test_sharded_training_equals_unsharded_for_every_method_on_8_devices():
     assert f"OK {case.name} " in proc.stdout, proc.stdout
   for name in ("fourierft", "lfma", "waveft", "shira"):
     assert f"OK fsdp-output-axis {name}" in proc.stdout, proc.stdout
+  for name in ("lora", "dora", "sine_lora", "shira", "waveft"):
+    assert f"OK tp-no-gather {name}" in proc.stdout, proc.stdout
   assert proc.stdout.rstrip().endswith("ALL OK")
 
 
