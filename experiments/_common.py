@@ -282,6 +282,20 @@ class TransformerBlock(nn.Module):
     return x + nn.Dense(self.embed, dtype=self.dtype, name="mlp_out")(h)
 
 
+def merge_or_runtime_step(model: nn.Module, path: str) -> Callable[..., Any]:
+  """``jit(value_and_grad)`` of ``mean(model(x)^2)`` wrt the adapters, ``(adapters, params, x)``: through
+  ``merge`` (``path="merge"``, every merged weight alive) or the adapter runtime (``"runtime"``)."""
+
+  def loss(adapters, params, x):
+    if path == "merge":
+      out = model.apply({"params": sp.peft.merge(params, adapters, safe=False)}, x)
+    else:
+      out = sp.peft.apply_adapters(model, params, adapters, x)
+    return jnp.mean(jnp.square(out))
+
+  return jax.jit(jax.value_and_grad(loss))
+
+
 class ResidualMLP(nn.Module):
   """``layers`` blocks ``x + W2 gelu(W1 x)`` (``embed -> hidden -> embed``): the adapter benchmarks' stack."""
 

@@ -91,15 +91,7 @@ def linen_step(config, path, spec, x):
   model = Stack(config.layers, config.width)
   params = model.init(jax.random.key(0), x)["params"]
   adapters = sp.peft.init_adapters(jax.random.key(1), params, spec, "kernel")
-
-  def loss(a, params, x):
-    if path == "merge":
-      out = model.apply({"params": sp.peft.merge(params, a, safe=False)}, x)
-    else:
-      out = sp.peft.apply_adapters(model, params, a, x)
-    return jnp.mean(jnp.square(out))
-
-  return jax.jit(jax.value_and_grad(loss)), (adapters, params, x)
+  return _common.merge_or_runtime_step(model, path), (adapters, params, x)
 
 
 def nnx_step(config, spec, x):

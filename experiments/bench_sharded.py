@@ -42,7 +42,6 @@ import re  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -139,17 +138,6 @@ def _layout(name: str, params: Any) -> tuple[Optional[Mesh], Any, Optional[P]]:
   return mesh, shardings, P("data")
 
 
-def _step(model, path: str):
-  def loss(adapters, params, x):
-    if path == "merge":
-      out = model.apply({"params": sp.peft.merge(params, adapters, safe=False)}, x)
-    else:
-      out = sp.peft.apply_adapters(model, params, adapters, x)
-    return jnp.mean(jnp.square(out))
-
-  return jax.jit(jax.value_and_grad(loss))
-
-
 def _relative(got: Any, want: Any) -> float:
   worst = 0.0
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -179,7 +167,7 @@ def main(preset: str = "quick") -> dict:
               jax.device_put(params, shardings), jax.device_put(x, NamedSharding(mesh, batch_spec)))
     row: dict[str, Any] = {"method": name, "layout": layout, "path": path}
     try:
-      compiled = _step(model, path).lower(*args).compile()
+      compiled = _common.merge_or_runtime_step(model, path).lower(*args).compile()
     except Exception as err:  # Reported as a result: a layout a method cannot compile on.
       rows.append({**row, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"})
       continue
