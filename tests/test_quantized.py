@@ -128,8 +128,15 @@ def test_quantize_errors():
     sp.peft.quantize({"w": w}, bits=4, group_size=4, targets="w")
   with pytest.raises(ValueError, match=r"'w'.*NaN"):
     sp.peft.quantize({"w": w.at[0, 0].set(jnp.nan)}, bits=4)
-  with pytest.raises(ValueError, match="selects no weight"):
+  with pytest.raises(ValueError, match=r"no weight to quantize.*2 or more axes.*shapes \(3,\)"):
     sp.peft.quantize({"b": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"no weight to quantize.*`group_size=4` divides.*shapes \(6, 4\)"):
+    sp.peft.quantize({"w": w}, bits=4, group_size=4)
+  with pytest.raises(ValueError, match="selects no weight"):
+    sp.peft.quantize({"w": w}, targets="nothing")
+  for bad in (0, -2, 1.5, True):
+    with pytest.raises(ValueError, match=r"`group_size` must be a positive int"):
+      sp.peft.quantize({"w": w}, bits=4, group_size=bad)
   q = sp.peft.quantize({"w": w}, bits=4)["w"]
   with pytest.raises(ValueError, match="needs a scale"):
     sp.peft.QuantizedArray(q.values, None, 4, None, "float32").dequantize()

@@ -168,6 +168,10 @@ def select_quantized(params: PyTree, targets: Any, group_size: Optional[int]) ->
   """
   from spectral_peft.peft._tree import leaf_paths  # The tree helpers read this module's type.
 
+  if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
+                                 or group_size < 1):
+    raise ValueError(f"`group_size` must be a positive int (entries of the first axis per scale) or None, got "
+                     f"{group_size!r}.")
   if targets is None:
     def chosen(path: str, leaf: Any) -> bool:
       shape = np.shape(leaf)
@@ -182,6 +186,12 @@ def select_quantized(params: PyTree, targets: Any, group_size: Optional[int]) ->
     raise TypeError(f"`targets` must be None, a regex string or a (path, leaf) -> bool predicate, got {targets!r}.")
   out = {path: leaf for path, leaf in leaf_paths(params).items() if not is_quantized(leaf) and chosen(path, leaf)}
   if not out:
+    if targets is None:
+      shapes = sorted({str(tuple(np.shape(leaf))) for leaf in leaf_paths(params).values() if not is_quantized(leaf)})
+      raise ValueError(
+          "`params` has no weight to quantize: with `targets=None` those are the floating arrays with 2 or more "
+          f"axes{'' if group_size is None else f' whose first axis `group_size={group_size}` divides'}; the "
+          f"unquantized arrays have shapes {', '.join(shapes[:8]) or 'none'}{' ...' if len(shapes) > 8 else ''}.")
     raise ValueError("`targets` selects no weight of `params` to quantize.")
   return out
 
