@@ -188,6 +188,14 @@ def test_there_are_notebooks():
   assert len(NOTEBOOKS) >= 4, NOTEBOOKS
 
 
+# Notebooks whose run is mostly compilation keep the suite's XLA:CPU -O0 (tests/conftest.py); their
+# outputs stay within the tolerance above. Measured alone (pytest wall time, default -> -O0):
+# llm_finetuning 141 -> 104 s, quickstart 42 -> 34 s, spectral_analysis 32 -> 26 s; the others are
+# compute-bound and slower at -O0 (implicit_neural_representations 43 -> 47 s, pretrained_transformer
+# 158 -> 248 s), so they compile as a user's would.
+COMPILE_BOUND = {"llm_finetuning.ipynb", "quickstart.ipynb", "spectral_analysis.ipynb"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_and_plots(path, tmp_path, monkeypatch):
@@ -195,7 +203,9 @@ def test_notebook_runs_and_plots(path, tmp_path, monkeypatch):
     _require_flax_transformers()
   monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
   monkeypatch.setenv("SPECTRAL_PEFT_SOURCE", ROOT)
-  flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "").strip()
+  flags = os.environ.get("XLA_FLAGS", "")
+  if os.path.basename(path) not in COMPILE_BOUND:
+    flags = flags.replace("--xla_backend_optimization_level=0", "").strip()
   if flags:  # The kernel compiles as a user's would (conftest's flag is the suite's, not the notebook's).
     monkeypatch.setenv("XLA_FLAGS", flags)
   else:
