@@ -168,3 +168,20 @@ def test_sine_lora_summarize_recorded_pairs_the_val_chosen_omega_with_lora():
   text = sine_lora_finetune.summarize_recorded(records)
   assert "| steps250 | 250 | 4 | 2 |" in text and "omega 400" in text and "+0.0550 +- 0.0071" in text
   assert sine_lora_finetune.summarize_recorded(records[1:]) == ""
+
+
+def test_collective_bytes_reads_gathers_and_reductions_from_hlo_text():
+  from experiments.bench_sharded import collective_bytes
+
+  hlo = "\n".join([
+      "%all-gather = f32[2048,4096]{1,0} all-gather(%p), channel_id=1, dimensions={1}",
+      "%ag-start = (bf16[16,8]{1,0}, bf16[64,8]{1,0}) all-gather-start(%q), dimensions={0}",
+      "%all-reduce.3 = f32[8,4096]{1,0} all-reduce(%g), to_apply=%add",
+      "%reduce-scatter = c64[10]{0} reduce-scatter(%h), dimensions={0}",
+      "%dot = f32[2048,4096]{1,0} dot(%a, %b)  // not a collective",
+  ])
+  got = collective_bytes(hlo)
+  assert got["gathered"] == 2048 * 4096 * 4 + 64 * 8 * 2  # an async start counts its result only
+  assert got["largest_gather"] == 2048 * 4096 * 4
+  assert got["reduced"] == 8 * 4096 * 4 + 10 * 8
+  assert collective_bytes("%x = f32[4]{0} add(%a, %b)") == {"gathered": 0.0, "largest_gather": 0.0, "reduced": 0.0}
