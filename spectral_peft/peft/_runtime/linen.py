@@ -518,8 +518,9 @@ def apply_adapters(model: nn.Module, params: Any, adapters: Mapping[str, Adapter
     dropout_key: a ``jax.random.key``, needed when ``adapter_dropout > 0`` (a new one each step);
       every layer (and every slice of a stacked weight) draws its own mask from it, and so does
       every call of a layer (through the ``"adapter_dropout"`` rng stream: this key, passed to
-      ``model.apply`` unless ``rngs=`` already has that stream). A layer called at every step of an ``nn.scan`` (an RNN cell) draws a
-      new mask per step when the scan splits that stream, as ``nn.Dropout`` needs ``"dropout"``:
+      ``model.apply`` unless ``rngs=`` already has that stream). A layer called at every step of
+      an ``nn.scan`` (an RNN cell) draws a new mask per step when the scan splits that stream, as
+      ``nn.Dropout`` needs ``"dropout"``:
       ``nn.scan(..., split_rngs={"params": False, "adapter_dropout": True})``; a scan that does not
       split it gives every step the same mask (Linen's rule for every stream).
     adapter_index: for a mixed-adapter batch: ``(B,)`` integers, one per example of the batch, that
