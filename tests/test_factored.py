@@ -90,8 +90,8 @@ def test_dense_general_two_axes(inputs):
     ((2, 3), 4, 40),     # merged forward, factored input gradient
 ])
 def test_low_rank_product_equals_the_dense_formula_in_every_regime(batch, m, n, jit):
-  """LoRA's product picks merged or factored per pass from the shapes; each equals x (w0 + a b) and its
-  gradients (all four arguments) equal those of the dense formula."""
+  """LoRA's product is merged or factored by the shapes; it equals x (w0 + a b), and its gradients (all
+  four arguments), forward-mode derivatives and Hessian equal those of the dense formula."""
   from spectral_peft.peft._methods.lowrank import low_rank_product
 
   keys = jax.random.split(jax.random.key(0), 5)
@@ -108,3 +108,13 @@ def test_low_rank_product_equals_the_dense_formula_in_every_regime(batch, m, n, 
   terms = int(np.prod(batch)) * max(m, n)  # the most terms any gradient entry sums
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * np.sqrt(terms) * float(np.abs(w).max()) + 1e-7)
+  # Forward mode (a JVP in every argument) and forward-over-reverse (a Hessian in x), as in PDE losses.
+  tangents = tuple(jax.random.normal(k, t.shape) for k, t in zip(jax.random.split(keys[4], 4), (x, w0, a, b)))
+  jvp = wrap(lambda *t: jax.jvp(ours, t, tangents))(x, w0, a, b)
+  jvp_dense = jax.jvp(dense, (x, w0, a, b), tangents)
+  for g, w in zip(jvp, jvp_dense):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * np.sqrt(terms) * float(np.abs(w).max()) + 1e-7)
+  one = lambda row, f: f(row, w0, a, b)  # noqa: E731
+  hessian = wrap(jax.hessian(lambda r: one(r, ours)))(x.reshape(-1, m)[0])
+  hessian_dense = jax.hessian(lambda r: one(r, dense))(x.reshape(-1, m)[0])
+  np.testing.assert_allclose(hessian, hessian_dense, rtol=0, atol=1e-5 * m * float(np.abs(hessian_dense).max()))

@@ -22,11 +22,14 @@ for ``alpha=None``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from spectral_peft import _validation
 from spectral_peft._lowrank import matrices
@@ -180,45 +183,51 @@ def _tokens(x: Array) -> int:
   return math.prod(x.shape[:-1])
 
 
-def _batch_contract(u: Array, v: Array) -> Array:
-  """``sum over the leading axes of u[..., i] v[..., j]``: ``(i, j)``, one dot over the flattened batch."""
-  return jax.lax.dot_general(u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1]), (((0,), (0,)), ((), ())))
-
-
-@jax.custom_vjp
+@jax.custom_jvp
 def low_rank_product(x: Array, w0: Array, a: Array, b: Array) -> Array:
   """``x @ (w0 + a @ b)`` for ``x: (..., m)``, ``w0: (m, n)``, ``a: (m, r)``, ``b: (r, n)`` (one dtype).
 
   The factored form ``x w0 + (x a) b`` needs, besides ``x w0``, a second activation-sized array (the
   branch, ``(..., n)``) until the two are added; the merged form needs a transient ``(m, n)`` weight.
-  Each pass takes the lighter one, from the shapes: the forward merges when the batch has more rows
-  than ``m`` (``tokens * n > m * n``), the input gradient (``g w0^T + (g b^T) a^T`` against
-  ``g (w0 + a b)^T``) when it has more than ``n``. So a layer never keeps an array the merged product
-  would not, and a small batch against a large weight never forms the ``(m, n)`` weight. The
-  gradients of ``a`` and ``b`` contract the batch with the rank-``r`` operand on the left, so XLA
-  does not materialise a transposed copy of ``x``; the gradient of ``w0`` is formed only when asked
-  for (XLA removes it otherwise).
+  The value takes the lighter one from the shapes: merged when the batch has more rows than ``m``
+  (``tokens * n > m * n``), factored otherwise, so a small batch against a large weight never forms
+  the ``(m, n)`` weight. The derivative rule (a JVP: forward mode, and reverse mode by its transpose)
+  is factored and never forms an ``(m, n)`` array unless ``w0`` itself is differentiated; its rank-r
+  products put the rank-``r`` operand on the left (:func:`_rank_rows`), so the reverse pass contracts
+  the batch with the small cotangent first and XLA keeps no transposed copy of ``x``.
   """
   if _tokens(x) > w0.shape[0]:
     return jnp.matmul(x, w0 + jnp.matmul(a, b))
   return jnp.matmul(x, w0) + jnp.matmul(jnp.matmul(x, a), b)
 
 
-def _low_rank_product_fwd(x, w0, a, b):
-  return low_rank_product(x, w0, a, b), (x, w0, a, b)
+def _rank_rows(a: Array, x: Array) -> Array:
+  """``(x a)^T``: ``(r, ...)`` for ``a: (m, r)``, ``x: (..., m)``, with the rank-``r`` operand on the left."""
+  return jax.lax.dot_general(a, x, (((0,), (x.ndim - 1,)), ((), ())))
 
 
-def _low_rank_product_bwd(residuals, g):
-  x, w0, a, b = residuals
-  g_b = jnp.matmul(g, b.T)  # (..., r)
-  if _tokens(x) > w0.shape[1]:
-    gx = jnp.matmul(g, (w0 + jnp.matmul(a, b)).T)
-  else:
-    gx = jnp.matmul(g, w0.T) + jnp.matmul(g_b, a.T)
-  return gx, _batch_contract(x, g), _batch_contract(g_b, x).T, _batch_contract(jnp.matmul(x, a), g)
+def _from_rank_rows(t: Array, b: Array) -> Array:
+  """``t^T b``: ``(..., n)`` for ``t: (r, ...)``, ``b: (r, n)``."""
+  return jax.lax.dot_general(t, b, (((0,), (0,)), ((), ())))
 
 
-low_rank_product.defvjp(_low_rank_product_fwd, _low_rank_product_bwd)
+def _low_rank_product_jvp(primals, tangents):
+  x, w0, a, b = primals
+  dx, dw0, da, db = tangents
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(jnp.matmul(dx, w0) + _from_rank_rows(_rank_rows(a, dx), b))
+  if not isinstance(dw0, SymbolicZero):
+    terms.append(jnp.matmul(x, dw0))
+  if not isinstance(da, SymbolicZero):
+    terms.append(_from_rank_rows(_rank_rows(da, x), b))
+  if not isinstance(db, SymbolicZero):
+    terms.append(_from_rank_rows(_rank_rows(a, x), db))
+  y = low_rank_product(x, w0, a, b)
+  return y, functools.reduce(operator.add, terms) if terms else jnp.zeros_like(y)
+
+
+low_rank_product.defjvp(_low_rank_product_jvp, symbolic_zeros=True)
 
 
 def _column_norm(w: Array) -> Array:
@@ -288,13 +297,10 @@ class _MagnitudeDirection:
     dtype = jnp.result_type(x, w0)
     factor = self._norm_factor(params, self._direction_norm(params, w0)).astype(dtype)
     if isinstance(self, _PlainUpdate):
-      # (w0 + s a b) * factor = w0 * factor + s a (b * factor): LoRA's product, merged or factored
-      # as it is lighter (low_rank_product); the column factor joins the weight where the forward
-      # merges anyway, and scales the output otherwise (no (m, n) array for small batches).
+      # LoRA's product (merged or factored as it is lighter: low_rank_product), then the column
+      # factor on the output: no (m, n) array is kept for the backward pass.
       a, b = (self.scale * _up(params["a"])).astype(dtype), params["b"].astype(dtype)
       x, w0 = x.astype(dtype), w0.astype(dtype)
-      if _tokens(x) > w0.shape[0]:
-        return low_rank_product(x, w0 * factor, a, b * factor)
       return low_rank_product(x, w0, a, b) * factor
     y = jnp.matmul(x, w0) + self.update_matmul(params, x).astype(dtype)
     return y * factor

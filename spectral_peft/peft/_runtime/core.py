@@ -9,10 +9,10 @@ its weight*, in one of two ways, chosen per layer:
   ``DenseGeneral``, NNX ``Linear`` / ``LinearGeneral``) and the method has a memory-lean product
   (LoRA ``x W0 + s (x a) b``, DoRA's column norms from ``a^T W0``, sine LoRA's blocked product; or a
   sparse/spectral spec with ``path="factored"``), the layer computes ``method.apply(x, W0)``; no
-  ``(m, n)`` array is kept. LoRA and DoRA pick, per pass, the lighter of ``x W0 + s (x a) b`` and a
-  transient ``x (W0 + s a b)`` from the shapes (``low_rank_product`` in ``_methods/lowrank.py``): a
-  batch with more rows than the weight's side costs an ``(m, n)`` temporary rather than a second
-  activation-sized one.
+  ``(m, n)`` array is kept. LoRA and DoRA compute the value as the lighter of ``x W0 + s (x a) b``
+  and a transient ``x (W0 + s a b)``, from the shapes (``low_rank_product`` in
+  ``_methods/lowrank.py``: a batch with more rows than ``m`` costs an ``(m, n)`` temporary rather
+  than a second activation-sized one), and differentiate it factored, in forward and reverse mode.
 * **merged, rematerialised**: every other case (any method on any kernel-using layer: ``Conv``,
   ``Einsum``, ``DenseGeneral`` with ``batch_dims``, subclasses, custom layers) runs the layer's own
   code with the weight ``W0 + Delta W`` built for that layer only, under ``jax.checkpoint``: the
