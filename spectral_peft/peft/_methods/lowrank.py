@@ -183,22 +183,31 @@ def _tokens(x: Array) -> int:
   return math.prod(x.shape[:-1])
 
 
-@jax.custom_jvp
 def low_rank_product(x: Array, w0: Array, a: Array, b: Array) -> Array:
   """``x @ (w0 + a @ b)`` for ``x: (..., m)``, ``w0: (m, n)``, ``a: (m, r)``, ``b: (r, n)`` (one dtype).
 
   The factored form ``x w0 + (x a) b`` needs, besides ``x w0``, a second activation-sized array (the
   branch, ``(..., n)``) until the two are added; the merged form needs a transient ``(m, n)`` weight.
-  The value takes the lighter one from the shapes: merged when the batch has more rows than ``m``
-  (``tokens * n > m * n``), factored otherwise, so a small batch against a large weight never forms
-  the ``(m, n)`` weight. The derivative rule (a JVP: forward mode, and reverse mode by its transpose)
-  is factored and never forms an ``(m, n)`` array unless ``w0`` itself is differentiated; its rank-r
-  products put the rank-``r`` operand on the left (:func:`_rank_rows`), so the reverse pass contracts
-  the batch with the small cotangent first and XLA keeps no transposed copy of ``x``.
+  The lighter one is taken from the shapes: merged when the batch has more rows than ``m``
+  (``tokens * n > m * n``, :func:`_merged_low_rank_product`), else factored (plain JAX), so a small
+  batch against a large weight never forms the ``(m, n)`` weight.
   """
   if _tokens(x) > w0.shape[0]:
-    return jnp.matmul(x, w0 + jnp.matmul(a, b))
+    return _merged_low_rank_product(x, w0, a, b)
   return jnp.matmul(x, w0) + jnp.matmul(jnp.matmul(x, a), b)
+
+
+@jax.custom_jvp
+def _merged_low_rank_product(x: Array, w0: Array, a: Array, b: Array) -> Array:
+  """``x @ (w0 + a @ b)`` through a transient merged weight, differentiated factored.
+
+  The derivative rule (a JVP: forward mode, and reverse mode by its transpose) never forms an
+  ``(m, n)`` array unless ``w0`` itself is differentiated (so no merged weight is kept for the
+  backward pass), and its rank-r products put the rank-``r`` operand on the left
+  (:func:`_rank_rows`): the reverse pass contracts the batch with the small cotangent first, and XLA
+  keeps no transposed copy of ``x``.
+  """
+  return jnp.matmul(x, w0 + jnp.matmul(a, b))
 
 
 def _rank_rows(a: Array, x: Array) -> Array:
@@ -223,11 +232,11 @@ def _low_rank_product_jvp(primals, tangents):
     terms.append(_from_rank_rows(_rank_rows(da, x), b))
   if not isinstance(db, SymbolicZero):
     terms.append(_from_rank_rows(_rank_rows(a, x), db))
-  y = low_rank_product(x, w0, a, b)
+  y = _merged_low_rank_product(x, w0, a, b)
   return y, functools.reduce(operator.add, terms) if terms else jnp.zeros_like(y)
 
 
-low_rank_product.defjvp(_low_rank_product_jvp, symbolic_zeros=True)
+_merged_low_rank_product.defjvp(_low_rank_product_jvp, symbolic_zeros=True)
 
 
 def _column_norm(w: Array) -> Array:
