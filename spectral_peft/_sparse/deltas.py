@@ -117,11 +117,18 @@ def scatter_coefficients(values: Array, indices: Array, shape: Sequence[int]) ->
   values = jnp.asarray(values)
   _validation.check_ndim("values", values, 1)
   flat = flat_indices(indices, grid, values.shape[0])
-  # A 2-D scatter (not a flat one reshaped): XLA's SPMD partitioner then scatters into each shard of a
-  # sharded grid locally (indices outside a shard are dropped there), where the flat form gathers it.
-  rows, cols = flat // grid[1], flat % grid[1]  # flat == M * N (dropped under jit) gives row M: dropped too
-  zeros = jnp.broadcast_to(zero_from(values), grid)
-  return zeros.at[rows, cols].add(values, mode="drop")
+  return scatter_add(jnp.broadcast_to(zero_from(values), grid), flat, values)
+
+
+def scatter_add(target: Array, flat: Array, values: Array) -> Array:
+  """``target`` (``(M, N)``) with ``values`` added at the flat row-major positions ``flat``.
+
+  A 2-D scatter, not a flat one reshaped: XLA's SPMD partitioner then adds into each shard of a
+  sharded ``target`` locally, where the flat form gathers the whole array. Positions ``>= M * N``
+  (the markers of dropped positions) fall on row ``M`` or beyond and are dropped.
+  """
+  n = target.shape[1]
+  return target.at[flat // n, flat % n].add(values, mode="drop")
 
 
 def _zeros_after(values: Array, size: int) -> Array:

@@ -137,6 +137,12 @@ class _PlainUpdate:
   def update_matmul(self, params, x):
     return self.scale * jnp.matmul(jnp.matmul(x, params["a"].astype(x.dtype)), params["b"].astype(x.dtype))
 
+  def product(self, params, x, w0):
+    """``x @ (w0 + update)`` in the promoted dtype of ``x`` and ``w0``, by :func:`low_rank_product`."""
+    dtype = jnp.result_type(x, w0)
+    a = (self.scale * _up(params["a"])).astype(dtype)
+    return low_rank_product(x.astype(dtype), w0.astype(dtype), a, params["b"].astype(dtype))
+
 
 class _SineUpdate:
   """``Delta = scale * sin(omega a @ b) / gain``."""
@@ -306,11 +312,9 @@ class _MagnitudeDirection:
     dtype = jnp.result_type(x, w0)
     factor = self._norm_factor(params, self._direction_norm(params, w0)).astype(dtype)
     if isinstance(self, _PlainUpdate):
-      # LoRA's product (merged or factored as it is lighter: low_rank_product), then the column
-      # factor on the output: no (m, n) array is kept for the backward pass.
-      a, b = (self.scale * _up(params["a"])).astype(dtype), params["b"].astype(dtype)
-      x, w0 = x.astype(dtype), w0.astype(dtype)
-      return low_rank_product(x, w0, a, b) * factor
+      # LoRA's product (merged or factored as it is lighter), then the column factor on the output:
+      # no (m, n) array is kept for the backward pass.
+      return self.product(params, x, w0) * factor
     y = jnp.matmul(x, w0) + self.update_matmul(params, x).astype(dtype)
     return y * factor
 
@@ -374,9 +378,7 @@ class LoRA(_AdditiveLowRank, _PlainUpdate, _LowRankBase):
     """``x @ (w0 + scale a b)`` at the memory of the lighter of the factored and the merged product
     (:func:`low_rank_product`)."""
     del frozen
-    dtype = jnp.result_type(x, w0)
-    a = (self.scale * _up(params["a"])).astype(dtype)
-    return low_rank_product(x.astype(dtype), w0.astype(dtype), a, params["b"].astype(dtype))
+    return self.product(params, x, w0)
 
   def mixed_branch(self, params, x, w0, terms, gather, with_base=False):
     """Mixed-adapter batches (:class:`~spectral_peft.peft.AdapterBank`): gathered factors, no ``(m, n)`` array.

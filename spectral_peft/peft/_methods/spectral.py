@@ -156,11 +156,7 @@ class _SparseRealBase(AdapterMethod):
     positions, values = terms
     values = (self.scale * values).astype(w0.dtype)
     start = w0 + deltas.zero_from(values)  # the copy of w0, built where it is used
-    # A 2-D scatter (not a flat one reshaped): XLA's SPMD partitioner then adds into each shard of a
-    # sharded w0 locally, where the flat form gathers the whole kernel. A position m * n (dropped)
-    # gives row m: dropped too.
-    n = w0.shape[1]
-    return start.at[positions // n, positions % n].add(values, mode="drop")
+    return deltas.scatter_add(start, positions, values)
 
   @property
   def runtime_factored(self) -> bool:  # type: ignore[override]
