@@ -84,6 +84,7 @@ from spectral_peft._sparse.deltas import fourier_delta
 from spectral_peft._sparse.deltas import fourier_matmul
 from spectral_peft._sparse.deltas import scatter_coefficients
 from spectral_peft._sparse.deltas import sparse_matmul
+from spectral_peft._sparse.deltas import random_topk_spectrum
 from spectral_peft._sparse.deltas import topk_spectral_mask
 from spectral_peft._sparse.deltas import waveft_delta
 from spectral_peft._sparse.deltas import waveft_matmul
@@ -186,6 +187,7 @@ __all__ = (
     "random_support",
     "receptive_field_size",
     "regularized_loss",
+    "random_topk_spectrum",
     "relative_l2_error",
     "resolve_activation",
     "scatter_coefficients",

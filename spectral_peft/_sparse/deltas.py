@@ -23,6 +23,7 @@ in value and gradient to rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Sequence
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from spectral_peft import _validation
-from spectral_peft._sparse import wavelets
+from spectral_peft._sparse import theory, wavelets
 
 Array = jax.Array
 
@@ -351,6 +352,126 @@ def topk_spectral_mask(delta_init: Array, ratio: float) -> Array:
   magnitude = jnp.abs(jnp.fft.fft2(delta_init)).reshape(-1)
   _, idx = jax.lax.top_k(magnitude, k)
   return idx.astype(jnp.int32)
+
+
+def _pair_representatives(pair: Array, shape: tuple[int, int]) -> tuple[Array, Array]:
+  """Flat positions ``(f, conj(f))`` of conjugate pairs ``0 <= pair < P`` of an ``(m, n)`` spectrum.
+
+  The representatives ``f < conj(f)`` are, in this order: row 0 at columns ``1 .. (n - 1) // 2``;
+  for even ``m`` row ``m / 2`` at the same columns; every column of rows ``1 .. (m - 1) // 2``.
+  """
+  m, n = shape
+  half = (n - 1) // 2
+  self_rows = 2 if m % 2 == 0 else 1
+  in_self_row = pair < self_rows * half
+  u_self = jnp.where(pair < half, 0, m // 2)
+  v_self = 1 + pair % max(half, 1)
+  rest = jnp.maximum(pair - self_rows * half, 0)
+  u = jnp.where(in_self_row, u_self, 1 + rest // n)
+  v = jnp.where(in_self_row, v_self, rest % n)
+  return u * n + v, ((m - u) % m) * n + (n - v) % n
+
+
+def random_topk_spectrum(key: Array, shape: Sequence[int], k: int, *, std: float = 1.0) -> tuple[Array, Array]:
+  """The ``k`` largest-magnitude entries of ``fft2(D)`` for a random ``D``, drawn in ``O(k)`` without ``D``.
+
+  ``D`` is ``(m, n)`` with i.i.d. ``N(0, std^2)`` entries. The result has the law of
+  ``mask = topk_spectral_mask(D, k / (m n))`` and ``fft2(D).ravel()[mask]`` for one draw of ``D``,
+  but costs ``O(k log k)`` instead of an ``(m, n)`` draw, FFT and top-k (a 4096 x 11008 weight: ``k``
+  numbers instead of 45 million). The law it samples (``sigma^2 = m n std^2``):
+
+  * ``F = fft2(D)`` is Hermitian. Its self-conjugate bins (``2u = 0 mod m`` and ``2v = 0 mod n``:
+    1, 2 or 4 of them) are real ``N(0, sigma^2)``; the other bins form ``P`` conjugate pairs, one
+    complex ``N(0, sigma^2)`` per pair (independent real and imaginary parts of variance
+    ``sigma^2 / 2``), independent of each other and of the real bins.
+  * So ``|F|^2 / sigma^2`` is ``Exp(1)`` on each pair and ``chi^2_1`` on each real bin. The largest
+    ``J = ceil(k / 2)`` of the ``P`` exponentials are drawn in descending order from the order
+    statistics of uniforms (``V_j = V_{j-1} U_j^(1 / (P - j + 1))``, ``E_(j) = -log(1 - V_j)``),
+    the pairs holding them are ``J`` distinct pairs in uniformly random order (the draw of
+    :func:`sparse_positions`, unsorted), and the phases are uniform.
+  * The entries are merged in descending magnitude, each pair giving its two positions (the lower
+    flat position first, as ``jax.lax.top_k`` breaks exact ties), and cut after ``k``.
+
+  Which particular mask a key gives differs from ranking an explicit draw of ``D`` with the same
+  key; the distribution is the same (tested against explicit draws). Grids above ``2**16``
+  positions draw the pairs with :func:`sparse_positions`' pseudorandom permutation.
+
+  Args:
+    key: a ``jax.random`` key.
+    shape: ``(m, n)``, ``m n < 2**31``.
+    k: number of entries, ``1 <= k <= m n``.
+    std: standard deviation of ``D``'s entries, positive.
+
+  Returns:
+    ``(indices, values)``: ``(k,)`` int32 flat row-major positions, largest magnitude first, and
+    ``(k,)`` complex64 spectrum values at them.
+
+  Raises:
+    ValueError: a bad ``shape``, ``k`` outside ``[1, m n]``, a grid of ``2**31`` entries or more,
+      or ``std`` not positive.
+
+  Example:
+    >>> import jax, spectral_peft as sp
+    >>> indices, values = sp.random_topk_spectrum(jax.random.key(0), (64, 96), 10)
+    >>> indices.shape, values.dtype
+    ((10,), dtype('complex64'))
+  """
+  m, n = _check_shape("shape", tuple(shape))
+  size = m * n
+  k = _validation.check_positive_int("k", k)
+  if k > size:
+    raise ValueError(f"`k` must be at most the {m} x {n} = {size} spectrum entries, got {k}.")
+  if size >= 2**31:
+    raise ValueError(f"`shape` must have fewer than 2**31 entries (int32 flat positions), got {m} x {n} = {size}.")
+  std = _validation.check_positive_float("std", std)
+  return _random_topk_spectrum(key, (m, n), k, std)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_topk_spectrum(key: Array, shape: tuple[int, int], k: int, std: float) -> tuple[Array, Array]:
+  m, n = shape
+  size = m * n
+  self_positions = [u * n + v for u in sorted({0, m // 2} if m % 2 == 0 else {0})
+                    for v in sorted({0, n // 2} if n % 2 == 0 else {0})]
+  num_pairs = (size - len(self_positions)) // 2
+  num_drawn = min(num_pairs, (k + 1) // 2)
+  pair_key, uniform_key = jax.random.split(key)
+  # One draw of uniforms in [tiny, 1) (every log finite): magnitudes and phases of the pairs, and a
+  # Box-Muller pair for each real bin.
+  num_real = len(self_positions)
+  uniform = jax.random.uniform(uniform_key, (2 * num_drawn + 2 * num_real,), jnp.float32,
+                               minval=jnp.finfo(jnp.float32).tiny)
+  radius, angle = uniform[2 * num_drawn:2 * num_drawn + num_real], uniform[2 * num_drawn + num_real:]
+  real_values = jnp.sqrt(-2.0 * jnp.log(radius)) * jnp.cos(2 * math.pi * angle)
+  if num_drawn:
+    # Descending order statistics of num_pairs uniforms, as logarithms.
+    log_v = jnp.cumsum(jnp.log(uniform[:num_drawn]) / (num_pairs - jnp.arange(num_drawn, dtype=jnp.float32)))
+    pair_power = -jnp.log(-jnp.expm1(log_v))
+    chosen = theory.distinct_draw(pair_key, num_pairs, num_drawn).astype(jnp.int32)
+    lower, upper = _pair_representatives(chosen, (m, n))
+    pair_value = jnp.sqrt(pair_power) * jnp.exp(2j * math.pi * uniform[num_drawn:2 * num_drawn])
+  else:
+    pair_power = jnp.zeros((0,), jnp.float32)
+    lower = upper = jnp.zeros((0,), jnp.int32)
+    pair_value = jnp.zeros((0,), jnp.complex64)
+
+  # Merge the descending pair powers with the (at most 4) real bins: a pair takes two slots (the lower
+  # position first), a real bin one. Real bin r goes after the first c_r pairs, c_r = #(pair powers >=
+  # its power), and the slots are computed from the c_r alone, so rounding in the powers can reorder
+  # nothing into a collision.
+  real_power = jnp.square(real_values)
+  reals = jnp.arange(len(self_positions))
+  after = jnp.sum(pair_power[None, :] >= real_power[:, None], axis=1)
+  same, higher = after[None, :] == after[:, None], real_power[None, :] > real_power[:, None]
+  tie = (real_power[None, :] == real_power[:, None]) & (reals[None, :] < reals[:, None])
+  real_slot = 2 * after + jnp.sum((after[None, :] < after[:, None]) | (same & (higher | tie)), axis=1)
+  pair_slot = 2 * jnp.arange(num_drawn) + jnp.sum(after[None, :] <= jnp.arange(num_drawn)[:, None], axis=1)
+  total = 2 * num_drawn + len(self_positions)
+  slots = (jnp.zeros((total,), jnp.int32).at[pair_slot].set(lower).at[pair_slot + 1].set(upper)
+           .at[real_slot].set(jnp.asarray(self_positions, jnp.int32)))
+  values = (jnp.zeros((total,), jnp.complex64).at[pair_slot].set(pair_value).at[pair_slot + 1].set(jnp.conj(pair_value))
+            .at[real_slot].set(real_values.astype(jnp.complex64)))
+  return slots[:k], values[:k] * jnp.float32(std * math.sqrt(size))
 
 
 # -- products x @ Delta W ----------------------------------------------------------------------

@@ -110,11 +110,18 @@ def sparse_positions(key: Array, grid: Sequence[int], n_params: int) -> Array:
     raise ValueError(f"`n_params` must be at most the {big_m} x {big_n} = {size} grid positions, got {p}.")
   if size >= 2**31:
     raise ValueError(f"`grid` must have fewer than 2**31 entries (int32 flat positions), got {big_m} x {big_n} = {size}.")
+  return jnp.sort(distinct_draw(key, size, p)).astype(jnp.int32)
+
+
+def distinct_draw(key: Array, size: int, p: int) -> Array:
+  """``p`` distinct integers of ``[0, size)`` in draw order (what :func:`sparse_positions` sorts).
+
+  The order is random too: the first ``p`` entries of a key-chosen permutation of ``[0, size)``,
+  exactly uniform up to ``2**16`` entries, a keyed Feistel permutation (``O(p)``) above.
+  """
   if size <= _PERMUTATION_LIMIT:
-    chosen = jax.random.permutation(key, size)[:p]
-  else:
-    chosen = _feistel_prefix(key, size, p)
-  return jnp.sort(chosen).astype(jnp.int32)
+    return jax.random.permutation(key, size)[:p]
+  return _feistel_prefix(key, size, p)
 
 
 def lemma1_threshold(n: int, c: float = 0.0) -> float:

@@ -29,6 +29,7 @@ layer's size use :func:`proportional_allocation`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -457,7 +458,9 @@ class LFMA(AdapterMethod):
 
   ``Delta W_init`` (``delta_init``):
 
-  * ``"random"``: ``N(0, 1 / m)`` entries from the adapter's key;
+  * ``"random"``: ``N(0, 1 / m)`` entries from the adapter's key. The matrix is never formed: its
+    top-k mask and spectrum are drawn from their exact law in ``O(k)``
+    (:func:`spectral_peft.random_topk_spectrum`), so attaching to a 7B model takes seconds;
   * ``"weight"``: ``w0`` itself;
   * ``"given"`` / ``"gradient"``: one array per target, passed to :func:`init_lfma_adapters`
     (``"gradient"``: the accumulated loss gradient of :func:`lfma_gradient_init`). Such specs
@@ -522,9 +525,6 @@ class LFMA(AdapterMethod):
   def _delta_init(self, key: Array, w0: Array) -> Optional[Array]:
     if self.delta_init == "weight":
       return w0
-    if self.delta_init == "random":
-      m = w0.shape[0]
-      return jax.random.normal(key, w0.shape, w0.dtype) / math.sqrt(m)
     if _is_abstract(w0):  # load_adapters rebuilds the structure with jax.eval_shape.
       return None
     raise ValueError(
@@ -548,6 +548,14 @@ class LFMA(AdapterMethod):
       values = jnp.fft.fft2(delta_init.astype(complex_dtype)).reshape(-1)[indices]
     return {"values": _as_pairs(values, _real_dtype(w0))}, {"indices": indices}
 
+  def _init_random(self, key: Array, w0: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+    """``delta_init="random"``: the mask and spectrum of an ``N(0, 1 / m)`` matrix, drawn in ``O(k)``."""
+    shape = (int(w0.shape[0]), int(w0.shape[1]))
+    self.check_shape(shape)
+    _validation.check_fits_dtype("LFMA", {"alpha": self.alpha}, _real_dtype(w0))
+    values, indices = _lfma_random_init(key, shape, self.k(shape), self.value_init == "spectrum", _real_dtype(w0))
+    return {"values": values}, {"indices": indices}
+
   def _abstract(self, w0):
     k = self.k(tuple(w0.shape))
     return {"values": jnp.zeros((k, 2), _real_dtype(w0))}, {"indices": jnp.zeros((k,), jnp.int32)}
@@ -564,6 +572,8 @@ class LFMA(AdapterMethod):
   def init_both(self, params_key, frozen_key, w0):
     """``(params, frozen)`` from one ``Delta W_init`` (the random one is drawn from ``frozen_key``)."""
     del params_key
+    if self.delta_init == "random":
+      return self._init_random(frozen_key, w0)
     delta_init = self._delta_init(frozen_key, w0)
     return self._abstract(w0) if delta_init is None else self.init_from_delta(delta_init, w0)
 
@@ -604,6 +614,13 @@ def _real_dtype(w0) -> Any:
 
 def _as_pairs(values: Array, dtype: Any) -> Array:
   return jnp.stack([jnp.real(values), jnp.imag(values)], axis=-1).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))  # One compilation per weight shape of a model.
+def _lfma_random_init(key: Array, shape: tuple[int, int], k: int, spectrum: bool, dtype: Any) -> tuple[Array, Array]:
+  """LFMA's ``delta_init="random"``: ``(values (k, 2), indices (k,))`` for ``N(0, 1 / m)`` entries."""
+  indices, values = deltas.random_topk_spectrum(key, shape, k, std=1.0 / math.sqrt(shape[0]))
+  return _as_pairs(values if spectrum else jnp.zeros_like(values), dtype), indices
 
 
 # -- budgets -------------------------------------------------------------------------------------
