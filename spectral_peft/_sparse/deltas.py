@@ -532,6 +532,49 @@ def _resolve(path: str, costs_fn) -> str:
   return "factored" if FACTORED_FLOP_ADVANTAGE * costs["factored"] < costs["dense"] else "dense"
 
 
+# Elements of one chunk's gathered rows (``chunk x B``) in :func:`sampled_product`.
+_SAMPLED_CHUNK_ELEMENTS = 2**20
+
+
+def sampled_product(x: Array, g: Array, flat: Array, n: int) -> Array:
+  """``(x^T g)`` at flat positions, ``(q,)``, without the ``(m, n)`` product (a sampled dense-dense matmul).
+
+  The coefficient gradient of a scatter-synthesised update: for ``y = x (W0 + scatter(t))`` and
+  output cotangent ``g``, the cotangent of the terms ``t`` is ``(x^T g)[rows, cols]``. It costs
+  ``O(B q)`` instead of the ``2 B m n`` of ``x^T g``, and runs in chunks of positions (a
+  ``lax.map``), so the gathered ``(chunk, B)`` rows stay small: XLA does not fuse a gather into a
+  reduction, and gathering all ``q`` rows at once would hold ``B q`` elements.
+
+  Args:
+    x: ``(B, m)`` inputs; g: ``(B, n)`` output cotangents.
+    flat: ``(q,)`` int32 row-major positions in ``(m, n)``; positions ``>= m n`` (dropped entries)
+      give 0.
+    n: the number of columns.
+
+  Returns:
+    ``(q,)`` in ``promote_types(x, g, float32)``.
+  """
+  m, batch = x.shape[1], x.shape[0]
+  q = flat.shape[0]
+  dtype = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
+  if q == 0:
+    return jnp.zeros((0,), dtype)
+  chunk = max(1, min(q, _SAMPLED_CHUNK_ELEMENTS // max(batch, 1)))
+  padded = -(-q // chunk) * chunk
+  flat = jnp.concatenate([flat, jnp.full((padded - q,), m * n, flat.dtype)])
+  inside = flat < m * n
+  rows, cols = jnp.where(inside, flat // n, 0), jnp.where(inside, flat % n, 0)
+  x_rows, g_rows = x.T, g.T  # Rows of B contiguous values: each position gathers two of them.
+
+  def one(chunk_positions):
+    r, c, keep = chunk_positions
+    products = x_rows[r].astype(dtype) * g_rows[c].astype(dtype)
+    return jnp.where(keep, jnp.sum(products, axis=1), 0)
+
+  out = jax.lax.map(one, (rows.reshape(-1, chunk), cols.reshape(-1, chunk), inside.reshape(-1, chunk)))
+  return out.reshape(-1)[:q]
+
+
 def sparse_matmul(x: Array, values: Array, indices: Array, shape: Sequence[int], *, path: str = "auto") -> Array:
   """``x @ scatter_coefficients(values, indices, shape)`` (SHiRA's product).
 

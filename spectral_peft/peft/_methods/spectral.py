@@ -160,17 +160,88 @@ class _SparseRealBase(AdapterMethod):
     return deltas.scatter_add(start, positions, values)
 
   @property
+  def has_scatter_terms(self) -> bool:
+    """Whether :meth:`scatter_terms` gives the update (so :meth:`apply` can merge and sample its gradient)."""
+    return False
+
+  @property
   def runtime_factored(self) -> bool:  # type: ignore[override]
-    """Only when forced: the factored product's gathers over ``batch x p`` cost more than a rebuilt ``Delta W``."""
+    """``path="auto"`` with scatter terms (:meth:`apply`'s merged product), or ``path="factored"`` (forced).
+
+    Otherwise the runtime rebuilds ``W0 + Delta W`` per layer: the factored product's gathers over
+    ``batch x p`` cost more than a rebuilt ``Delta W``.
+    """
+    return self.path == "factored" or (self.path == "auto" and self.has_scatter_terms)
+
+  @property
+  def factored_branch(self) -> bool:
+    """Whether :meth:`branch` is lean on its own (only when forced: ``path="factored"``)."""
     return self.path == "factored"
 
   def apply(self, params, x, w0, frozen=None):
+    """``x @ (w0 + Delta W)``; with ``path="auto"`` and scatter terms, merged and differentiated sampled.
+
+    That product (:func:`_merged_scatter_product`) computes its value through a transient merged
+    weight and its coefficient gradient as ``(x^T g)`` sampled at the update's positions
+    (:func:`~spectral_peft._sparse.deltas.sampled_product`, ``O(B p)``), never the ``2 B m n``
+    weight gradient ``x^T g`` that a rebuilt ``Delta W`` needs for its adjoint.
+    """
+    if self.path == "auto" and self.has_scatter_terms:
+      return _merged_scatter_product(self, x, w0, params["values"], frozen["indices"])
     return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
 
   def branch(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
     update = self.synthesis_matmul(x, params["values"].astype(dtype), frozen["indices"], tuple(w0.shape))
     return (self.scale * update).astype(dtype)
+
+
+def _merged_scatter_product(method: "_SparseRealBase", x: Array, w0: Array, values: Array, indices: Array) -> Array:
+  """``x @ method.merge(values, w0)`` over the trailing axis of ``x: (..., m)``: ``(..., n)``."""
+  m, n = w0.shape
+  lead = x.shape[:-1]
+  return _merged_scatter_2d(method, x.reshape(-1, m), w0, values, indices).reshape(lead + (n,))
+
+
+def _tied(values: Array, anchor: Array) -> Array:
+  """``values`` made to depend on one element of ``anchor`` (exactly unchanged, inf and NaN included).
+
+  The merged weight is then built where the layer runs (forward: after its input exists; backward:
+  after its output cotangent does) instead of being hoisted with every other layer's.
+  """
+  element = anchor[(0,) * anchor.ndim]
+  return values + jnp.where(jnp.isfinite(element), element * 0, jnp.zeros((), element.dtype)).astype(values.dtype)
+
+
+def _merged_weight(method: "_SparseRealBase", values: Array, w0: Array, indices: Array) -> Array:
+  return method.merge({"values": values}, w0, {"indices": indices})
+
+
+def _merged_scatter_value(method, x, w0, values, indices):
+  return jnp.matmul(x, _merged_weight(method, _tied(values, x), w0, indices))
+
+
+_merged_scatter_2d = jax.custom_vjp(_merged_scatter_value, nondiff_argnums=(0,))
+
+
+def _merged_scatter_fwd(method, x, w0, values, indices):
+  return _merged_scatter_value(method, x, w0, values, indices), (x, w0, values, indices)
+
+
+def _merged_scatter_bwd(method, residuals, g):
+  x, w0, values, indices = residuals
+  shape = tuple(w0.shape)
+  merged = _merged_weight(method, _tied(values, g), w0, indices)
+  dx = jax.lax.dot_general(g, merged, (((1,), (1,)), ((), ()))).astype(x.dtype)
+  positions, _ = method.scatter_terms(_up(values), indices, shape)
+  _, terms_vjp = jax.vjp(lambda v: method.scatter_terms(_up(v), indices, shape)[1], values)
+  d_terms = method.scale * deltas.sampled_product(x, g, positions, shape[1])
+  (d_values,) = terms_vjp(d_terms.astype(_up(values).dtype))
+  dw0 = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))).astype(w0.dtype)  # Removed by XLA when unused.
+  return dx, dw0, d_values.astype(values.dtype), np.zeros(indices.shape, jax.dtypes.float0)
+
+
+_merged_scatter_2d.defvjp(_merged_scatter_fwd, _merged_scatter_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,8 +342,12 @@ class WaveFT(_SparseRealBase):
     flat = positions.peft_positions("waveft", tuple(w0.shape), self.n_params, self.random_loc_seed, self.grid(tuple(w0.shape)))
     return {"indices": jnp.asarray(np.sort(flat), jnp.int32)}
 
+  @property
+  def has_scatter_terms(self) -> bool:
+    return self.boundary == "periodic" and self.level == 1
+
   def scatter_terms(self, values, indices, shape):
-    if self.boundary != "periodic" or self.level != 1:
+    if not self.has_scatter_terms:
       return None
     return deltas.waveft_terms(values, indices, shape, wavelet=self.wavelet)
 
@@ -329,6 +404,10 @@ class SHiRA(_SparseRealBase):
 
   def synthesis(self, values, indices, shape):
     return deltas.scatter_coefficients(deltas._check_values(values, real=True), indices, shape)
+
+  @property
+  def has_scatter_terms(self) -> bool:
+    return True
 
   def scatter_terms(self, values, indices, shape):
     values = deltas._check_values(values, real=True)

@@ -205,6 +205,15 @@ def uses_factored_product(adapter: LayerAdapter) -> bool:
   return bool(getattr(method, "runtime_factored", False))
 
 
+def uses_factored_branch(adapter: LayerAdapter) -> bool:
+  """Whether the method's branch ``x @ Delta W`` alone is lean (what einsum layers add to their output).
+
+  A method whose lean product is a merged one (SHiRA's :meth:`apply`: ``x (W0 + Delta W)`` with a
+  sampled gradient) has no lean branch: its einsum layers rebuild the merged weight instead.
+  """
+  return uses_factored_product(adapter) and bool(getattr(adapter.method, "factored_branch", True))
+
+
 def _zero_cotangent(x: Any) -> Any:
   x_dtype = jnp.result_type(x)
   if jnp.issubdtype(x_dtype, jnp.inexact):

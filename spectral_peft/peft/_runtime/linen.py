@@ -324,7 +324,7 @@ def _einsum_ok(module: Any, method_name: str, found, x, kwargs) -> bool:
   if type(module) is not nn.Einsum or set(found) != {"kernel"} or x is None or method_name != "__call__":
     return False
   adapter = found["kernel"]
-  if adapter.shell.stack_axes or not _runtime.uses_factored_product(adapter) or not isinstance(module.einsum_str, str):
+  if adapter.shell.stack_axes or not _runtime.uses_factored_branch(adapter) or not isinstance(module.einsum_str, str):
     return False
   return kwargs.get("einsum_str") in (None, module.einsum_str)
 

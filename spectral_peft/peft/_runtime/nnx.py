@@ -380,7 +380,7 @@ def _einsum_call(self, base, slot: _Slot, adapter: _runtime.LayerAdapter, args, 
   where the module contracts exactly this weight (a module that does something else with it falls
   back to the rebuilt path).
   """
-  if slot.stack_axes or not _runtime.uses_factored_product(adapter) or len(args) != 1:
+  if slot.stack_axes or not _runtime.uses_factored_branch(adapter) or len(args) != 1:
     return None
   equation = _einsum_equation(self, slot.name)
   if equation is None:
