@@ -94,3 +94,39 @@ def test_runtime_routes_linear_layers_through_the_merged_product():
   grads = nnx.grad(loss, argnums=nnx.DiffState(0, sp.nnx.AdapterParam))(model, x)
   flat_grads = jax.tree.leaves(grads)
   assert flat_grads and all(np.all(np.isfinite(np.asarray(g))) for g in flat_grads)
+
+
+FOURIER = {
+    "FourierFT": lambda **kw: sp.peft.FourierFT(20, scale=3.0, **kw),
+    "LFMA": lambda **kw: sp.peft.LFMA(0.2, 3.0, delta_init="weight", **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOURIER))
+@pytest.mark.parametrize("shape", [(12, 10), (9, 7)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_fourier_merged_product_equals_the_dense_product(name, shape, jit):
+  """FourierFT (real coefficients) and LFMA (complex, as real pairs): value and every gradient."""
+  m, n = shape
+  auto, dense = FOURIER[name](), FOURIER[name](path="dense")
+  assert auto.runtime_factored and not auto.factored_branch and not dense.runtime_factored
+  w0 = jax.random.normal(jax.random.key(0), (m, n))
+  if name == "LFMA":
+    params, frozen = auto.init_both(None, jax.random.key(2), w0)
+  else:
+    params, frozen = auto.init(jax.random.key(1), w0), auto.init_frozen(jax.random.key(2), w0)
+  params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(5), a.shape), params)
+  x = jax.random.normal(jax.random.key(3), (2, 3, m))
+
+  def loss(method):
+    def f(params, x, w):
+      y = method.apply(params, x, w, frozen) if method is auto else jnp.matmul(x, dense.merge(params, w, frozen))
+      return jnp.sum(jnp.sin(y) * jnp.arange(n))
+    return jax.value_and_grad(f, argnums=(0, 1, 2))
+
+  got_fn = jax.jit(loss(auto)) if jit else loss(auto)
+  got, want = got_fn(params, x, w0), loss(dense)(params, x, w0)
+  scale = float(np.sqrt(m * n * 6))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5 * scale)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale * float(np.max(np.abs(b))))

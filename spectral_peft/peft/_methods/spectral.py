@@ -417,8 +417,73 @@ class SHiRA(_SparseRealBase):
     return deltas.sparse_matmul(x, values, indices, shape, path=self.path)
 
 
+class _FourierRuntime:
+  """How the runtime runs FourierFT and LFMA: their own product for ``path="auto"`` and ``"factored"``."""
+
+  path: str
+
+  @property
+  def runtime_factored(self) -> bool:
+    """``path="auto"`` (:meth:`apply`'s merged product) or ``path="factored"`` (the gather/scatter product)."""
+    return self.path in ("auto", "factored")
+
+  @property
+  def factored_branch(self) -> bool:
+    """Whether :meth:`branch` is lean on its own (only when forced: ``path="factored"``)."""
+    return self.path == "factored"
+
+
+def _merged_fourier_product(scale: float, x: Array, w0: Array, values: Array, indices: Array) -> Array:
+  """``x @ (w0 + scale Re(ifft2(S)))`` over the trailing axis of ``x: (..., m)``, ``S`` holding ``values``.
+
+  The value goes through a transient merged weight (one ``irfft2``). The gradient never forms the
+  ``(m, n)`` weight gradient ``x^T g`` nor its adjoint FFT: with ``X = m ifft_m(x)`` and
+  ``G = n ifft_n(g)`` (1-D FFTs of the activations), the cotangent of the coefficient at ``(u, v)``
+  is ``scale / (m n) sum_b X[b, u] G[b, v]``, a sampled product
+  (:func:`~spectral_peft._sparse.deltas.sampled_product`), real part for real ``values``.
+  """
+  m, n = w0.shape
+  lead = x.shape[:-1]
+  return _merged_fourier_2d(float(scale), x.reshape(-1, m), w0, values, indices).reshape(lead + (n,))
+
+
+def _fourier_merged_weight(scale, values, w0, indices):
+  delta = scale * deltas.fourier_delta(values, indices, tuple(w0.shape))
+  return w0 + delta.astype(w0.dtype)
+
+
+def _merged_fourier_value(scale, x, w0, values, indices):
+  return jnp.matmul(x, _fourier_merged_weight(scale, _tied(values, x), w0, indices))
+
+
+_merged_fourier_2d = jax.custom_vjp(_merged_fourier_value, nondiff_argnums=(0,))
+
+
+def _merged_fourier_fwd(scale, x, w0, values, indices):
+  return _merged_fourier_value(scale, x, w0, values, indices), (x, w0, values, indices)
+
+
+def _merged_fourier_bwd(scale, residuals, g):
+  x, w0, values, indices = residuals
+  m, n = w0.shape
+  merged = _fourier_merged_weight(scale, _tied(values, g), w0, indices)
+  dx = jax.lax.dot_general(g, merged, (((1,), (1,)), ((), ()))).astype(x.dtype)
+  spectrum_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
+  x_hat = m * jnp.fft.ifft(x.astype(spectrum_dtype), axis=-1)
+  g_hat = n * jnp.fft.ifft(g.astype(spectrum_dtype), axis=-1)
+  flat = deltas.flat_indices(indices, (m, n), values.shape[0])
+  d_values = (scale / (m * n)) * deltas.sampled_product(x_hat, g_hat, flat, n)
+  if not jnp.iscomplexobj(values):
+    d_values = jnp.real(d_values)
+  dw0 = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))).astype(w0.dtype)  # Removed by XLA when unused.
+  return dx, dw0, d_values.astype(values.dtype), np.zeros(indices.shape, jax.dtypes.float0)
+
+
+_merged_fourier_2d.defvjp(_merged_fourier_fwd, _merged_fourier_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
-class FourierFT(AdapterMethod):
+class FourierFT(_FourierRuntime, AdapterMethod):  # type: ignore[override]
   """FourierFT: ``w = w0 + scale * Re(ifft2(C))``, real ``C`` on ``n_frequency`` random frequencies.
 
   ``ifft2`` is numpy's (normalised by ``1 / (m n)``), as ``torch.fft.ifft2`` in the reference code.
@@ -505,12 +570,11 @@ class FourierFT(AdapterMethod):
     values = deltas._check_values(params["values"], real=True)
     return self.scale * deltas.fourier_delta(_up(values), frozen["indices"], tuple(w0.shape))
 
-  @property
-  def runtime_factored(self) -> bool:  # type: ignore[override]
-    """Only when forced: the factored product's gathers over ``batch x p`` cost more than a rebuilt ``Delta W``."""
-    return self.path == "factored"
-
   def apply(self, params, x, w0, frozen=None):
+    """``x @ (w0 + Delta W)``; with ``path="auto"`` merged, the gradient from 1-D FFTs (see :func:`_merged_fourier_product`)."""
+    if self.path == "auto":
+      values = deltas._check_values(params["values"], real=True)
+      return _merged_fourier_product(self.scale, x, w0, _up(values), frozen["indices"]).astype(jnp.result_type(x, w0))
     return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
 
   def branch(self, params, x, w0, frozen=None):
@@ -521,7 +585,7 @@ class FourierFT(AdapterMethod):
 
 
 @dataclasses.dataclass(frozen=True)
-class LFMA(AdapterMethod):
+class LFMA(_FourierRuntime, AdapterMethod):  # type: ignore[override]
   """Layerwise Fourier masked adapter: ``w = w0 + alpha * Re(ifft2(F))`` on a top-k spectral mask.
 
   The mask holds the ``k = floor(m n top_k_ratio)`` frequencies of largest ``|fft2(Delta W_init)|``
@@ -672,12 +736,11 @@ class LFMA(AdapterMethod):
   def delta(self, params, w0, frozen=None):
     return self.alpha * deltas.fourier_delta(self.coefficients(params), frozen["indices"], tuple(w0.shape))
 
-  @property
-  def runtime_factored(self) -> bool:  # type: ignore[override]
-    """Only when forced: the factored product's gathers over ``batch x p`` cost more than a rebuilt ``Delta W``."""
-    return self.path == "factored"
-
   def apply(self, params, x, w0, frozen=None):
+    """``x @ (w0 + Delta W)``; with ``path="auto"`` merged, the gradient from 1-D FFTs (see :func:`_merged_fourier_product`)."""
+    if self.path == "auto":
+      return _merged_fourier_product(self.alpha, x, w0, self.coefficients(params), frozen["indices"]).astype(
+          jnp.result_type(x, w0))
     return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
 
   def branch(self, params, x, w0, frozen=None):

@@ -7,9 +7,14 @@ its weight*, in one of two ways, chosen per layer:
 
 * **factored**: where the layer is a plain contraction over trailing input axes (Linen ``Dense`` /
   ``DenseGeneral``, NNX ``Linear`` / ``LinearGeneral``) and the method has a memory-lean product
-  (LoRA ``x W0 + s (x a) b``, DoRA's column norms from ``a^T W0``, sine LoRA's blocked product; or a
-  sparse/spectral spec with ``path="factored"``), the layer computes ``method.apply(x, W0)``; no
-  ``(m, n)`` array is kept. LoRA and DoRA compute the value as the lighter of ``x W0 + s (x a) b``
+  (LoRA ``x W0 + s (x a) b``, DoRA's column norms from ``a^T W0``, sine LoRA's blocked product;
+  SHiRA, WaveFT (periodic, one level), FourierFT and LFMA with ``path="auto"``: a transient merged
+  weight whose coefficient gradient is sampled from ``x^T g`` at the coefficients' positions, after
+  1-D transforms of the activations, never the ``(m, n)`` weight gradient; or a sparse/spectral spec
+  with ``path="factored"``), the layer computes ``method.apply(x, W0)``; no ``(m, n)`` array is kept
+  between the forward and the backward pass. Einsum layers add a factored *branch* to their own
+  output, so they take this route only for methods whose branch is lean on its own (low-rank
+  methods, ``path="factored"``). LoRA and DoRA compute the value as the lighter of ``x W0 + s (x a) b``
   and a transient ``x (W0 + s a b)``, from the shapes (``low_rank_product`` in
   ``_methods/lowrank.py``: a batch with more rows than ``m`` costs an ``(m, n)`` temporary rather
   than a second activation-sized one), and differentiate it factored, in forward and reverse mode.
