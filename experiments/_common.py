@@ -142,21 +142,34 @@ def cli(
     doc: str,
     *,
     show: Callable[[dict[str, Any]], str] = _table_and_verdict,
+    name: str | None = None,
 ) -> None:
-  """``python -m experiments.<name> --preset quick|full``: runs ``main`` and prints ``show(result)``.
+  """``python -m experiments.<name> --preset quick|full [--record]``: runs ``main`` and prints ``show(result)``.
 
   Args:
     main: the experiment, ``preset name -> result dict``.
-    presets: the preset names ``--preset`` accepts (a dict of presets gives its keys); the default is
-      ``quick``.
+    presets: the preset names ``--preset`` accepts (a dict of presets gives its keys and, with
+      ``--record``, the recorded config); the default is ``quick``.
     doc: the module docstring; its first line is the ``--help`` description.
     show: what to print of the result; by default its ``table`` and then its ``verdict``.
+    name: the experiment's module name; given, ``--record`` also writes the result with its command,
+      machine and run time to ``experiments/recorded/<name>/<preset>.json`` (:func:`record`).
   """
   import argparse
 
   parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   parser.add_argument("--preset", default="quick", choices=sorted(presets))
-  print(show(main(parser.parse_args().preset)))
+  if name is not None:
+    parser.add_argument("--record", action="store_true",
+                        help=f"also write the result, with command, date, versions, machine and wall/CPU time, to "
+                             f"experiments/recorded/{name}/<preset>.json (to be committed)")
+  args = parser.parse_args()
+  result, usage = measured(lambda: main(args.preset))
+  print(show(result))
+  if name is not None and args.record:
+    config = presets.get(args.preset) if isinstance(presets, Mapping) else None
+    command = f"python -m experiments.{name} --preset {args.preset} --record"
+    print("recorded", record(name, args.preset, result, usage, command=command, config=config))
 
 
 def subplots(*args: Any, **kwargs: Any) -> Any:

@@ -235,17 +235,4 @@ def main(preset: str = "quick") -> dict:
 
 
 if __name__ == "__main__":
-  import argparse
-
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-  parser.add_argument("--record", action="store_true",
-                      help=f"also write the result, with command, date, versions, machine and wall/CPU time, to "
-                           f"experiments/recorded/{NAME}/<preset>.json (to be committed)")
-  args = parser.parse_args()
-  result, usage = _common.measured(lambda: main(args.preset))
-  print(result["table"])
-  print(result["verdict"])
-  if args.record:
-    command = f"python -m experiments.{NAME} --preset {args.preset} --record"
-    print("recorded", _common.record(NAME, args.preset, result, usage, command=command, config=PRESETS[args.preset]))
+  _common.cli(main, PRESETS, __doc__, name=NAME)

@@ -245,6 +245,7 @@ def _low_rank_product_jvp(primals, tangents):
 _merged_low_rank_product.defjvp(_low_rank_product_jvp, symbolic_zeros=True)
 
 
+@jax.jit  # One fused pass over the weight (no float32 copy of a bfloat16 weight): attach reads 7B weights.
 def _column_norm(w: Array) -> Array:
   """Norm of every output column of an ``(in, out)`` matrix: ``(out,)``, in at least float32.
 
@@ -264,8 +265,16 @@ class _MagnitudeDirection:
   delta_depends_on_w0 = True
 
   def init(self, key, w0):
-    params = super().init(key, w0)
+    return self._init_with_norm(key, w0, _column_norm(w0))
+
+  def init_both(self, params_key, frozen_key, w0):
+    """``(init, init_frozen)`` from one pass over ``w0`` (its column norms)."""
+    del frozen_key
     norm = _column_norm(w0)
+    return self._init_with_norm(params_key, w0, norm), {"w0_norm": norm}
+
+  def _init_with_norm(self, key, w0, norm):
+    params = super().init(key, w0)
     magnitude = norm.astype(self._dtype(w0))
     if _validation.is_concrete(norm) and not bool(jnp.all(jnp.isfinite(magnitude))):
       raise ValueError(
