@@ -181,13 +181,13 @@ class _SparseRealBase(AdapterMethod):
   def apply(self, params, x, w0, frozen=None):
     """``x @ (w0 + Delta W)``; with ``path="auto"`` and scatter terms, merged and differentiated sampled.
 
-    That product (:func:`_merged_scatter_product`) computes its value through a transient merged
+    That product (:func:`_merged_product`) computes its value through a transient merged
     weight and its coefficient gradient as ``(x^T g)`` sampled at the update's positions
     (:func:`~spectral_peft._sparse.deltas.sampled_product`, ``O(B p)``), never the ``2 B m n``
     weight gradient ``x^T g`` that a rebuilt ``Delta W`` needs for its adjoint.
     """
     if self.path == "auto" and self.has_scatter_terms:
-      return _merged_scatter_product(self, x, w0, params["values"], frozen["indices"])
+      return _merged_product(_ScatterSynthesis(self), x, w0, params["values"], frozen["indices"])
     return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
 
   def branch(self, params, x, w0, frozen=None):
@@ -196,11 +196,17 @@ class _SparseRealBase(AdapterMethod):
     return (self.scale * update).astype(dtype)
 
 
-def _merged_scatter_product(method: "_SparseRealBase", x: Array, w0: Array, values: Array, indices: Array) -> Array:
-  """``x @ method.merge(values, w0)`` over the trailing axis of ``x: (..., m)``: ``(..., n)``."""
+def _merged_product(synthesis: Any, x: Array, w0: Array, values: Array, indices: Array) -> Array:
+  """``x @ synthesis.merged_weight(values, w0, indices)`` over the trailing axis of ``x: (..., m)``: ``(..., n)``.
+
+  The value goes through a transient merged weight; the gradient never forms the ``(m, n)`` weight
+  gradient ``x^T g``: the input's from the rebuilt merged weight, the coefficients' from
+  ``synthesis.values_cotangent`` (a sampled product, :func:`~spectral_peft._sparse.deltas.sampled_product`).
+  ``synthesis`` is a hashable description of the update (:class:`_ScatterSynthesis`, :class:`_FourierSynthesis`).
+  """
   m, n = w0.shape
   lead = x.shape[:-1]
-  return _merged_scatter_2d(method, x.reshape(-1, m), w0, values, indices).reshape(lead + (n,))
+  return _merged_2d(synthesis, x.reshape(-1, m), w0, values, indices).reshape(lead + (n,))
 
 
 def _tied(values: Array, anchor: Array) -> Array:
@@ -213,35 +219,45 @@ def _tied(values: Array, anchor: Array) -> Array:
   return values + jnp.where(jnp.isfinite(element), element * 0, jnp.zeros((), element.dtype)).astype(values.dtype)
 
 
-def _merged_weight(method: "_SparseRealBase", values: Array, w0: Array, indices: Array) -> Array:
-  return method.merge({"values": values}, w0, {"indices": indices})
+def _merged_value(synthesis, x, w0, values, indices):
+  return jnp.matmul(x, synthesis.merged_weight(_tied(values, x), w0, indices))
 
 
-def _merged_scatter_value(method, x, w0, values, indices):
-  return jnp.matmul(x, _merged_weight(method, _tied(values, x), w0, indices))
+_merged_2d = jax.custom_vjp(_merged_value, nondiff_argnums=(0,))
 
 
-_merged_scatter_2d = jax.custom_vjp(_merged_scatter_value, nondiff_argnums=(0,))
+def _merged_fwd(synthesis, x, w0, values, indices):
+  return _merged_value(synthesis, x, w0, values, indices), (x, w0, values, indices)
 
 
-def _merged_scatter_fwd(method, x, w0, values, indices):
-  return _merged_scatter_value(method, x, w0, values, indices), (x, w0, values, indices)
-
-
-def _merged_scatter_bwd(method, residuals, g):
+def _merged_bwd(synthesis, residuals, g):
   x, w0, values, indices = residuals
-  shape = tuple(w0.shape)
-  merged = _merged_weight(method, _tied(values, g), w0, indices)
+  merged = synthesis.merged_weight(_tied(values, g), w0, indices)
   dx = jax.lax.dot_general(g, merged, (((1,), (1,)), ((), ()))).astype(x.dtype)
-  positions, _ = method.scatter_terms(_up(values), indices, shape)
-  _, terms_vjp = jax.vjp(lambda v: method.scatter_terms(_up(v), indices, shape)[1], values)
-  d_terms = method.scale * deltas.sampled_product(x, g, positions, shape[1])
-  (d_values,) = terms_vjp(d_terms.astype(_up(values).dtype))
+  d_values = synthesis.values_cotangent(x, g, values, indices, tuple(w0.shape))
   dw0 = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))).astype(w0.dtype)  # Removed by XLA when unused.
   return dx, dw0, d_values.astype(values.dtype), np.zeros(indices.shape, jax.dtypes.float0)
 
 
-_merged_scatter_2d.defvjp(_merged_scatter_fwd, _merged_scatter_bwd)
+_merged_2d.defvjp(_merged_fwd, _merged_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScatterSynthesis:
+  """A scatter method's update (:meth:`_SparseRealBase.scatter_terms`) for :func:`_merged_product`."""
+
+  method: "_SparseRealBase"
+
+  def merged_weight(self, values, w0, indices):
+    return self.method.merge({"values": values}, w0, {"indices": indices})
+
+  def values_cotangent(self, x, g, values, indices, shape):
+    """The terms' cotangent is ``scale (x^T g)`` at their positions, pulled back to the values."""
+    terms = lambda v: self.method.scatter_terms(_up(v), indices, shape)  # noqa: E731
+    positions, _ = terms(values)
+    _, terms_vjp = jax.vjp(lambda v: terms(v)[1], values)
+    d_terms = self.method.scale * deltas.sampled_product(x, g, positions, shape[1])
+    return terms_vjp(d_terms.astype(_up(values).dtype))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,53 +449,29 @@ class _FourierRuntime:
     return self.path == "factored"
 
 
-def _merged_fourier_product(scale: float, x: Array, w0: Array, values: Array, indices: Array) -> Array:
-  """``x @ (w0 + scale Re(ifft2(S)))`` over the trailing axis of ``x: (..., m)``, ``S`` holding ``values``.
+@dataclasses.dataclass(frozen=True)
+class _FourierSynthesis:
+  """``Delta W = scale Re(ifft2(S))`` (FourierFT, LFMA) for :func:`_merged_product`.
 
-  The value goes through a transient merged weight (one ``irfft2``). The gradient never forms the
-  ``(m, n)`` weight gradient ``x^T g`` nor its adjoint FFT: with ``X = m ifft_m(x)`` and
-  ``G = n ifft_n(g)`` (1-D FFTs of the activations), the cotangent of the coefficient at ``(u, v)``
-  is ``scale / (m n) sum_b X[b, u] G[b, v]``, a sampled product
-  (:func:`~spectral_peft._sparse.deltas.sampled_product`), real part for real ``values``.
+  The merged weight takes one ``irfft2``. With ``X = m ifft_m(x)`` and ``G = n ifft_n(g)`` (1-D FFTs
+  of the activations), the cotangent of the coefficient at ``(u, v)`` is
+  ``scale / (m n) sum_b X[b, u] G[b, v]`` (its real part for real coefficients): no ``(m, n)``
+  weight gradient and no adjoint FFT of one.
   """
-  m, n = w0.shape
-  lead = x.shape[:-1]
-  return _merged_fourier_2d(float(scale), x.reshape(-1, m), w0, values, indices).reshape(lead + (n,))
 
+  scale: float
 
-def _fourier_merged_weight(scale, values, w0, indices):
-  delta = scale * deltas.fourier_delta(values, indices, tuple(w0.shape))
-  return w0 + delta.astype(w0.dtype)
+  def merged_weight(self, values, w0, indices):
+    return w0 + (self.scale * deltas.fourier_delta(values, indices, tuple(w0.shape))).astype(w0.dtype)
 
-
-def _merged_fourier_value(scale, x, w0, values, indices):
-  return jnp.matmul(x, _fourier_merged_weight(scale, _tied(values, x), w0, indices))
-
-
-_merged_fourier_2d = jax.custom_vjp(_merged_fourier_value, nondiff_argnums=(0,))
-
-
-def _merged_fourier_fwd(scale, x, w0, values, indices):
-  return _merged_fourier_value(scale, x, w0, values, indices), (x, w0, values, indices)
-
-
-def _merged_fourier_bwd(scale, residuals, g):
-  x, w0, values, indices = residuals
-  m, n = w0.shape
-  merged = _fourier_merged_weight(scale, _tied(values, g), w0, indices)
-  dx = jax.lax.dot_general(g, merged, (((1,), (1,)), ((), ()))).astype(x.dtype)
-  spectrum_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
-  x_hat = m * jnp.fft.ifft(x.astype(spectrum_dtype), axis=-1)
-  g_hat = n * jnp.fft.ifft(g.astype(spectrum_dtype), axis=-1)
-  flat = deltas.flat_indices(indices, (m, n), values.shape[0])
-  d_values = (scale / (m * n)) * deltas.sampled_product(x_hat, g_hat, flat, n)
-  if not jnp.iscomplexobj(values):
-    d_values = jnp.real(d_values)
-  dw0 = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))).astype(w0.dtype)  # Removed by XLA when unused.
-  return dx, dw0, d_values.astype(values.dtype), np.zeros(indices.shape, jax.dtypes.float0)
-
-
-_merged_fourier_2d.defvjp(_merged_fourier_fwd, _merged_fourier_bwd)
+  def values_cotangent(self, x, g, values, indices, shape):
+    m, n = shape
+    spectrum_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
+    x_hat = m * jnp.fft.ifft(x.astype(spectrum_dtype), axis=-1)
+    g_hat = n * jnp.fft.ifft(g.astype(spectrum_dtype), axis=-1)
+    flat = deltas.flat_indices(indices, (m, n), values.shape[0])
+    d_values = (self.scale / (m * n)) * deltas.sampled_product(x_hat, g_hat, flat, n)
+    return d_values if jnp.iscomplexobj(values) else jnp.real(d_values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -571,10 +563,11 @@ class FourierFT(_FourierRuntime, AdapterMethod):  # type: ignore[override]
     return self.scale * deltas.fourier_delta(_up(values), frozen["indices"], tuple(w0.shape))
 
   def apply(self, params, x, w0, frozen=None):
-    """``x @ (w0 + Delta W)``; with ``path="auto"`` merged, the gradient from 1-D FFTs (see :func:`_merged_fourier_product`)."""
+    """``x @ (w0 + Delta W)``; with ``path="auto"`` merged, the gradient from 1-D FFTs (see :class:`_FourierSynthesis`)."""
     if self.path == "auto":
       values = deltas._check_values(params["values"], real=True)
-      return _merged_fourier_product(self.scale, x, w0, _up(values), frozen["indices"]).astype(jnp.result_type(x, w0))
+      return _merged_product(_FourierSynthesis(float(self.scale)), x, w0, _up(values), frozen["indices"]).astype(
+          jnp.result_type(x, w0))
     return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
 
   def branch(self, params, x, w0, frozen=None):
@@ -737,10 +730,10 @@ class LFMA(_FourierRuntime, AdapterMethod):  # type: ignore[override]
     return self.alpha * deltas.fourier_delta(self.coefficients(params), frozen["indices"], tuple(w0.shape))
 
   def apply(self, params, x, w0, frozen=None):
-    """``x @ (w0 + Delta W)``; with ``path="auto"`` merged, the gradient from 1-D FFTs (see :func:`_merged_fourier_product`)."""
+    """``x @ (w0 + Delta W)``; with ``path="auto"`` merged, the gradient from 1-D FFTs (see :class:`_FourierSynthesis`)."""
     if self.path == "auto":
-      return _merged_fourier_product(self.alpha, x, w0, self.coefficients(params), frozen["indices"]).astype(
-          jnp.result_type(x, w0))
+      return _merged_product(_FourierSynthesis(float(self.alpha)), x, w0, self.coefficients(params),
+                             frozen["indices"]).astype(jnp.result_type(x, w0))
     return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
 
   def branch(self, params, x, w0, frozen=None):
