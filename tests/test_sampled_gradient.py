@@ -34,8 +34,9 @@ def test_sampled_product_is_x_transpose_g_at_the_positions():
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("lead", [(2,), (2, 3)])  # 2 tokens: the sampled gradient; 6: x^T g (2 B (m + n) > m n)
 @pytest.mark.parametrize("jit", [False, True])
-def test_value_and_gradients_equal_the_merged_dense_product(name, jit):
+def test_value_and_gradients_equal_the_merged_dense_product(name, lead, jit):
   m, n, p = 14, 10, 25
   keys = jax.random.split(jax.random.key(0), 4)
   auto, dense = METHODS[name](p), METHODS[name](p, path="dense")
@@ -43,7 +44,7 @@ def test_value_and_gradients_equal_the_merged_dense_product(name, jit):
   w0 = jax.random.normal(keys[0], (m, n))
   frozen = auto.init_frozen(keys[1], w0)
   values = jax.random.normal(keys[2], (p,))
-  x = jax.random.normal(keys[3], (2, 3, m))  # leading axes are flattened and restored
+  x = jax.random.normal(keys[3], lead + (m,))  # leading axes are flattened and restored
 
   def loss(method):
     def f(v, x, w):
@@ -70,11 +71,12 @@ def test_dropped_positions_get_no_gradient_and_bfloat16_stays_in_its_dtype():
   w0 = jnp.ones((m, n), jnp.bfloat16)
   indices = jnp.array([1, m * n + 7, 20], jnp.int32)  # traced under jit: an out-of-grid position is dropped
   values = jnp.array([1.0, 2.0, 3.0], jnp.bfloat16)
-  x = jnp.ones((4, m), jnp.bfloat16)
-  grad = jax.jit(jax.grad(lambda v, i: jnp.sum(method.apply({"values": v}, x, w0, {"indices": i}).astype(jnp.float32))))
-  g = grad(values, indices)
-  assert g.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(g, np.float32), [4.0, 0.0, 4.0])
+  for tokens in (1, 4):  # 1 token: the sampled gradient; 4: x^T g (2 B (m + n) > m n)
+    x = jnp.ones((tokens, m), jnp.bfloat16)
+    grad = jax.jit(jax.grad(lambda v, i: jnp.sum(method.apply({"values": v}, x, w0, {"indices": i}).astype(jnp.float32))))
+    g = grad(values, indices)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32), [tokens, 0.0, tokens])
 
 
 def test_runtime_routes_linear_layers_through_the_merged_product():
@@ -103,9 +105,10 @@ FOURIER = {
 
 
 @pytest.mark.parametrize("name", sorted(FOURIER))
-@pytest.mark.parametrize("shape", [(12, 10), (9, 7)])
+@pytest.mark.parametrize("shape", [(12, 10), (16, 9)])
+@pytest.mark.parametrize("lead", [(2,), (2, 3)])  # 2 tokens: the sampled gradient; 6: x^T g (2 B (m + n) > m n)
 @pytest.mark.parametrize("jit", [False, True])
-def test_fourier_merged_product_equals_the_dense_product(name, shape, jit):
+def test_fourier_merged_product_equals_the_dense_product(name, shape, lead, jit):
   """FourierFT (real coefficients) and LFMA (complex, as real pairs): value and every gradient."""
   m, n = shape
   auto, dense = FOURIER[name](), FOURIER[name](path="dense")
@@ -116,7 +119,7 @@ def test_fourier_merged_product_equals_the_dense_product(name, shape, jit):
   else:
     params, frozen = auto.init(jax.random.key(1), w0), auto.init_frozen(jax.random.key(2), w0)
   params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(5), a.shape), params)
-  x = jax.random.normal(jax.random.key(3), (2, 3, m))
+  x = jax.random.normal(jax.random.key(3), lead + (m,))
 
   def loss(method):
     def f(params, x, w):

@@ -230,13 +230,27 @@ def _merged_fwd(synthesis, x, w0, values, indices):
   return _merged_value(synthesis, x, w0, values, indices), (x, w0, values, indices)
 
 
+def _sampled_gradient_pays(tokens: int, m: int, n: int) -> bool:
+  """Whether the coefficient gradient is sampled: unless the tokens' activations outweigh an ``(m, n)`` array.
+
+  With ``2 B (m + n) > m n`` (many tokens: the complex spectra of both activations, or the gathers of
+  ``B`` values per position, are heavier than ``x^T g``), the weight gradient ``x^T g`` and the
+  synthesis' adjoint are cheaper, and under tensor parallelism they stay local to each shard.
+  """
+  return 2 * tokens * (m + n) <= m * n
+
+
 def _merged_bwd(synthesis, residuals, g):
   x, w0, values, indices = residuals
-  merged = synthesis.merged_weight(_tied(values, g), w0, indices)
+  m, n = w0.shape
+  dw0 = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))  # Removed by XLA when unused.
+  merged, merge_vjp = jax.vjp(lambda v: synthesis.merged_weight(v, w0, indices), _tied(values, g))
   dx = jax.lax.dot_general(g, merged, (((1,), (1,)), ((), ()))).astype(x.dtype)
-  d_values = synthesis.values_cotangent(x, g, values, indices, tuple(w0.shape))
-  dw0 = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))).astype(w0.dtype)  # Removed by XLA when unused.
-  return dx, dw0, d_values.astype(values.dtype), np.zeros(indices.shape, jax.dtypes.float0)
+  if _sampled_gradient_pays(x.shape[0], m, n):
+    d_values = synthesis.values_cotangent(x, g, values, indices, w0)
+  else:
+    (d_values,) = merge_vjp(dw0.astype(merged.dtype))
+  return dx, dw0.astype(w0.dtype), d_values.astype(values.dtype), np.zeros(indices.shape, jax.dtypes.float0)
 
 
 _merged_2d.defvjp(_merged_fwd, _merged_bwd)
@@ -251,8 +265,9 @@ class _ScatterSynthesis:
   def merged_weight(self, values, w0, indices):
     return self.method.merge({"values": values}, w0, {"indices": indices})
 
-  def values_cotangent(self, x, g, values, indices, shape):
+  def values_cotangent(self, x, g, values, indices, w0):
     """The terms' cotangent is ``scale (x^T g)`` at their positions, pulled back to the values."""
+    shape = tuple(w0.shape)
     terms = lambda v: self.method.scatter_terms(_up(v), indices, shape)  # noqa: E731
     positions, _ = terms(values)
     _, terms_vjp = jax.vjp(lambda v: terms(v)[1], values)
@@ -456,7 +471,10 @@ class _FourierSynthesis:
   The merged weight takes one ``irfft2``. With ``X = m ifft_m(x)`` and ``G = n ifft_n(g)`` (1-D FFTs
   of the activations), the cotangent of the coefficient at ``(u, v)`` is
   ``scale / (m n) sum_b X[b, u] G[b, v]`` (its real part for real coefficients): no ``(m, n)``
-  weight gradient and no adjoint FFT of one.
+  weight gradient and no adjoint FFT of one. That holds the complex spectra of both activations,
+  ``B (m + n)`` complex values: where they outweigh an ``(m, n)`` array (``2 B (m + n) > m n``, many
+  tokens; :func:`_sampled_gradient_pays`) the gradient is the adjoint FFT of ``x^T g`` instead, as
+  for a rebuilt ``Delta W``.
   """
 
   scale: float
@@ -464,8 +482,8 @@ class _FourierSynthesis:
   def merged_weight(self, values, w0, indices):
     return w0 + (self.scale * deltas.fourier_delta(values, indices, tuple(w0.shape))).astype(w0.dtype)
 
-  def values_cotangent(self, x, g, values, indices, shape):
-    m, n = shape
+  def values_cotangent(self, x, g, values, indices, w0):
+    m, n = w0.shape
     spectrum_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
     x_hat = m * jnp.fft.ifft(x.astype(spectrum_dtype), axis=-1)
     g_hat = n * jnp.fft.ifft(g.astype(spectrum_dtype), axis=-1)
