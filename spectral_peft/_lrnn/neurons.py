@@ -53,19 +53,51 @@ Activation = Union[str, Callable[[Array], Array]]
 Params = dict[str, Any]
 
 
+@jax.custom_jvp
+def _sin_cos(u: Array) -> tuple[Array, Array]:
+  # (sin u, cos u). XLA counts real sin and cos as cheap and re-evaluates them, with the ops that
+  # lead to them, inside every fusion that reads them: under nested forward mode plus a gradient
+  # (the parameter gradient of a PDE residual) that was dozens of evaluations per element and 3/4 of
+  # the step on CPU. exp(i u) = cos u + i sin u gives both from one op that XLA evaluates once.
+  if u.dtype in (jnp.float32, jnp.float64):
+    e = jnp.exp(1j * u)
+    return e.imag, e.real
+  return jnp.sin(u), jnp.cos(u)
+
+
+@_sin_cos.defjvp
+def _sin_cos_jvp(primals, tangents):
+  (u,), (du,) = primals, tangents
+  s, c = _sin_cos(u)
+  return (s, c), (c * du, -s * du)
+
+
+@jax.custom_jvp
+def _sine(u: Array) -> Array:
+  # sin u; its derivatives of every order take sin and cos from `_sin_cos`.
+  return jnp.sin(u)
+
+
+@_sine.defjvp
+def _sine_jvp(primals, tangents):
+  (u,), (du,) = primals, tangents
+  s, c = _sin_cos(u)
+  return s, c * du
+
+
 def _spder(u: Array) -> Array:
   # sin(u) sqrt|u|, with a finite (zero) derivative at u = 0 (the double-where trick).
   zero = u == 0
   safe = jnp.where(zero, jnp.ones_like(u), u)
-  return jnp.where(zero, jnp.zeros_like(u), jnp.sin(safe) * jnp.sqrt(jnp.abs(safe)))
+  return jnp.where(zero, jnp.zeros_like(u), _sine(safe) * jnp.sqrt(jnp.abs(safe)))
 
 
 def _sin_arctan(u: Array) -> Array:
-  return jnp.sin(u) * jnp.arctan(u)
+  return _sine(u) * jnp.arctan(u)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {  # "spder", "sin_arctan": Shah & Sitawarin (2024).
-    "sine": jnp.sin,
+    "sine": _sine,
     "spder": _spder,
     "sin_arctan": _sin_arctan,
     "relu": jax.nn.relu,
