@@ -200,3 +200,20 @@ def test_nnx_trains_adapters_only_over_an_int4_base(case):
   assert not isinstance(model.a.kernel.get_value(), sp.peft.QuantizedArray)
   np.testing.assert_allclose(model.a.kernel.get_value(), sp.peft.merge(dense, trained)["a"]["kernel"].get_value(),
                              rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", [sp.peft.WaveFT, sp.peft.SHiRA])
+def test_factored_layers_dequantize_a_quantized_bias(kind):
+  """DenseGeneral's (heads, head_dim) bias is quantized with the kernels; the merged product reads it dequantized."""
+  model = nn.SelfAttention(num_heads=2, qkv_features=16)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  quantized = sp.peft.quantize(model.init(jax.random.key(1), x)["params"], bits=4)
+  assert isinstance(quantized["query"]["bias"], sp.peft.QuantizedArray)
+
+  def adapters(path):
+    made = sp.peft.init_adapters(jax.random.key(2), quantized, kind(64, path=path), r"(query|value)/kernel", in_axes=1)
+    return jax.tree.map(lambda a: a + 0.05, made)
+
+  got = sp.peft.apply_adapters(model, quantized, adapters("auto"), x)
+  want = sp.peft.apply_adapters(model, quantized, adapters("dense"), x)  # the rebuilt path
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))

@@ -33,7 +33,7 @@ import numpy as np
 from spectral_peft.peft._runtime import core as _runtime
 from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter
-from spectral_peft.peft._quant import is_quantized
+from spectral_peft.peft._quant import dequantized, is_quantized
 
 Array = jax.Array
 
@@ -172,6 +172,7 @@ def _factored_call(module: Any, adapter: _runtime.LayerAdapter, x: Array, produc
   variables = module.scope.variables()["params"]
   kernel = variables["kernel"]
   bias = variables.get("bias") if module.use_bias and use_bias else None
+  bias = dequantized(bias) if is_quantized(bias) else bias  # A quantized (heads, head_dim) bias of DenseGeneral.
   probe = jnp.zeros((), kernel.dtype) if is_quantized(kernel) else kernel
   x, probe, bias = module.promote_dtype(x, probe, bias, dtype=module.dtype)
   kernel = kernel if is_quantized(kernel) else probe

@@ -359,6 +359,7 @@ def _plain_call(self, base, quantized, args, kwargs):
 def _factored_product(self, x: Array, product, use_bias: bool = True) -> Array:
   """``product(x, kernel) + bias`` of an ``nnx.Linear`` in its promoted dtype (a quantized kernel dequantized inside)."""
   bias = self.bias[...] if self.bias is not None and use_bias else None
+  bias = dequantized(bias) if is_quantized(bias) else bias
   kernel = self.kernel.get_value()
   probe = jnp.zeros((), kernel.dtype) if is_quantized(kernel) else kernel
   x, probe, bias = self.promote_dtype((x, probe, bias), dtype=self.dtype)
