@@ -148,9 +148,9 @@ def zero_from(values: Array) -> Array:
   Adding it to an array makes that array's copy depend on ``values``: XLA then builds it where it is
   used instead of hoisting it (with every other layer's) to the start of the program.
   """
-  if values.shape[0] == 0:
+  if values.size == 0:
     return jnp.zeros((), values.dtype)
-  first = values[0]
+  first = values[(0,) * values.ndim]  # One element (by indexing: a sharded array is not gathered).
   return jnp.where(jnp.isfinite(first), first, jnp.zeros((), first.dtype)) * 0
 
 

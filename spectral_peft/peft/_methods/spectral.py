@@ -215,8 +215,7 @@ def _tied(values: Array, anchor: Array) -> Array:
   The merged weight is then built where the layer runs (forward: after its input exists; backward:
   after its output cotangent does) instead of being hoisted with every other layer's.
   """
-  element = anchor[(0,) * anchor.ndim]
-  return values + jnp.where(jnp.isfinite(element), element * 0, jnp.zeros((), element.dtype)).astype(values.dtype)
+  return values + deltas.zero_from(anchor).astype(values.dtype)
 
 
 def _merged_value(synthesis, x, w0, values, indices):
@@ -269,8 +268,7 @@ class _ScatterSynthesis:
     """The terms' cotangent is ``scale (x^T g)`` at their positions, pulled back to the values."""
     shape = tuple(w0.shape)
     terms = lambda v: self.method.scatter_terms(_up(v), indices, shape)  # noqa: E731
-    positions, _ = terms(values)
-    _, terms_vjp = jax.vjp(lambda v: terms(v)[1], values)
+    _, terms_vjp, positions = jax.vjp(lambda v: tuple(reversed(terms(v))), values, has_aux=True)
     d_terms = self.method.scale * deltas.sampled_product(x, g, positions, shape[1])
     return terms_vjp(d_terms.astype(_up(values).dtype))[0]
 
