@@ -429,10 +429,21 @@ def test_nnx_state_round_trips_give_the_adapted_model_or_raise():
   nnx.update(other, nnx.state(adapted))
   nnx.update(other, nnx.state(adapted))
   np.testing.assert_array_equal(other(x), want)
-  # Into a model that was never adapted: flax adds the variables as inert attributes. Every sp.nnx
-  # function that reads adapters refuses such a model, naming the layer.
+  # Into a model that was never adapted: nnx.update itself refuses to add the adapter variables
+  # (flax would keep them as inert attributes), naming the variable's path.
   plain = _Pair(nnx.Rngs(0))
-  nnx.update(plain, nnx.state(adapted))
+  with pytest.raises(ValueError, match=r"adapter variable 'a/kernel_adapter_p0' to a Linear that does not apply"):
+    nnx.update(plain, nnx.state(adapted))
+  assert not any("adapter" in name for name in vars(plain.a))
+  # The same for a model adapted on fewer layers: the unadapted layer refuses.
+  partial = _Pair(nnx.Rngs(0))
+  sp.nnx.adapt(partial, sp.peft.LoRA(2), r"^a/kernel$", key=jax.random.key(9))
+  with pytest.raises(ValueError, match=r"'b/kernel_adapter_p0' to a Linear"):
+    nnx.update(partial, nnx.state(adapted))
+  # A pure-dict state carries raw arrays, which flax sets without any hook: every sp.nnx function that
+  # reads adapters refuses such a model, naming the layer.
+  plain = _Pair(nnx.Rngs(0))
+  nnx.update(plain, nnx.to_pure_dict(nnx.state(adapted)))
   for call in (sp.nnx.adapters_of, sp.nnx.merge_adapters, sp.nnx.adapter_names, sp.nnx.detach_adapters):
     with pytest.raises(ValueError, match=r"'a' \(Linear\) holds adapter variables that no adapter of it uses"):
       call(plain)

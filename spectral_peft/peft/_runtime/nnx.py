@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import inspect
 import re
+import sys
 import threading
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx import graphlib as _graphlib
 
 from spectral_peft.peft._runtime import core as _runtime
 from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
@@ -39,7 +41,43 @@ from spectral_peft.peft._tree import Adapters, init_adapters, leaf_paths
 Array = jax.Array
 
 
-class AdapterParam(nnx.LoRAParam):
+# ``nnx.update`` adds a variable the target module lacks by copying it (flax's ``_graph_update_dynamic``,
+# "new state is being added"); that copy is the one point where an adapter variable can see it is being
+# put, as an inert attribute, on a module that does not apply it.
+_UPDATE_CODE = getattr(getattr(_graphlib, "_graph_update_dynamic", None), "__code__", None)
+
+
+class _RefusesInertUpdate:
+  """Mixin of the adapter variables: ``nnx.update`` may not add one to a module that does not use it."""
+
+  def copy(self, *args: Any, **kwargs: Any) -> Any:
+    _refuse_inert_update(sys._getframe(1))
+    return super().copy(*args, **kwargs)  # type: ignore[misc]
+
+
+def _refuse_inert_update(frame: Any) -> None:
+  """Raises when ``frame`` is flax's ``nnx.update`` adding an adapter variable its module never reads."""
+  if _UPDATE_CODE is None or frame is None or frame.f_code is not _UPDATE_CODE:
+    return
+  node, key = frame.f_locals.get("node"), frame.f_locals.get("key")
+  used = {n for slot in getattr(node, _SLOTS, ()) for n in slot.param_names() + slot.constant_names()}
+  if key in used:
+    return
+  path = []
+  while frame is not None and frame.f_code is _UPDATE_CODE:
+    path.append(str(frame.f_locals.get("key")))
+    frame = frame.f_back
+  where = "/".join(reversed(path))
+  raise ValueError(
+      f"nnx.update would add the adapter variable {where!r} to a {type(node).__name__} that does not apply it: "
+      "the state of an adapted model is going into a model (or layer) that was not adapted alike, where flax "
+      "would keep it as an inert attribute and the layer would compute without it. The update stopped here "
+      "(variables visited before this one already hold their new values). Adapt the target first (sp.nnx.adapt "
+      "with the same method and targets, or sp.nnx.load_into(target, sp.nnx.adapters_of(adapted))), then "
+      "nnx.update it; or update with sp.nnx.base_params(adapted) only.")
+
+
+class AdapterParam(_RefusesInertUpdate, nnx.LoRAParam):
   """A trainable adapter array, of every method: flax's ``nnx.LoRAParam`` convention for "the adapter".
 
   Being an ``nnx.LoRAParam`` (itself an ``nnx.Param``), it is what the ecosystem's adapter filters
@@ -65,7 +103,7 @@ class AdapterParam(nnx.LoRAParam):
 DEFAULT = "default"
 
 
-class AdapterConstant(nnx.Variable):
+class AdapterConstant(_RefusesInertUpdate, nnx.Variable):
   """An adapter constant (sparse positions, spectral masks, reference norms): never trained."""
 
 
@@ -762,13 +800,19 @@ def _adapted_owners(model: nnx.Module):
       yield node
 
 
+# The names adapter variables take (``_Slot.param_names`` / ``constant_names``): a raw array under such a
+# name is what ``nnx.update`` with a pure-dict state (``state.to_pure_dict()``) leaves on a plain module.
+_ADAPTER_NAME = re.compile(r".+_adapter_(?:.+_)?[pc]\d+")
+
+
 def _check_no_inert_variables(node: nnx.Module, slots: Sequence[_Slot], path: Any) -> None:
   """Adapter variables on a module that does not apply them: what ``nnx.update`` / ``nnx.merge`` give
   when an adapted model's state goes into a model that was not adapted (flax adds unknown variables
   as plain attributes, which the plain layer never reads)."""
   used = {n for slot in slots for n in slot.param_names() + slot.constant_names()}
   inert = sorted(name for name, value in vars(node).items()
-                 if isinstance(value, (AdapterParam, AdapterConstant)) and name not in used)
+                 if name not in used and (isinstance(value, (AdapterParam, AdapterConstant))
+                                          or (_ADAPTER_NAME.fullmatch(name) and hasattr(value, "shape"))))
   if inert:
     where = "/".join(str(p) for p in path) or "<the model itself>"
     raise ValueError(
