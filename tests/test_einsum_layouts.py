@@ -8,6 +8,8 @@ The einsum modules below are written in the style of Gemma's and Tunix's ``Einsu
 
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -104,20 +106,28 @@ def _adapters_from_grads(model, grads):
   return sp.nnx.adapters_of(copy)
 
 
-def test_factored_methods_take_the_einsum_branch_on_every_einsum_layer(monkeypatch):
+@pytest.mark.parametrize("method, full", [(sp.peft.LoRA(2), False),
+                                          (sp.peft.SHiRA(5), True), (sp.peft.WaveFT(8), True),
+                                          (sp.peft.FourierFT(6), True), (sp.peft.LFMA(0.5, 1.0), True)],
+                         ids=lambda m: type(m).__name__ if isinstance(m, sp.peft.AdapterMethod) else str(m))
+def test_factored_methods_take_the_einsum_product_on_every_einsum_layer(monkeypatch, method, full):
+  """Lean branches are added to the einsum; merged products (sparse/spectral) replace the whole contraction."""
   calls = []
   original = runtime_core.einsum_branch
 
-  def spy(adapter, equation, x, kernel, kernel_operand=1):
-    out = original(adapter, equation, x, kernel, kernel_operand)
-    calls.append((adapter.path, out is not None))
+  def spy(adapter, equation, x, kernel, kernel_operand=1, *, full=False):
+    out = original(adapter, equation, x, kernel, kernel_operand, full=full)
+    calls.append((adapter.path, out is not None, full))
     return out
 
   monkeypatch.setattr(runtime_core, "einsum_branch", spy)
+  monkeypatch.setenv(runtime_core.DEBUG_ENV, "1")
   model = GemmaBlock(nnx.Rngs(0))
-  sp.nnx.adapt(model, sp.peft.LoRA(2), r"/w$", key=jax.random.key(1))
-  model(jnp.ones((2, 3, D)))
-  assert sorted(calls) == sorted((p, True) for p in EXPECTED_AXES)
+  sp.nnx.adapt(model, method, r"/w$", key=jax.random.key(1))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)  # A fallback to the rebuilt layer would raise here.
+    model(jnp.ones((2, 3, D)))
+  assert sorted(calls) == sorted((p, True, full) for p in EXPECTED_AXES)
 
 
 def test_lora_parameter_counts_on_gemma_layouts_are_qwix_lora_counts():

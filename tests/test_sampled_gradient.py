@@ -1,4 +1,5 @@
-"""SHiRA/WaveFT's merged product: value through ``W0 + Delta W``, coefficient gradient sampled from ``x^T g``."""
+"""SHiRA/WaveFT's merged product: value through ``W0 + Delta W``, coefficient gradient sampled from ``x^T g``
+(WaveFT's from wavelet-analysed activations)."""
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,9 @@ def test_sampled_product_is_x_transpose_g_at_the_positions():
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("lead", [(2,), (2, 3)])  # 2 tokens: the sampled gradient; 6: x^T g (2 B (m + n) > m n)
 @pytest.mark.parametrize("jit", [False, True])
-def test_value_and_gradients_equal_the_merged_dense_product(name, lead, jit):
-  m, n, p = 14, 10, 25
+@pytest.mark.parametrize("shape", [(14, 10), (13, 9)])  # odd sizes: WaveFT's grid is padded, its synthesis cropped
+def test_value_and_gradients_equal_the_merged_dense_product(name, lead, jit, shape):
+  (m, n), p = shape, 25
   keys = jax.random.split(jax.random.key(0), 4)
   auto, dense = METHODS[name](p), METHODS[name](p, path="dense")
   assert auto.runtime_factored and not auto.factored_branch and not dense.runtime_factored
@@ -63,6 +65,27 @@ def test_value_and_gradients_equal_the_merged_dense_product(name, lead, jit):
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5 * scale)
   for a, b in zip(got[1], want[1]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2", "sym3"])
+@pytest.mark.parametrize("shape", [(14, 12), (13, 11)])
+def test_waveft_sampled_cotangent_is_the_synthesis_adjoint_of_x_transpose_g(wavelet, shape):
+  """Against the plain formula: the vjp of the dense one-level synthesis at ``x^T g``, in float64 numpy."""
+  m, n = shape
+  p = 20
+  method = sp.peft.WaveFT(p, wavelet=wavelet)
+  keys = jax.random.split(jax.random.key(3), 3)
+  indices = method.init_frozen(keys[0], jnp.zeros((m, n)))["indices"]
+  x, g = jax.random.normal(keys[1], (5, m)), jax.random.normal(keys[2], (5, n))
+  outer = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)
+  synthesis = lambda v: deltas.waveft_delta(v, indices, (m, n), wavelet=wavelet, level=1)  # noqa: E731
+  _, vjp = jax.vjp(synthesis, jnp.zeros((p,)))
+  want = np.asarray(vjp(jnp.asarray(outer, jnp.float32))[0])
+  for fn in (deltas.waveft_sampled_cotangent, jax.jit(deltas.waveft_sampled_cotangent, static_argnames="wavelet",
+                                                       static_argnums=3)):
+    got = np.asarray(fn(x, g, indices, (m, n), wavelet=wavelet))
+    # Each entry sums 5 products over K^2 <= 36 filter taps of unit-scale values.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.sqrt(5 * 36) * (1 + np.max(np.abs(want))))
 
 
 def test_dropped_positions_get_no_gradient_and_bfloat16_stays_in_its_dtype():

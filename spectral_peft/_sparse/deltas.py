@@ -239,6 +239,37 @@ def waveft_terms(values: Array, indices: Array, shape: Sequence[int], *, wavelet
   return positions.astype(jnp.int32), terms
 
 
+def waveft_sampled_cotangent(x: Array, g: Array, indices: Array, shape: Sequence[int], *, wavelet: str = "haar") -> Array:
+  """The cotangent of one-level periodised WaveFT coefficients, ``(p,)``, from the activations alone.
+
+  With ``Delta W = crop(S_0 C S_1^T)`` (``S`` the 1-D synthesis along an axis, the crop to ``(m, n)``)
+  and ``y = x (W0 + Delta W)``, the coefficient cotangent is
+  ``dC = S_0^T pad(x)^T pad(g) S_1 = X^T G`` with ``X = S_0^T pad(x)`` and ``G = S_1^T pad(g)`` row by
+  row (the adjoint synthesis, a 1-D wavelet analysis for orthogonal wavelets, ``O(B K (M + N))``):
+  ``dC`` at the ``p`` positions is one sampled product, ``O(B p)``, where sampling the ``p K^2``
+  scattered terms of :func:`waveft_terms` costs ``K^2`` times more.
+
+  Args:
+    x: ``(B, m)`` inputs; g: ``(B, n)`` output cotangents.
+    indices: ``(p,)`` flat positions (or ``(p, 2)`` pairs) in the padded grid
+      ``wavelet_coefficient_shape(shape, wavelet=wavelet, level=1)``.
+    shape: ``(m, n)``; wavelet: a discrete PyWavelets wavelet.
+
+  Returns:
+    ``(p,)`` in ``promote_types(x, g, float32)``: ``sum_b X[b, u] G[b, v]`` at each position ``(u, v)``.
+  """
+  m, n = _check_shape("shape", tuple(shape))
+  big_m, big_n = wavelets.wavelet_coefficient_shape((m, n), wavelet=wavelet, level=1)
+  dtype = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
+  # Tied to g: the analysis of x runs in the backward pass, not hoisted into the forward as a residual.
+  x = x.astype(dtype) + zero_from(g).astype(dtype)
+  # Analysed along the first axis of x^T and g^T: the (M, B) and (N, B) rows the sampled product reads.
+  x_rows = wavelets.synthesis_adjoint_axis(jnp.pad(x.T, ((0, big_m - m), (0, 0))), wavelet, 0)
+  g_rows = wavelets.synthesis_adjoint_axis(jnp.pad(g.astype(dtype).T, ((0, big_n - n), (0, 0))), wavelet, 0)
+  p = indices.shape[0]
+  return sampled_rows(x_rows, g_rows, flat_indices(indices, (big_m, big_n), p), big_n)
+
+
 def _waveft_delta_one_level(values: Array, indices: Array, shape: tuple[int, int], wavelet: str) -> Array:
   """``waveft_delta`` at level 1 as one scatter (no coefficient grid, no intermediate ``(m, n)`` passes)."""
   m, n = shape
@@ -554,9 +585,14 @@ def sampled_product(x: Array, g: Array, flat: Array, n: int) -> Array:
   Returns:
     ``(q,)`` in ``promote_types(x, g, float32)``.
   """
-  m, batch = x.shape[1], x.shape[0]
+  return sampled_rows(x.T, g.T, flat, n)  # Rows of B contiguous values: each position gathers two of them.
+
+
+def sampled_rows(x_rows: Array, g_rows: Array, flat: Array, n: int) -> Array:
+  """:func:`sampled_product` from ``x^T`` ``(m, B)`` and ``g^T`` ``(n, B)`` (real or complex), ``(q,)``."""
+  m, batch = x_rows.shape
   q = flat.shape[0]
-  dtype = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
+  dtype = jnp.promote_types(jnp.result_type(x_rows, g_rows), jnp.float32)
   if q == 0:
     return jnp.zeros((0,), dtype)
   chunk = max(1, min(q, _SAMPLED_CHUNK_ELEMENTS // max(batch, 1)))
@@ -564,7 +600,6 @@ def sampled_product(x: Array, g: Array, flat: Array, n: int) -> Array:
   flat = jnp.concatenate([flat, jnp.full((padded - q,), m * n, flat.dtype)])
   inside = flat < m * n
   rows, cols = jnp.where(inside, flat // n, 0), jnp.where(inside, flat % n, 0)
-  x_rows, g_rows = x.T, g.T  # Rows of B contiguous values: each position gathers two of them.
 
   def one(chunk_positions):
     r, c, keep = chunk_positions

@@ -188,15 +188,26 @@ def _synthesis_axis(c: Array, wavelet: str, axis: int) -> Array:
 
 def _synthesis_adjoint_last(y: Array, wavelet: str) -> Array:
   """Transpose of :func:`_synthesis_last` (equal to :func:`_analysis_last` for orthogonal wavelets)."""
+  return synthesis_adjoint_axis(y, wavelet, -1)
+
+
+def synthesis_adjoint_axis(y: Array, wavelet: str, axis: int) -> Array:
+  """Transpose of the periodised one-level synthesis along ``axis`` (even length): ``[lo, hi]`` along it.
+
+  Along the first axis of a ``(length, B)`` array the result is already in the row layout a sampled
+  product gathers from (no transposed copy of a ``(B, length)`` result).
+  """
   _, _, rec_lo, rec_hi = _filters(wavelet)
   k_len = len(rec_lo)
+  axis = axis % y.ndim
   lo = hi = None
   for j in range(k_len):
-    ys = jnp.roll(y, -(1 - k_len // 2 + j), axis=-1)[..., ::2]
+    rolled = jnp.roll(y, -(1 - k_len // 2 + j), axis=axis)
+    ys = jax.lax.slice_in_dim(rolled, 0, y.shape[axis], 2, axis=axis)
     lo = rec_lo[j] * ys if lo is None else lo + rec_lo[j] * ys
     hi = rec_hi[j] * ys if hi is None else hi + rec_hi[j] * ys
   assert lo is not None and hi is not None  # every wavelet has at least two taps
-  return jnp.concatenate([lo, hi], axis=-1)
+  return jnp.concatenate([lo, hi], axis=axis)
 
 
 def _along(fn, x: Array, axis: int, wavelet: str) -> Array:

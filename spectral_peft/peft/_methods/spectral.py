@@ -187,8 +187,12 @@ class _SparseRealBase(AdapterMethod):
     weight gradient ``x^T g`` that a rebuilt ``Delta W`` needs for its adjoint.
     """
     if self.path == "auto" and self.has_scatter_terms:
-      return _merged_product(_ScatterSynthesis(self), x, w0, params["values"], frozen["indices"])
+      return _merged_product(self._runtime_synthesis(), x, w0, params["values"], frozen["indices"])
     return jnp.matmul(x, w0) + self.branch(params, x, w0, frozen)
+
+  def _runtime_synthesis(self) -> "_ScatterSynthesis":
+    """The update as :func:`_merged_product` reads it."""
+    return _ScatterSynthesis(self)
 
   def branch(self, params, x, w0, frozen=None):
     dtype = jnp.result_type(x, w0)
@@ -271,6 +275,18 @@ class _ScatterSynthesis:
     _, terms_vjp, positions = jax.vjp(lambda v: tuple(reversed(terms(v))), values, has_aux=True)
     d_terms = self.method.scale * deltas.sampled_product(x, g, positions, shape[1])
     return terms_vjp(d_terms.astype(_up(values).dtype))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _WaveletSynthesis(_ScatterSynthesis):
+  """One-level periodised WaveFT for :func:`_merged_product`: merged by its scatter terms, the coefficient
+  cotangent sampled once per coefficient from wavelet-analysed activations
+  (:func:`~spectral_peft._sparse.deltas.waveft_sampled_cotangent`), not once per scattered term."""
+
+  def values_cotangent(self, x, g, values, indices, w0):
+    method = self.method
+    d_values = deltas.waveft_sampled_cotangent(x, g, indices, tuple(w0.shape), wavelet=method.wavelet)
+    return (method.scale * d_values).astype(_up(values).dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,6 +396,9 @@ class WaveFT(_SparseRealBase):
       return None
     return deltas.waveft_terms(values, indices, shape, wavelet=self.wavelet)
 
+  def _runtime_synthesis(self) -> "_ScatterSynthesis":
+    return _WaveletSynthesis(self)
+
   def synthesis(self, values, indices, shape):
     if self.boundary == "zero":
       coeffs = deltas.scatter_coefficients(deltas._check_values(values, real=True), indices, self.grid(shape))
@@ -483,10 +502,13 @@ class _FourierSynthesis:
   def values_cotangent(self, x, g, values, indices, w0):
     m, n = w0.shape
     spectrum_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
-    x_hat = m * jnp.fft.ifft(x.astype(spectrum_dtype), axis=-1)
-    g_hat = n * jnp.fft.ifft(g.astype(spectrum_dtype), axis=-1)
+    # Tied to g (computed in the backward pass, not kept from the forward), and transformed along the
+    # first axis of x^T and g^T: the (m, B) and (n, B) rows the sampled product gathers, no transposed copies.
+    x = x.astype(spectrum_dtype) + deltas.zero_from(g).astype(spectrum_dtype)
+    x_rows = m * jnp.fft.ifft(x.T, axis=0)
+    g_rows = n * jnp.fft.ifft(g.astype(spectrum_dtype).T, axis=0)
     flat = deltas.flat_indices(indices, (m, n), values.shape[0])
-    d_values = (self.scale / (m * n)) * deltas.sampled_product(x_hat, g_hat, flat, n)
+    d_values = (self.scale / (m * n)) * deltas.sampled_rows(x_rows, g_rows, flat, n)
     return d_values if jnp.iscomplexobj(values) else jnp.real(d_values)
 
 

@@ -469,13 +469,28 @@ def check_einsum_layout(adapter: Any, equation: str, path: str, kernel_operand: 
       "the equation).")
 
 
-def einsum_branch(adapter: LayerAdapter, equation: str, x: Array, kernel: Array, kernel_operand: int = 1) -> Array | None:
+def uses_einsum_product(adapter: LayerAdapter) -> bool:
+  """Whether an einsum layer contracts through the method's product rather than rebuilding its layer.
+
+  Methods with a lean branch (:func:`uses_factored_branch`) add ``einsum(x, Delta W)`` to the
+  layer's output; methods whose lean product is a merged one (SHiRA, WaveFT, FourierFT, LFMA) replace
+  the contraction by ``einsum(x, W0 + Delta W)`` through that product (:func:`einsum_branch` with
+  ``full=True``).
+  """
+  return uses_factored_product(adapter)
+
+
+def einsum_branch(adapter: LayerAdapter, equation: str, x: Array, kernel: Array, kernel_operand: int = 1, *,
+                  full: bool = False) -> Array | None:
   """The adapter's part of ``einsum(equation, x, W0 + Delta W)``: ``einsum(equation, x, Delta W)``, factored.
 
   ``x`` is transposed so that its contracted axes come last in the adapter's input-axis order, the
   method's factored ``branch`` maps them to the output axes (never forming ``Delta W`` for LoRA-type
-  methods), and the result is arranged as the equation's output. Returns ``None`` where no single
-  matrix describes the kernel (per-head or summed-out kernel axes): the caller rebuilds instead.
+  methods), and the result is arranged as the equation's output. With ``full``, the method's
+  ``apply`` gives the whole contraction ``einsum(equation, x, W0 + Delta W)`` instead (a merged
+  product's value and its sampled coefficient gradient, with ``kernel`` read as ``W0``). Returns
+  ``None`` where no single matrix describes the kernel (per-head or summed-out kernel axes): the
+  caller rebuilds instead.
   """
   shell = adapter.shell
   ndims = (x.ndim, kernel.ndim) if kernel_operand == 1 else (kernel.ndim, x.ndim)
@@ -492,5 +507,15 @@ def einsum_branch(adapter: LayerAdapter, equation: str, x: Array, kernel: Array,
   if len(set(x_spec)) != len(x_spec):
     return None
   x_t = jnp.einsum(f"{x_spec}->{keep}{in_letters}", x)
-  y = adapter.branch(x_t, kernel)
+  y = adapter.apply(x_t, kernel) if full else adapter.branch(x_t, kernel)
   return jnp.einsum(f"{keep}{out_letters}->{out}", y)
+
+
+def einsum_bias_shape(equation: str, x_ndim: int, kernel: Array) -> tuple[int, ...]:
+  """The shape a bias over the kernel's output axes takes to broadcast onto ``einsum(equation, x, kernel)``.
+
+  The output axes that come from the kernel keep their sizes, the others are 1 (``nnx.Einsum``'s rule).
+  """
+  specs, out = _einsum_specs(equation, (x_ndim, kernel.ndim))
+  w_spec = specs[1]
+  return tuple(kernel.shape[w_spec.index(c)] if c in w_spec else 1 for c in out)

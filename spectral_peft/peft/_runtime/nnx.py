@@ -419,8 +419,9 @@ def _einsum_call(self, base, slot: _Slot, adapter: _runtime.LayerAdapter, args, 
   where the module contracts exactly this weight (a module that does something else with it falls
   back to the rebuilt path).
   """
-  if slot.stack_axes or not _runtime.uses_factored_branch(adapter) or len(args) != 1:
+  if slot.stack_axes or not _runtime.uses_einsum_product(adapter) or len(args) != 1:
     return None
+  full = not _runtime.uses_factored_branch(adapter)
   equation = _einsum_equation(self, slot.name)
   if equation is None:
     return None
@@ -432,14 +433,20 @@ def _einsum_call(self, base, slot: _Slot, adapter: _runtime.LayerAdapter, args, 
     if kwargs.get("einsum_str") not in (None, equation) or set(kwargs) - {"einsum_str", "out_sharding"}:
       _runtime.report_fallback(slot.path, where, "called with another equation or extra arguments")
       return None
-    x_p, kernel_p = self.promote_dtype((x, kernel), dtype=self.dtype)
-    branch = _runtime.einsum_branch(adapter, equation, x_p, kernel_p)
+    bias = self.bias[...] if self.bias is not None else None
+    x_p, kernel_p, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+    branch = _runtime.einsum_branch(adapter, equation, x_p, kernel_p, full=full)
     if branch is None:
       _runtime.report_fallback(slot.path, where, "no single (in, out) matrix describes its kernel")
       return None
-    y = base.__call__(self, x, **kwargs)
-    return y + branch.astype(y.dtype)
-  with _watch_einsum(kernel, adapter) as seen:
+    if not full:
+      y = base.__call__(self, x, **kwargs)
+      return y + branch.astype(y.dtype)
+    y = branch.astype(jnp.result_type(x_p, kernel_p))
+    if bias is not None:
+      y = y + jnp.reshape(bias, _runtime.einsum_bias_shape(equation, x_p.ndim, kernel_p))
+    return y
+  with _watch_einsum(kernel, adapter, full) as seen:
     y = base.__call__(self, *args, **kwargs)
   if seen["count"] > 0 and not seen["unsupported"]:
     return y
@@ -452,30 +459,37 @@ _ORIGINAL_EINSUM = jnp.einsum
 
 
 def _watching_einsum(subscripts, *operands, **kwargs):
-  """``jnp.einsum`` that adds an adapter's branch where a watched weight is the second operand."""
-  y = _ORIGINAL_EINSUM(subscripts, *operands, **kwargs)
+  """``jnp.einsum`` that adds an adapter's branch where a watched weight is the second operand.
+
+  For a method whose lean product is a merged one (``full``), the whole contraction goes through
+  that product instead of the plain einsum.
+  """
   frames = getattr(_WATCH, "frames", None)
   if not frames or not isinstance(subscripts, str) or len(operands) != 2:
-    return y
+    return _ORIGINAL_EINSUM(subscripts, *operands, **kwargs)
   frame = frames[-1]
   if operands[1] is not frame["kernel"]:
     if operands[0] is frame["kernel"]:
       frame["unsupported"] = True
-    return y
-  branch = _runtime.einsum_branch(frame["adapter"], subscripts.replace(" ", ""), operands[0], operands[1])
+    return _ORIGINAL_EINSUM(subscripts, *operands, **kwargs)
+  full = frame["full"]
+  branch = _runtime.einsum_branch(frame["adapter"], subscripts.replace(" ", ""), operands[0], operands[1], full=full)
   if branch is None:
     frame["unsupported"] = True
-    return y
+    return _ORIGINAL_EINSUM(subscripts, *operands, **kwargs)
   frame["count"] += 1
+  if full:
+    return branch.astype(kwargs.get("preferred_element_type") or jnp.result_type(*operands))
+  y = _ORIGINAL_EINSUM(subscripts, *operands, **kwargs)
   return y + branch.astype(y.dtype)
 
 
 @contextlib.contextmanager
-def _watch_einsum(kernel: Array, adapter: _runtime.LayerAdapter):
+def _watch_einsum(kernel: Array, adapter: _runtime.LayerAdapter, full: bool = False):
   frames = getattr(_WATCH, "frames", None)
   if frames is None:
     frames = _WATCH.frames = []
-  frame = {"kernel": kernel, "adapter": adapter, "count": 0, "unsupported": False}
+  frame = {"kernel": kernel, "adapter": adapter, "full": full, "count": 0, "unsupported": False}
   frames.append(frame)
   with _EINSUM_LOCK:
     _EINSUM_USERS[0] += 1
