@@ -118,6 +118,14 @@ CLAIMS = (
           "The sine low-rank paper (Ji et al.), Tab. 6: +31% training memory (and +17% time) for sine LoRA on LLaMA-3-8B."),
 )
 
+# Benchmarks too heavy for the report's own run (a Tunix LLM at embed 1024, 8 simulated devices, a 7B layer set):
+# their recorded runs are shown in the report's benchmark section, with the command that reran them.
+RECORDED_BENCHMARKS = (
+    ("bench_llm", "Tunix LLMs: every method against qwix LoRA (step time and compiled temp memory)"),
+    ("bench_sharded", "Sharded bases: per-device temp memory and collectives, through merge and the runtime"),
+    ("bench_attach", "Attach at LLM scale: every method on a 7B-shaped layer set"),
+)
+
 NOT_REPRODUCIBLE = (
     "NeRF / LLFF (the sine low-rank paper (Ji et al.) Tab. 2-3): needs the LLFF scenes (a download) and GPU-days; the occupancy field and the "
     "image fits above are the nearest analogues we can run from generated data.",
@@ -180,6 +188,17 @@ def recorded_section(module: str, root: str | None = None) -> tuple[str, dict | 
   return "\n".join(parts), records[-1]
 
 
+def recorded_benchmarks(root: str | None = None) -> str:
+  """The report's benchmark section: the recorded runs of :data:`RECORDED_BENCHMARKS` (not rerun by the report)."""
+  parts = ["## Recorded benchmarks\n\nThese benchmarks are not rerun by the report (each needs minutes to an hour "
+           "of CPU, or 8 simulated devices); their recorded runs are shown as committed, each with the command that "
+           "reproduces it.\n"]
+  for module, title in RECORDED_BENCHMARKS:
+    text, _ = recorded_section(module, root)
+    parts.append(f"### {title}\n\n" + (text if text else f"*No recorded run of `{module}`.*\n"))
+  return "\n".join(parts)
+
+
 def run(preset: str, only: tuple[str, ...] = (), *, record: bool = False) -> str:
   """Runs the chosen experiments at ``preset`` and writes ``results/REPORT.md``; returns its path.
 
@@ -239,6 +258,7 @@ def run(preset: str, only: tuple[str, ...] = (), *, record: bool = False) -> str
                   "run of the largest budget (or the most seeds) where there is one, else this report's own run (whose verdict's first "
                   f"words are in the last column).\n\n"
                   + _common.markdown_table(["claim", "verdict", "rests on", f"this `{preset}` run"], summary))
+  sections.append(recorded_benchmarks())
   sections.append("## Settings we cannot run here\n\n" + "\n".join(f"- {line}" for line in NOT_REPRODUCIBLE) + "\n")
   report = "\n".join(sections)
   path = os.path.join(_common.RESULTS_ROOT, "REPORT.md")

@@ -157,6 +157,21 @@ def test_report_shows_the_recorded_run_beside_and_rests_on_it(tmp_path, monkeypa
     report._check_presets(report._known(("sinusoidal_init",)), "no_such_preset")
 
 
+def test_report_benchmark_section_shows_each_recorded_benchmark_or_says_it_has_none(tmp_path):
+  from experiments import report
+
+  result = {"table": "| sharded table |\n", "verdict": "TP within 1.1x", "config": None}
+  _common.record("bench_sharded", "full", result, _common.Usage(1.0, 2.0, 0.0, 1.0), command="cmd-sharded",
+                 root=str(tmp_path))
+  text = report.recorded_benchmarks(str(tmp_path))
+  assert text.startswith("## Recorded benchmarks")
+  assert "| sharded table |" in text and "cmd-sharded" in text
+  for module, title in report.RECORDED_BENCHMARKS:
+    assert f"### {title}" in text
+    if module != "bench_sharded":
+      assert f"*No recorded run of `{module}`.*" in text
+
+
 def test_sine_lora_summarize_recorded_pairs_the_val_chosen_omega_with_lora():
   from experiments import sine_lora_finetune
 
