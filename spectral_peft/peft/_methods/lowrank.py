@@ -137,22 +137,6 @@ class _PlainUpdate:
   def update_matmul(self, params, x):
     return self.scale * jnp.matmul(jnp.matmul(x, params["a"].astype(x.dtype)), params["b"].astype(x.dtype))
 
-  def direction_norm(self, params, w0):
-    """``||w0 + scale a b||_c``, ``(n,)`` in at least float32, without forming the ``(m, n)`` sum.
-
-    ``||w0_j + s (a b)_j||^2 = ||w0_j||^2 + 2 s (a^T w0)_j . b_j + s^2 b_j^T (a^T a) b_j``: one
-    ``(r, m) x (m, n)`` product that reads ``w0`` once and keeps only ``(r, n)``, so a column-split
-    ``w0`` (tensor parallelism) is never gathered. The small products run at the highest precision
-    (TPUs would otherwise take bfloat16 passes).
-    """
-    w = _up(w0)
-    a, b = self.scale * _up(params["a"]).astype(w.dtype), _up(params["b"]).astype(w.dtype)
-    highest = jax.lax.Precision.HIGHEST
-    w0_sq = jnp.sum(jnp.square(w), axis=0)
-    cross = jnp.sum(jnp.matmul(a.T, w, precision=highest) * b, axis=0)
-    update_sq = jnp.sum(b * jnp.matmul(jnp.matmul(a.T, a, precision=highest), b, precision=highest), axis=0)
-    return _safe_sqrt(jnp.maximum(w0_sq + 2.0 * cross + update_sq, 0.0))
-
   def product(self, params, x, w0):
     """``x @ (w0 + update)`` in the promoted dtype of ``x`` and ``w0``, by :func:`low_rank_product`."""
     dtype = jnp.result_type(x, w0)
@@ -329,10 +313,7 @@ class _MagnitudeDirection:
     return (factor - 1.0) * w0 + factor * update
 
   def _direction_norm(self, params, w0):
-    """``||w0 + update||_c``: ``(n,)`` (factored where the update is low rank: ``direction_norm``)."""
-    factored = getattr(self, "direction_norm", None)
-    if factored is not None:
-      return factored(params, w0)
+    """``||w0 + update||_c``: ``(n,)``."""
     return _column_norm(_up(w0) + self.update(params))
 
   def apply(self, params, x, w0, frozen=None):
