@@ -12,9 +12,11 @@ its weight*, in one of two ways, chosen per layer:
   weight whose coefficient gradient is sampled from ``x^T g`` at the coefficients' positions, after
   1-D transforms of the activations, never the ``(m, n)`` weight gradient; or a sparse/spectral spec
   with ``path="factored"``), the layer computes ``method.apply(x, W0)``; no ``(m, n)`` array is kept
-  between the forward and the backward pass. Einsum layers add a factored *branch* to their own
-  output, so they take this route only for methods whose branch is lean on its own (low-rank
-  methods, ``path="factored"``). LoRA and DoRA compute the value as the lighter of ``x W0 + s (x a) b``
+  between the forward and the backward pass. Einsum layers (Linen ``nn.Einsum``, ``nnx.Einsum``,
+  and modules in Tunix's and Gemma's style that contract one weight with ``jnp.einsum``) take this
+  route too, the contraction read from their equation: methods whose branch is lean on its own
+  (low-rank methods, ``path="factored"``) add it to the layer's output; methods whose lean product
+  is a merged one (SHiRA, WaveFT, FourierFT, LFMA) replace the contraction by that product. LoRA and DoRA compute the value as the lighter of ``x W0 + s (x a) b``
   and a transient ``x (W0 + s a b)``, from the shapes (``low_rank_product`` in
   ``_methods/lowrank.py``: a batch with more rows than ``m`` costs an ``(m, n)`` temporary rather
   than a second activation-sized one), and differentiate it factored, in forward and reverse mode.
@@ -214,7 +216,8 @@ def uses_factored_branch(adapter: LayerAdapter) -> bool:
   """Whether the method's branch ``x @ Delta W`` alone is lean (what einsum layers add to their output).
 
   A method whose lean product is a merged one (SHiRA's :meth:`apply`: ``x (W0 + Delta W)`` with a
-  sampled gradient) has no lean branch: its einsum layers rebuild the merged weight instead.
+  sampled gradient) has no lean branch: its einsum layers compute the whole contraction through
+  that product instead (:func:`uses_einsum_product`).
   """
   return uses_factored_product(adapter) and bool(getattr(adapter.method, "factored_branch", True))
 
