@@ -15,8 +15,10 @@ machine and wall/CPU time, to ``experiments/recorded/<name>/<preset>.json`` (and
 committed. Every report shows, per claim, the run it just made (normally ``quick``) and the recorded
 runs beside it, and says which one the verdict rests on: the recorded run of the largest budget (the last
 of the experiment's ``PRESETS``, which list budgets from small to large, that has a record), else the run
-just made. A hand-written ``experiments/recorded/<name>/NOTES.md``, where present, says what the recorded
-runs settled and what still differs from the paper; it is shown under them.
+just made. A preset an experiment lists in ``PARTIAL_PRESETS`` (a run of part of the claim, e.g. two of
+its eight methods) is shown but never rested on. A hand-written ``experiments/recorded/<name>/NOTES.md``,
+where present, says what the recorded runs settled and what still differs from the paper; it is shown
+under them.
 """
 
 from __future__ import annotations
@@ -168,7 +170,8 @@ def _headline(verdict: str) -> str:
 
 def recorded_section(module: str, root: str | None = None) -> tuple[str, dict | None]:
   """The Markdown of ``module``'s recorded runs (empty without any) and the record the verdict rests on (the
-  last in budget order, see the module docstring; None without any)."""
+  last in budget order that is not one of the module's ``PARTIAL_PRESETS``, see the module docstring; None
+  without any)."""
   order = presets_of(module) if importlib.util.find_spec(f"experiments.{module}") else ()
   records = _common.load_recorded(module, root, order)
   if not records:
@@ -185,7 +188,9 @@ def recorded_section(module: str, root: str | None = None) -> tuple[str, dict | 
   if os.path.exists(notes):
     with open(notes) as f:
       parts.append("*What the recorded runs settled and what still differs from the paper.* " + f.read().strip() + "\n")
-  return "\n".join(parts), records[-1]
+  partial = set(getattr(mod, "PARTIAL_PRESETS", ()))
+  whole = [rec for rec in records if rec["preset"] not in partial]
+  return "\n".join(parts), (whole[-1] if whole else None)
 
 
 def recorded_benchmarks(root: str | None = None) -> str:

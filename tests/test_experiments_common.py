@@ -157,6 +157,21 @@ def test_report_shows_the_recorded_run_beside_and_rests_on_it(tmp_path, monkeypa
     report._check_presets(report._known(("sinusoidal_init",)), "no_such_preset")
 
 
+def test_report_shows_a_partial_recorded_run_without_resting_on_it(tmp_path):
+  from experiments import finetune_comparison, report
+
+  assert "sparse" in finetune_comparison.PARTIAL_PRESETS
+  result = {"table": "| two methods |\n", "verdict": "Does not match (0/4)", "config": None}
+  _common.record("finetune_comparison", "sparse", result, _common.Usage(1.0, 2.0, 0.0, 1.0), command="cmd",
+                 root=str(tmp_path))
+  text, rests_on = report.recorded_section("finetune_comparison", str(tmp_path))
+  assert "| two methods |" in text and rests_on is None
+  _common.record("finetune_comparison", "full", {**result, "table": "| all |\n"}, _common.Usage(1.0, 2.0, 0.0, 1.0),
+                 command="cmd", root=str(tmp_path))
+  _, rests_on = report.recorded_section("finetune_comparison", str(tmp_path))
+  assert rests_on["preset"] == "full"  # the whole claim, though "sparse" comes later in PRESETS
+
+
 def test_report_benchmark_section_shows_each_recorded_benchmark_or_says_it_has_none(tmp_path):
   from experiments import report
 
