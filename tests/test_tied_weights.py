@@ -1,7 +1,8 @@
 """Tied weights: every read of an adapted weight inside a model call sees W0 + Delta W, or attach refuses.
 
-Tied LM heads read the embedding outside the owner's ``__call__`` (``Embed.attend``); a module that
-holds another module's weight variable would read it without the adapter, so attach names it.
+Tied LM heads read the embedding outside the owner's ``__call__`` (``Embed.attend``, or a Linen
+``self.variables`` read); a module that holds another module's weight variable would read it without
+the adapter, so attach names it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,47 @@ def test_linen_embed_attend_sees_the_adapted_embedding():
   want = model.apply({"params": sp.peft.merge(params, adapters)}, TOKENS)
   got = jax.jit(lambda ad: sp.peft.apply_adapters(model, params, ad, TOKENS))(adapters)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+class LinenRawReadLM(nn.Module):
+  """A tied head that reads the embedding through ``self.variables`` (not through ``Embed.attend``)."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = jnp.tanh(nn.Dense(WIDTH)(nn.Embed(VOCAB, WIDTH, name="embed")(tokens)))
+    return h @ self.variables["params"]["embed"]["embedding"].T
+
+
+@pytest.mark.parametrize("method", [sp.peft.LoRA(2), sp.peft.SHiRA(12), sp.peft.FourierFT(10)],
+                         ids=lambda m: type(m).__name__)
+def test_linen_raw_variables_reads_see_the_adapted_weight_in_value_and_gradient(method):
+  model = LinenRawReadLM()
+  params = model.init(jax.random.key(0), TOKENS)["params"]
+  adapters = jax.tree.map(lambda a: a + 0.1, sp.peft.init_adapters(jax.random.key(1), params, method, "embedding"))
+
+  def loss_merged(ad):
+    return jnp.sum(jnp.sin(model.apply({"params": sp.peft.merge(params, ad)}, TOKENS)))
+
+  def loss_runtime(ad):
+    return jnp.sum(jnp.sin(sp.peft.apply_adapters(model, params, ad, TOKENS)))
+
+  def loss_context(ad):
+    with sp.peft.factored(ad):
+      return jnp.sum(jnp.sin(model.apply({"params": params}, TOKENS)))
+
+  want, want_grad = jax.value_and_grad(loss_merged)(adapters)
+  assert abs(float(want) - float(loss_merged(jax.tree.map(jnp.zeros_like, adapters)))) > 1e-3  # the read matters
+  scale = TOKENS.size * VOCAB  # summed terms of magnitude <= 1
+  for fn in (jax.jit(jax.value_and_grad(loss_runtime)), jax.jit(jax.value_and_grad(loss_context)),
+             jax.value_and_grad(loss_runtime)):
+    got, got_grad = fn(adapters)
+    assert abs(float(got) - float(want)) <= 1e-5 * scale
+    for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale * (float(jnp.max(jnp.abs(b))) + 1.0))
+  # Outside adapted calls flax's own property is back, and reads give the stored (base) values.
+  assert nn.Module.variables is sp.peft._runtime.linen._FLAX_VARIABLES
+  bound = model.bind({"params": params})
+  np.testing.assert_array_equal(bound.variables["params"]["embed"]["embedding"], params["embed"]["embedding"])
 
 
 def test_nnx_merge_adapters_with_a_non_finite_result_changes_nothing():

@@ -475,11 +475,69 @@ def _frame(adapters: Mapping[str, Adapter], by_path: bool, dropout: float = 0.0,
   frames = _frames()
   frame = _Frame(adapters, by_path, dropout, dropout_key)
   frames.append(frame)
+  _install_variables_view()
   try:
     with nn.intercept_methods(_interceptor):
       yield frame
   finally:
     frames.pop()
+    _remove_variables_view()
+
+
+# -- raw reads of an adapted weight through `Module.variables` (a tied head reading the embedding) -------
+_FLAX_VARIABLES = nn.Module.variables
+_VIEW_LOCK = threading.Lock()
+_VIEW_USERS = [0]
+
+
+def _variables_seen_merged(self: nn.Module) -> Any:
+  """``Module.variables`` inside an adapted call: every adapted weight read as ``W0 + Delta W``.
+
+  A module that reads a weight it does not own (a tied LM head reading the embedding of another
+  module through ``self.variables``) would otherwise get the base weight. The merge of each adapted
+  leaf is computed where it is read (under ``jit`` XLA drops the merges of leaves never used), and the
+  adapters' own entries are hidden. The owner's adapted call itself is left to the runtime.
+  """
+  variables = _FLAX_VARIABLES.fget(self)
+  frames = _frames()
+  if not frames or self.scope is None or id(self) in frames[-1].running:
+    return variables
+  frame = frames[-1]
+  return {col: (_merged_view(tree, tuple(self.path), frame) if col == "params" else tree)
+          for col, tree in variables.items()}
+
+
+def _merged_view(tree: Any, path: tuple[str, ...], frame: _Frame) -> Any:
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if isinstance(key, str) and key.endswith(SUFFIX):
+      continue
+    adapter = tree.get(f"{key}{SUFFIX}") if isinstance(key, str) else None
+    if not isinstance(adapter, _runtime.LayerAdapter) and frame.by_path:
+      full = "/".join((*path, str(key)))
+      found = frame.adapters.get(full, frame.adapters.get(f"params/{full}"))
+      if found is not None and not isinstance(value, Mapping):
+        adapter = _runtime.LayerAdapter.from_adapter(full, found, frame.dropout_key)
+    if isinstance(adapter, _runtime.LayerAdapter) and not isinstance(value, Mapping):
+      out[key] = adapter.merge(dequantized(value))
+    else:
+      out[key] = _merged_view(value, (*path, str(key)), frame)
+  return out
+
+
+def _install_variables_view() -> None:
+  with _VIEW_LOCK:
+    _VIEW_USERS[0] += 1
+    nn.Module.variables = property(_variables_seen_merged)  # type: ignore[assignment, method-assign]
+
+
+def _remove_variables_view() -> None:
+  with _VIEW_LOCK:
+    _VIEW_USERS[0] -= 1
+    if _VIEW_USERS[0] == 0:
+      nn.Module.variables = _FLAX_VARIABLES  # type: ignore[method-assign]
 
 
 def _raise_unused(frame: _Frame) -> None:
