@@ -498,7 +498,7 @@ def _variables_seen_merged(self: nn.Module) -> Any:
   leaf is computed where it is read (under ``jit`` XLA drops the merges of leaves never used), and the
   adapters' own entries are hidden. The owner's adapted call itself is left to the runtime.
   """
-  variables = _FLAX_VARIABLES.fget(self)
+  variables = _FLAX_VARIABLES.fget(self)  # type: ignore[attr-defined]
   frames = _frames()
   if not frames or self.scope is None or id(self) in frames[-1].running:
     return variables
