@@ -504,7 +504,7 @@ class _FourierSynthesis:
     spectrum_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
     # Tied to g (computed in the backward pass, not kept from the forward), and transformed along the
     # first axis of x^T and g^T: the (m, B) and (n, B) rows the sampled product gathers, no transposed copies.
-    x = x.astype(spectrum_dtype) + deltas.zero_from(g).astype(spectrum_dtype)
+    x = _tied(x.astype(spectrum_dtype), g)
     x_rows = m * jnp.fft.ifft(x.T, axis=0)
     g_rows = n * jnp.fft.ifft(g.astype(spectrum_dtype).T, axis=0)
     flat = deltas.flat_indices(indices, (m, n), values.shape[0])

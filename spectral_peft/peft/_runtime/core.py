@@ -16,8 +16,8 @@ its weight*, in one of two ways, chosen per layer:
   and modules in Tunix's and Gemma's style that contract one weight with ``jnp.einsum``) take this
   route too, the contraction read from their equation: methods whose branch is lean on its own
   (low-rank methods, ``path="factored"``) add it to the layer's output; methods whose lean product
-  is a merged one (SHiRA, WaveFT, FourierFT, LFMA) replace the contraction by that product. LoRA and DoRA compute the value as the lighter of ``x W0 + s (x a) b``
-  and a transient ``x (W0 + s a b)``, from the shapes (``low_rank_product`` in
+  is a merged one (SHiRA, WaveFT, FourierFT, LFMA) replace the contraction by that product. LoRA
+  and DoRA compute the value as the lighter of ``x W0 + s (x a) b`` and a transient ``x (W0 + s a b)``, from the shapes (``low_rank_product`` in
   ``_methods/lowrank.py``: a batch with more rows than ``m`` costs an ``(m, n)`` temporary rather
   than a second activation-sized one), and differentiate it factored, in forward and reverse mode.
 * **merged, rematerialised**: every other case (any method on any kernel-using layer: ``Conv``,
@@ -217,7 +217,7 @@ def uses_factored_branch(adapter: LayerAdapter) -> bool:
 
   A method whose lean product is a merged one (SHiRA's :meth:`apply`: ``x (W0 + Delta W)`` with a
   sampled gradient) has no lean branch: its einsum layers compute the whole contraction through
-  that product instead (:func:`uses_einsum_product`).
+  that product instead (:func:`einsum_branch` with ``full=True``).
   """
   return uses_factored_product(adapter) and bool(getattr(adapter.method, "factored_branch", True))
 
@@ -472,17 +472,6 @@ def check_einsum_layout(adapter: Any, equation: str, path: str, kernel_operand: 
       "the equation).")
 
 
-def uses_einsum_product(adapter: LayerAdapter) -> bool:
-  """Whether an einsum layer contracts through the method's product rather than rebuilding its layer.
-
-  Methods with a lean branch (:func:`uses_factored_branch`) add ``einsum(x, Delta W)`` to the
-  layer's output; methods whose lean product is a merged one (SHiRA, WaveFT, FourierFT, LFMA) replace
-  the contraction by ``einsum(x, W0 + Delta W)`` through that product (:func:`einsum_branch` with
-  ``full=True``).
-  """
-  return uses_factored_product(adapter)
-
-
 def einsum_branch(adapter: LayerAdapter, equation: str, x: Array, kernel: Array, kernel_operand: int = 1, *,
                   full: bool = False) -> Array | None:
   """The adapter's part of ``einsum(equation, x, W0 + Delta W)``: ``einsum(equation, x, Delta W)``, factored.
@@ -514,11 +503,16 @@ def einsum_branch(adapter: LayerAdapter, equation: str, x: Array, kernel: Array,
   return jnp.einsum(f"{keep}{out_letters}->{out}", y)
 
 
-def einsum_bias_shape(equation: str, x_ndim: int, kernel: Array) -> tuple[int, ...]:
-  """The shape a bias over the kernel's output axes takes to broadcast onto ``einsum(equation, x, kernel)``.
+def einsum_with_bias(product: Array, equation: str, x: Array, kernel: Array, bias: Array | None) -> Array:
+  """An einsum layer's output from the whole contraction ``product`` (:func:`einsum_branch` with ``full``).
 
-  The output axes that come from the kernel keep their sizes, the others are 1 (``nnx.Einsum``'s rule).
+  ``product`` in the promoted dtype of ``x`` and ``kernel``, plus ``bias`` (over the kernel's output
+  axes) broadcast as ``nn.Einsum`` / ``nnx.Einsum`` do: the output axes that come from the kernel keep
+  their sizes, the others are 1.
   """
-  specs, out = _einsum_specs(equation, (x_ndim, kernel.ndim))
-  w_spec = specs[1]
-  return tuple(kernel.shape[w_spec.index(c)] if c in w_spec else 1 for c in out)
+  y = product.astype(jnp.result_type(x, kernel))
+  if bias is None:
+    return y
+  specs, out = _einsum_specs(equation, (x.ndim, kernel.ndim))
+  shape = tuple(kernel.shape[specs[1].index(c)] if c in specs[1] else 1 for c in out)
+  return y + jnp.reshape(bias, shape)

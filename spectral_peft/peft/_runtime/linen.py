@@ -307,13 +307,14 @@ def _interceptor(next_fun, args, kwargs, context):
     if factored is not None:
       return _factored_call(module, found["kernel"], x)
     if _einsum_ok(module, context.method_name, found, x, kwargs) and not _quantized(module):
-      kernel = module.scope.variables()["params"]["kernel"]
-      bias = module.scope.variables()["params"].get("bias") if module.use_bias else None
-      xp, kp, bp = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+      own = module.scope.variables()["params"]
+      xp, kp, bp = module.promote_dtype(x, own["kernel"], own.get("bias") if module.use_bias else None,
+                                        dtype=module.dtype)
+      equation = module.einsum_str.replace(" ", "")
       full = not _runtime.uses_factored_branch(found["kernel"])
-      branch = _runtime.einsum_branch(found["kernel"], module.einsum_str.replace(" ", ""), xp, kp, full=full)
+      branch = _runtime.einsum_branch(found["kernel"], equation, xp, kp, full=full)
       if branch is not None and full:
-        return _einsum_with_bias(module, branch, xp, kp, bp)
+        return _runtime.einsum_with_bias(branch, equation, xp, kp, bp)
       if branch is not None:
         y = next_fun(*args, **kwargs)
         return y + branch.astype(y.dtype)
@@ -329,17 +330,9 @@ def _einsum_ok(module: Any, method_name: str, found, x, kwargs) -> bool:
   if type(module) is not nn.Einsum or set(found) != {"kernel"} or x is None or method_name != "__call__":
     return False
   adapter = found["kernel"]
-  if adapter.shell.stack_axes or not _runtime.uses_einsum_product(adapter) or not isinstance(module.einsum_str, str):
+  if adapter.shell.stack_axes or not _runtime.uses_factored_product(adapter) or not isinstance(module.einsum_str, str):
     return False
   return kwargs.get("einsum_str") in (None, module.einsum_str)
-
-
-def _einsum_with_bias(module: Any, product: Array, xp: Array, kp: Array, bias: Array | None) -> Array:
-  """``nn.Einsum``'s output from the whole contraction ``product``: plus its bias, broadcast as the layer does."""
-  y = product.astype(jnp.result_type(xp, kp))
-  if bias is None:
-    return y
-  return y + jnp.reshape(bias, _runtime.einsum_bias_shape(module.einsum_str.replace(" ", ""), xp.ndim, kp))
 
 
 def _quantized(module: Any) -> bool:

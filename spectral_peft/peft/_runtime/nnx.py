@@ -419,7 +419,7 @@ def _einsum_call(self, base, slot: _Slot, adapter: _runtime.LayerAdapter, args, 
   where the module contracts exactly this weight (a module that does something else with it falls
   back to the rebuilt path).
   """
-  if slot.stack_axes or not _runtime.uses_einsum_product(adapter) or len(args) != 1:
+  if slot.stack_axes or not _runtime.uses_factored_product(adapter) or len(args) != 1:
     return None
   full = not _runtime.uses_factored_branch(adapter)
   equation = _einsum_equation(self, slot.name)
@@ -442,10 +442,7 @@ def _einsum_call(self, base, slot: _Slot, adapter: _runtime.LayerAdapter, args, 
     if not full:
       y = base.__call__(self, x, **kwargs)
       return y + branch.astype(y.dtype)
-    y = branch.astype(jnp.result_type(x_p, kernel_p))
-    if bias is not None:
-      y = y + jnp.reshape(bias, _runtime.einsum_bias_shape(equation, x_p.ndim, kernel_p))
-    return y
+    return _runtime.einsum_with_bias(branch, equation, x_p, kernel_p, bias)
   with _watch_einsum(kernel, adapter, full) as seen:
     y = base.__call__(self, *args, **kwargs)
   if seen["count"] > 0 and not seen["unsupported"]:
