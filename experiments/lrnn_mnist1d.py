@@ -126,4 +126,4 @@ def main(preset: str = "quick") -> dict:
 
 
 if __name__ == "__main__":
-  _common.cli(main, PRESETS, __doc__)
+  _common.cli(main, PRESETS, __doc__, name=NAME)

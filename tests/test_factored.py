@@ -89,32 +89,60 @@ def test_dense_general_two_axes(inputs):
     ((20,), 50, 3),      # factored forward, merged input gradient
     ((2, 3), 4, 40),     # merged forward, factored input gradient
 ])
-def test_low_rank_product_equals_the_dense_formula_in_every_regime(batch, m, n, jit):
-  """LoRA's product is merged or factored by the shapes; it equals x (w0 + a b), and its gradients (all
-  four arguments), forward-mode derivatives and Hessian equal those of the dense formula."""
+@pytest.mark.parametrize("scaled", [False, True], ids=["lora", "dora-factor"])
+def test_low_rank_product_equals_the_dense_formula_in_every_regime(batch, m, n, jit, scaled):
+  """LoRA's product (and DoRA's, with a column factor) is merged or factored by the shapes; it equals
+  (x (w0 + a b)) * factor, and its gradients (every argument), forward-mode derivatives and Hessian
+  equal those of the dense formula (DoRA's merged route: value and gradients)."""
   from spectral_peft.peft._methods.lowrank import low_rank_product
 
-  keys = jax.random.split(jax.random.key(0), 5)
+  keys = jax.random.split(jax.random.key(0), 6)
   x, w0 = jax.random.normal(keys[0], (*batch, m)), jax.random.normal(keys[1], (m, n))
   a, b = jax.random.normal(keys[2], (m, 3)), jax.random.normal(keys[3], (3, n))
   cotangent = jax.random.normal(keys[4], (*batch, n))
-  dense = lambda *t: jnp.sum(jnp.sin(t[0] @ (t[1] + t[2] @ t[3])) * cotangent)  # noqa: E731
+  args = (x, w0, a, b) + ((1.0 + 0.3 * jax.random.normal(keys[5], (n,)),) if scaled else ())
+  value = lambda x, w0, a, b, factor=1.0: (x @ (w0 + a @ b)) * factor  # noqa: E731
+  dense = lambda *t: jnp.sum(jnp.sin(value(*t)) * cotangent)  # noqa: E731
   ours = lambda *t: jnp.sum(jnp.sin(low_rank_product(*t)) * cotangent)  # noqa: E731
   wrap = jax.jit if jit else (lambda f: f)
-  np.testing.assert_allclose(wrap(low_rank_product)(x, w0, a, b), x @ (w0 + a @ b), rtol=1e-5,
-                             atol=1e-6 * np.sqrt(m * 3) * float(np.abs(x @ (w0 + a @ b)).max()))
-  got = wrap(jax.grad(ours, argnums=(0, 1, 2, 3)))(x, w0, a, b)
-  want = jax.grad(dense, argnums=(0, 1, 2, 3))(x, w0, a, b)
+  want_value = value(*args)
+  np.testing.assert_allclose(wrap(low_rank_product)(*args), want_value, rtol=1e-5,
+                             atol=1e-6 * np.sqrt(m * 3) * float(np.abs(want_value).max()))
+  argnums = tuple(range(len(args)))
+  got = wrap(jax.grad(ours, argnums=argnums))(*args)
+  want = jax.grad(dense, argnums=argnums)(*args)
   terms = int(np.prod(batch)) * max(m, n)  # the most terms any gradient entry sums
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * np.sqrt(terms) * float(np.abs(w).max()) + 1e-7)
+  if scaled and np.prod(batch) > m:
+    return  # DoRA's merged route has a reverse rule only (it keeps no output for the factor's gradient).
   # Forward mode (a JVP in every argument) and forward-over-reverse (a Hessian in x), as in PDE losses.
-  tangents = tuple(jax.random.normal(k, t.shape) for k, t in zip(jax.random.split(keys[4], 4), (x, w0, a, b)))
-  jvp = wrap(lambda *t: jax.jvp(ours, t, tangents))(x, w0, a, b)
-  jvp_dense = jax.jvp(dense, (x, w0, a, b), tangents)
-  for g, w in zip(jvp, jvp_dense):
-    np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * np.sqrt(terms) * float(np.abs(w).max()) + 1e-7)
-  one = lambda row, f: f(row, w0, a, b)  # noqa: E731
+  tangents = tuple(jax.random.normal(k, t.shape) for k, t in zip(jax.random.split(keys[4], len(args)), args))
+  jvp = wrap(lambda *t: jax.jvp(ours, t, tangents))(*args)
+  jvp_dense = jax.jvp(dense, args, tangents)
+  # The scalars sum batch x n summands of m terms each, bounded by |cotangent| times the value and its tangent.
+  value_tangent = jax.jvp(value, args, tangents)
+  summands = [np.abs(cotangent * v).max() for v in value_tangent]
+  for g, w, size in zip(jvp, jvp_dense, summands):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * np.sqrt(np.prod(batch) * m * n) * float(size) + 1e-7)
+  one = lambda row, f: f(row, *args[1:])  # noqa: E731
   hessian = wrap(jax.hessian(lambda r: one(r, ours)))(x.reshape(-1, m)[0])
   hessian_dense = jax.hessian(lambda r: one(r, dense))(x.reshape(-1, m)[0])
   np.testing.assert_allclose(hessian, hessian_dense, rtol=0, atol=1e-5 * m * float(np.abs(hessian_dense).max()))
+
+
+def test_dora_merged_route_needs_no_more_training_memory_than_lora():
+  """With more tokens than inputs (the transient merged route), DoRA's magnitude gradient is taken from
+  x^T g, so its step keeps no (tokens, n) pre-scale output: XLA's compiled temp memory of the step
+  (input and adapter gradients) is at most LoRA's at the same shapes (it was LoRA's plus that output)."""
+  x = jax.random.normal(jax.random.key(0), (4, 128, 64))
+  w0 = jax.random.normal(jax.random.key(1), (64, 256))
+  cotangent = jax.random.normal(jax.random.key(2), (4, 128, 256))
+  temp = {}
+  for method in (sp.peft.LoRA(4), sp.peft.DoRA(4)):
+    params = method.init(jax.random.key(3), w0)
+    loss = lambda p, x, method=method: jnp.sum(jnp.tanh(method.apply(p, jnp.tanh(x), w0)) * cotangent)  # noqa: E731
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    temp[type(method).__name__] = compiled.memory_analysis().temp_size_in_bytes
+  output_bytes = cotangent.size * 4
+  assert temp["DoRA"] <= temp["LoRA"], (temp, output_bytes)

@@ -33,6 +33,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from spectral_peft import _validation
 from spectral_peft._lowrank import matrices
+from spectral_peft._sparse import deltas
 from spectral_peft.peft._methods.base import AdapterMethod
 
 Array = jax.Array
@@ -137,11 +138,13 @@ class _PlainUpdate:
   def update_matmul(self, params, x):
     return self.scale * jnp.matmul(jnp.matmul(x, params["a"].astype(x.dtype)), params["b"].astype(x.dtype))
 
-  def product(self, params, x, w0):
-    """``x @ (w0 + update)`` in the promoted dtype of ``x`` and ``w0``, by :func:`low_rank_product`."""
+  def product(self, params, x, w0, factor=None):
+    """``x @ (w0 + update)`` (times ``factor: (n,)``) in the promoted dtype of ``x`` and ``w0``, by
+    :func:`low_rank_product`."""
     dtype = jnp.result_type(x, w0)
     a = (self.scale * _up(params["a"])).astype(dtype)
-    return low_rank_product(x.astype(dtype), w0.astype(dtype), a, params["b"].astype(dtype))
+    return low_rank_product(x.astype(dtype), w0.astype(dtype), a, params["b"].astype(dtype),
+                            None if factor is None else factor.astype(dtype))
 
 
 class _SineUpdate:
@@ -189,7 +192,7 @@ def _tokens(x: Array) -> int:
   return math.prod(x.shape[:-1])
 
 
-def low_rank_product(x: Array, w0: Array, a: Array, b: Array) -> Array:
+def low_rank_product(x: Array, w0: Array, a: Array, b: Array, factor: Optional[Array] = None) -> Array:
   """``x @ (w0 + a @ b)`` for ``x: (..., m)``, ``w0: (m, n)``, ``a: (m, r)``, ``b: (r, n)`` (one dtype).
 
   The factored form ``x w0 + (x a) b`` needs, besides ``x w0``, a second activation-sized array (the
@@ -197,10 +200,19 @@ def low_rank_product(x: Array, w0: Array, a: Array, b: Array) -> Array:
   The lighter one is taken from the shapes: merged when the batch has more rows than ``m``
   (``tokens * n > m * n``, :func:`_merged_low_rank_product`), else factored (plain JAX), so a small
   batch against a large weight never forms the ``(m, n)`` weight.
+
+  ``factor: (n,)`` (DoRA's ``magnitude / ||V||_c``) scales the output columns. On the merged route its
+  gradient ``sum_b g (x V)`` is taken as the merged weight's would be, from ``x^T g`` (a transient
+  ``(m, n)``, one layer at a time), so no ``(..., n)`` output is kept from the forward to the backward
+  pass (:func:`_scaled_merged_low_rank_product`: reverse mode only); on the factored route that output
+  (lighter than an ``(m, n)`` array there) is kept.
   """
   if _tokens(x) > w0.shape[0]:
-    return _merged_low_rank_product(x, w0, a, b)
-  return jnp.matmul(x, w0) + jnp.matmul(jnp.matmul(x, a), b)
+    if factor is None:
+      return _merged_low_rank_product(x, w0, a, b)
+    return _scaled_merged_low_rank_product(x, w0, a, b, factor)
+  y = jnp.matmul(x, w0) + jnp.matmul(jnp.matmul(x, a), b)
+  return y if factor is None else y * factor
 
 
 @jax.custom_jvp
@@ -214,6 +226,19 @@ def _merged_low_rank_product(x: Array, w0: Array, a: Array, b: Array) -> Array:
   keeps no transposed copy of ``x``.
   """
   return jnp.matmul(x, w0 + jnp.matmul(a, b))
+
+
+def _scaled_merged_value(x: Array, w0: Array, a: Array, b: Array, factor: Array) -> Array:
+  return _merged_low_rank_product(x, w0, a, b) * factor
+
+
+_scaled_merged_low_rank_product = jax.custom_vjp(_scaled_merged_value)
+_scaled_merged_low_rank_product.__doc__ = """``(x @ (w0 + a @ b)) * factor`` through a transient merged weight, with its own reverse rule.
+
+The rule (:func:`_scaled_cotangents`) keeps ``x``, ``w0``, ``a``, ``b`` and ``factor``, never the output
+``x (w0 + a b)`` the factor's gradient reads: that gradient is contracted from ``x^T g`` instead. Reverse
+mode and ``vmap`` only (a ``custom_vjp``): JAX has no forward mode for it.
+"""
 
 
 def _rank_rows(a: Array, x: Array) -> Array:
@@ -242,7 +267,32 @@ def _low_rank_product_jvp(primals, tangents):
   return y, functools.reduce(operator.add, terms) if terms else jnp.zeros_like(y)
 
 
+def _scaled_forward(x, w0, a, b, factor):
+  return _scaled_merged_value(x, w0, a, b, factor), (x, w0, a, b, factor)
+
+
+def _scaled_cotangents(primals, g):
+  """The cotangents of ``(x, w0, a, b, factor)`` of :func:`_scaled_merged_low_rank_product` for the output's ``g``.
+
+  The factor's, ``sum_i w0 * (x^T g) + sum_r b * ((x a)^T g)``, comes first and the others are tied to
+  it (through an exact zero taken from it): its transient ``(m, n)`` ``x^T g`` is freed before the
+  input gradient's buffers exist, where XLA would otherwise defer it, with ``g`` alive, to the end of
+  the backward pass.
+  """
+  x, w0, a, b, factor = primals
+  batch = tuple(range(x.ndim - 1))
+  over_batch = lambda u, v: jax.lax.dot_general(u, v, ((batch, batch), ((), ())))  # noqa: E731  u^T v
+  xa = jnp.matmul(x, a)
+  dfactor = jnp.sum(w0 * over_batch(x, g), axis=0) + jnp.sum(b * over_batch(xa, g), axis=0)
+  gp = g * (factor + deltas.zero_from(dfactor))
+  gb = jnp.matmul(gp, b.T)
+  dx = jnp.matmul(gp, w0.T) + jnp.matmul(gb, a.T)
+  dw0 = over_batch(x, gp)  # Removed by XLA when unused (a frozen base).
+  return dx, dw0, over_batch(x, gb), over_batch(xa, gp), dfactor
+
+
 _merged_low_rank_product.defjvp(_low_rank_product_jvp, symbolic_zeros=True)
+_scaled_merged_low_rank_product.defvjp(_scaled_forward, _scaled_cotangents)
 
 
 @jax.jit  # One fused pass over the weight (no float32 copy of a bfloat16 weight): attach reads 7B weights.
@@ -321,9 +371,9 @@ class _MagnitudeDirection:
     dtype = jnp.result_type(x, w0)
     factor = self._norm_factor(params, self._direction_norm(params, w0)).astype(dtype)
     if isinstance(self, _PlainUpdate):
-      # LoRA's product (merged or factored as it is lighter), then the column factor on the output:
-      # no (m, n) array is kept for the backward pass.
-      return self.product(params, x, w0) * factor
+      # LoRA's product (merged or factored as it is lighter) with the column factor on the output: no
+      # (m, n) array, and on the merged route no output, is kept for the backward pass.
+      return self.product(params, x, w0, factor)
     y = jnp.matmul(x, w0) + self.update_matmul(params, x).astype(dtype)
     return y * factor
 
