@@ -610,9 +610,9 @@ def _compact(result: Mapping[str, Any], limit: int) -> tuple[dict[str, Any], lis
 
 
 def seeds_of(config: Any) -> int:
-  """How many seeds a preset's config runs: ``len(config.seeds)`` for a sequence, ``config.seeds`` for an int,
-  else 1."""
-  seeds = getattr(config, "seeds", 1)
+  """How many seeds a preset's config runs: ``len(config.seeds)`` for a sequence, ``config.seeds`` for an int
+  (``init_seeds`` where a config names its initialisation seeds so), else 1."""
+  seeds = getattr(config, "seeds", getattr(config, "init_seeds", 1))
   return len(seeds) if isinstance(seeds, (list, tuple)) else int(seeds)
 
 

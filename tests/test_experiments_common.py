@@ -103,7 +103,8 @@ def test_machine_and_versions_say_what_a_run_was_measured_on():
 
 
 @pytest.mark.parametrize("config, expected", [(None, 1), (type("C", (), {"seeds": 5})(), 5),
-                                              (type("C", (), {"seeds": (0, 1, 2)})(), 3)])
+                                              (type("C", (), {"seeds": (0, 1, 2)})(), 3),
+                                              (type("C", (), {"init_seeds": (0, 1)})(), 2)])
 def test_seeds_of_reads_an_int_or_a_sequence(config, expected):
   assert _common.seeds_of(config) == expected
 
