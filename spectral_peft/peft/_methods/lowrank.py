@@ -267,6 +267,12 @@ def _low_rank_product_jvp(primals, tangents):
   return y, functools.reduce(operator.add, terms) if terms else jnp.zeros_like(y)
 
 
+def _over_batch(u: Array, v: Array) -> Array:
+  """``u^T v`` over the leading (batch) axes of ``u: (..., p)`` and ``v: (..., q)``: ``(p, q)``."""
+  batch = tuple(range(u.ndim - 1))
+  return jax.lax.dot_general(u, v, ((batch, batch), ((), ())))
+
+
 def _scaled_forward(x, w0, a, b, factor):
   return _scaled_merged_value(x, w0, a, b, factor), (x, w0, a, b, factor)
 
@@ -280,15 +286,52 @@ def _scaled_cotangents(primals, g):
   the backward pass.
   """
   x, w0, a, b, factor = primals
-  batch = tuple(range(x.ndim - 1))
-  over_batch = lambda u, v: jax.lax.dot_general(u, v, ((batch, batch), ((), ())))  # noqa: E731  u^T v
   xa = jnp.matmul(x, a)
-  dfactor = jnp.sum(w0 * over_batch(x, g), axis=0) + jnp.sum(b * over_batch(xa, g), axis=0)
+  dfactor = jnp.sum(w0 * _over_batch(x, g), axis=0) + jnp.sum(b * _over_batch(xa, g), axis=0)
   gp = g * (factor + deltas.zero_from(dfactor))
   gb = jnp.matmul(gp, b.T)
   dx = jnp.matmul(gp, w0.T) + jnp.matmul(gb, a.T)
-  dw0 = over_batch(x, gp)  # Removed by XLA when unused (a frozen base).
-  return dx, dw0, over_batch(x, gb), over_batch(xa, gp), dfactor
+  dw0 = _over_batch(x, gp)  # Removed by XLA when unused (a frozen base).
+  return dx, dw0, _over_batch(x, gb), _over_batch(xa, gp), dfactor
+
+
+def _sine_merged_weight(w0: Array, a: Array, b: Array, omega: float, coefficient: float) -> Array:
+  """``w0 + coefficient * sin(omega a b)``, the sine taken in at least float32, in ``w0``'s dtype."""
+  return w0 + (coefficient * jnp.sin(omega * jnp.matmul(_up(a), _up(b)))).astype(w0.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def sine_merged_product(x: Array, w0: Array, a: Array, b: Array, omega: float, coefficient: float) -> Array:
+  """``x @ (w0 + coefficient * sin(omega a @ b))`` for ``x: (..., m)``: ``(..., n)``, through a transient merged weight.
+
+  Sine LoRA's product in the adapter runtime (``coefficient = scale / gain``). The forward pass holds
+  the merged ``(m, n)`` weight only while it multiplies; the reverse rule keeps ``x``, ``w0``, ``a``
+  and ``b`` and rebuilds what it needs: first ``x^T g`` and ``cos(omega a b)`` for the factors'
+  gradients, then (tied to those, so the two never coexist) the merged weight for the input's. Each
+  device of a sharded kernel builds only its own block, and one activation-sized reduction (none
+  for a column-split kernel) serves the base and the update together. Reverse mode and ``vmap``
+  (a ``custom_vjp``); the blocked :func:`~spectral_peft.sine_lowrank_matmul` is the forward-mode one.
+  """
+  # Built once x exists (tied to it by an exact zero), not hoisted with every other layer's to the start.
+  return jnp.matmul(x, _sine_merged_weight(w0, a + deltas.zero_from(x).astype(a.dtype), b, omega, coefficient))
+
+
+def _sine_merged_forward(x, w0, a, b, omega, coefficient):
+  return sine_merged_product(x, w0, a, b, omega, coefficient), (x, w0, a, b)
+
+
+def _sine_merged_cotangents(omega, coefficient, residuals, g):
+  x, w0, a, b = residuals
+  xtg = _over_batch(x, g)
+  up_a, up_b = _up(a + deltas.zero_from(g).astype(a.dtype)), _up(b)
+  dz = (coefficient * omega) * jnp.cos(omega * jnp.matmul(up_a, up_b)) * _up(xtg)
+  da, db = jnp.matmul(dz, up_b.T).astype(a.dtype), jnp.matmul(up_a.T, dz).astype(b.dtype)
+  merged = _sine_merged_weight(w0, a + deltas.zero_from(da), b, omega, coefficient)
+  dx = jax.lax.dot_general(g, merged, (((g.ndim - 1,), (1,)), ((), ())))
+  return dx.astype(x.dtype), xtg.astype(w0.dtype), da, db
+
+
+sine_merged_product.defvjp(_sine_merged_forward, _sine_merged_cotangents)
 
 
 _merged_low_rank_product.defjvp(_low_rank_product_jvp, symbolic_zeros=True)
@@ -468,14 +511,16 @@ class SineLoRA(_AdditiveLowRank, _SineUpdate, _LowRankBase):
     omega: fixed frequency (the paper uses 200 to 1000 for LLMs).
     alpha: scale numerator, as in LoRA (``None``: scale 1).
     gain: fixed divisor; ``None`` is ``sqrt(m) = sqrt(in_features)`` (App. A.2).
-    block_size: column block of the memory-lean product used by :meth:`apply`.
+    block_size: column block of the blocked product used by :meth:`branch` (:func:`~spectral_peft.sine_lowrank_matmul`).
     param_dtype: dtype of ``a`` and ``b`` (``None``: the dtype of ``w0``).
     use_rslora: scale by ``alpha / sqrt(rank)``, as in :class:`LoRA`.
   """
 
-  # The runtime rebuilds sin(omega a b) / g per layer (measured faster than the blocked lean product at
-  # the same memory bound); the lean product stays available as sp.sine_lowrank_matmul.
-  runtime_factored = False
+  # The runtime takes :meth:`apply` (sine_merged_product: one transient merged weight, no activation
+  # of its own) on Dense-like layers and the whole contraction on einsum layers; :meth:`branch` is the
+  # blocked product of sp.sine_lowrank_matmul (no (m, n) array, but slower).
+  runtime_factored = True
+  factored_branch = False
 
   omega: float = 200.0
   gain: Optional[float] = None
@@ -484,6 +529,15 @@ class SineLoRA(_AdditiveLowRank, _SineUpdate, _LowRankBase):
   def __post_init__(self) -> None:
     super().__post_init__()
     self._check_sine_fields()
+
+  def apply(self, params, x, w0, frozen=None):
+    """``x @ (w0 + scale sin(omega a b) / gain)`` by :func:`sine_merged_product` (reverse mode; ``jax.jvp``
+    needs :meth:`branch`, ``jnp.matmul(x, w0) + branch(...)``)."""
+    del frozen
+    dtype = jnp.result_type(x, w0)
+    gain = self.gain if self.gain is not None else matrices.default_sine_gain(w0.shape[0])
+    return sine_merged_product(x.astype(dtype), w0.astype(dtype), params["a"], params["b"], self.omega,
+                               self.scale / gain)
 
 
 @dataclasses.dataclass(frozen=True)
