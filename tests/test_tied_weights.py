@@ -72,6 +72,32 @@ def test_nnx_attach_refuses_a_weight_another_module_holds():
   assert sp.nnx.adapters_of(model) == {}
 
 
+class NnxHandTiedLM(nnx.Module):
+  """A tied head written by hand: the model's own code reads the embedding table of its child."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+    self.mlp = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+  def __call__(self, tokens):
+    hidden = jnp.tanh(self.mlp(self.embed(tokens)))
+    return (lambda h: h @ self.embed.embedding[...].T)(hidden)  # nested code is read too
+
+
+def test_nnx_attach_refuses_a_weight_a_parent_reads_directly_and_adapts_the_rest():
+  model = NnxHandTiedLM(nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"'embed/embedding' is read by NnxHandTiedLM.__call__ of the root module, outside"):
+    sp.nnx.adapt(model, sp.peft.LoRA(2), "embed/embedding", key=jax.random.key(1))
+  assert sp.nnx.adapters_of(model) == {}
+  # The layers whose weights the model's code does not name adapt as usual and equal the merged model.
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "mlp/kernel", key=jax.random.key(1))
+  nnx.update(model, jax.tree.map(lambda v: v + 0.1, nnx.state(model, nnx.LoRAParam)))
+  plain = NnxHandTiedLM(nnx.Rngs(0))
+  nnx.update(plain, sp.peft.merge(nnx.state(plain, nnx.Param), sp.nnx.adapters_of(model)))
+  want = plain(TOKENS)
+  np.testing.assert_allclose(model(TOKENS), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
 class LinenTiedLM(nn.Module):
   @nn.compact
   def __call__(self, tokens):

@@ -193,6 +193,49 @@ def _shared_readers(model: nnx.Module, owner: Any, name: str) -> list[str]:
   return readers
 
 
+def _code_names(code: Any) -> set[str]:
+  """The attribute and global names a code object and the code nested in it (lambdas, comprehensions) use."""
+  names = set(code.co_names)
+  for const in code.co_consts:
+    if inspect.iscode(const):
+      names |= _code_names(const)
+  return names
+
+
+def _method_names(cls: type) -> dict[str, set[str]]:
+  """``{method: names its code uses}`` for the methods a module class defines (not Flax's or this library's)."""
+  out: dict[str, set[str]] = {}
+  for klass in cls.__mro__:
+    module = getattr(klass, "__module__", "") or ""
+    if klass is object or module.startswith(("flax.", "spectral_peft.")):
+      continue
+    for attr, value in vars(klass).items():
+      fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+      code = getattr(fn, "__code__", None)
+      if code is not None and attr not in out:
+        out[attr] = _code_names(code)
+  return out
+
+
+def _direct_readers(model: nnx.Module, path: str) -> list[str]:
+  """Methods of the modules above a weight's owner whose code names both the way down to it and the weight.
+
+  ``Model.__call__`` reading ``self.embed.embedding`` (a tied head written by hand) names ``embed`` and
+  ``embedding``: such a read happens outside the owner's methods, where the adapter is not seen.
+  """
+  parts = path.split("/")
+  node: Any = model
+  readers = []
+  for depth, part in enumerate(parts[:-1]):
+    if isinstance(node, nnx.Module):
+      for method, names in _method_names(_base_class(type(node))).items():
+        if part in names and parts[-1] in names:
+          where = f"the module at {'/'.join(parts[:depth])!r}" if depth else "the root module"
+          readers.append(f"{type(node).__name__}.{method} of {where}")
+    node, _ = _owner(node, part + "/_")
+  return readers
+
+
 def _base_class(cls: type) -> type:
   return cls.__mro__[1] if cls in _ADAPTED_CLASSES.values() else cls
 
@@ -622,6 +665,12 @@ def attach(model: nnx.Module, adapters: Adapters, *, adapter_name: str = DEFAULT
       raise ValueError(
           f"The weight {path!r} is shared with {readers}: those modules would read it without its adapter. Adapt "
           "the weight where it is owned and let the other modules call the owner (e.g. `Embed.attend`), or untie it.")
+    readers = _direct_readers(model, path)
+    if readers:
+      raise ValueError(
+          f"The weight {path!r} is read by {'; '.join(readers)}, outside the methods of its layer "
+          f"({type(owner).__name__}): such a read would see it without its adapter. Read it through a method of the "
+          f"layer (e.g. `Embed.attend` for a tied head), or adapt another weight.")
     owners[path] = (owner, name)
   for path, adapter in adapters.items():
     owner, name = owners[path]
