@@ -17,11 +17,12 @@ its weight*, in one of two ways, chosen per layer:
   route too, the contraction read from their equation: methods whose branch is lean on its own
   (low-rank methods, ``path="factored"``) add it to the layer's output; methods whose lean product
   is a merged one (SHiRA, WaveFT, FourierFT, LFMA) replace the contraction by that product. LoRA
-  and DoRA compute the value as the lighter of ``x W0 + s (x a) b`` and a transient ``x (W0 + s a b)``, from the shapes (``low_rank_product`` in
-  ``_methods/lowrank.py``: a batch with more rows than ``m`` costs an ``(m, n)`` temporary rather
-  than a second activation-sized one), and differentiate it factored, in forward and reverse mode.
-  On the transient route DoRA's magnitude gradient is taken from ``x^T g`` as the merged weight's
-  would be, so its pre-scale output is not kept for the backward pass.
+  and DoRA compute the value as the lighter of ``x W0 + s (x a) b`` and a transient
+  ``x (W0 + s a b)``, from the shapes (``low_rank_product`` in ``_methods/lowrank.py``: a batch with
+  more rows than ``m`` costs an ``(m, n)`` temporary rather than a second activation-sized one), and
+  differentiate it factored. LoRA's product has forward and reverse mode; on the transient route
+  DoRA's has reverse mode only, its magnitude gradient taken from ``x^T g`` as the merged weight's
+  would be, so that its pre-scale output is not kept for the backward pass.
 * **merged, rematerialised**: every other case (any method on any kernel-using layer: ``Conv``,
   ``Einsum``, ``DenseGeneral`` with ``batch_dims``, subclasses, custom layers) runs the layer's own
   code with the weight ``W0 + Delta W`` built for that layer only, under ``jax.checkpoint``: the

@@ -523,7 +523,8 @@ def _merged_view(tree: Any, path: tuple[str, ...], frame: _Frame) -> Any:
 def _install_variables_view() -> None:
   with _VIEW_LOCK:
     _VIEW_USERS[0] += 1
-    nn.Module.variables = property(_variables_seen_merged)  # type: ignore[assignment, method-assign]
+    if _VIEW_USERS[0] == 1:
+      nn.Module.variables = property(_variables_seen_merged)  # type: ignore[assignment, method-assign]
 
 
 def _remove_variables_view() -> None:

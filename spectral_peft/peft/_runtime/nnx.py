@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import re
 import sys
@@ -202,9 +203,10 @@ def _code_names(code: Any) -> set[str]:
   return names
 
 
-def _method_names(cls: type) -> dict[str, set[str]]:
+@functools.lru_cache(maxsize=None)
+def _method_names(cls: type) -> dict[str, frozenset[str]]:
   """``{method: names its code uses}`` for the methods a module class defines (not Flax's or this library's)."""
-  out: dict[str, set[str]] = {}
+  out: dict[str, frozenset[str]] = {}
   for klass in cls.__mro__:
     module = getattr(klass, "__module__", "") or ""
     if klass is object or module.startswith(("flax.", "spectral_peft.")):
@@ -213,7 +215,7 @@ def _method_names(cls: type) -> dict[str, set[str]]:
       fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
       code = getattr(fn, "__code__", None)
       if code is not None and attr not in out:
-        out[attr] = _code_names(code)
+        out[attr] = frozenset(_code_names(code))
   return out
 
 
@@ -232,7 +234,7 @@ def _direct_readers(model: nnx.Module, path: str) -> list[str]:
         if part in names and parts[-1] in names:
           where = f"the module at {'/'.join(parts[:depth])!r}" if depth else "the root module"
           readers.append(f"{type(node).__name__}.{method} of {where}")
-    node, _ = _owner(node, part + "/_")
+    node = _child(node, part, path)
   return readers
 
 
@@ -589,17 +591,21 @@ def _merged(self, base, found, args, kwargs, fn=None):
   return _runtime.merged_call(weights, call, operands)
 
 
+def _child(node: Any, part: str, path: str) -> Any:
+  """``node``'s attribute or item ``part``, one step down ``path``."""
+  if hasattr(node, part):
+    return getattr(node, part)
+  try:
+    return node[int(part)] if part.lstrip("-").isdigit() else node[part]
+  except (KeyError, IndexError, TypeError):
+    raise ValueError(f"Cannot find the module owning {path!r}: no attribute or item {part!r}.") from None
+
+
 def _owner(model: nnx.Module, path: str) -> tuple[Any, str]:
   node: Any = model
   parts = path.split("/")
   for part in parts[:-1]:
-    if hasattr(node, part):
-      node = getattr(node, part)
-    else:
-      try:
-        node = node[int(part)] if part.lstrip("-").isdigit() else node[part]
-      except (KeyError, IndexError, TypeError):
-        raise ValueError(f"Cannot find the module owning {path!r}: no attribute or item {part!r}.") from None
+    node = _child(node, part, path)
   return node, parts[-1]
 
 
