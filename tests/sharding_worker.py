@@ -204,7 +204,38 @@ def check_no_gather_under_tensor_parallelism(case, mesh):
   print(f"OK tp-no-gather {case.name}", flush=True)
 
 
-TP_NO_GATHER_CASES = ("lora", "dora", "sine_lora", "shira", "waveft")
+def check_fourier_cotangent_layouts(mesh):
+  """The Fourier coefficients' cotangent from each device's block of ``x^T g`` equals the one-device one.
+
+  Token, row and column splits of the activations (Megatron column and row layouts, FSDP-like,
+  replicated), real (FourierFT) and complex (LFMA) coefficients; the compiled HLO gathers nothing.
+  """
+  from spectral_peft._sparse import sharded
+
+  m, n, p, tokens = 16, 24, 40, 8
+  keys = jax.random.split(jax.random.key(5), 4)
+  x = jax.random.normal(keys[0], (tokens, m))
+  g = jax.random.normal(keys[1], (tokens, n))
+  indices = jnp.asarray(np.sort(np.random.default_rng(0).choice(m * n, p, replace=False)), jnp.int32)
+  real = jax.random.normal(keys[2], (p,))
+  values = {"real": real, "complex": real + 1j * jax.random.normal(keys[3], (p,))}
+  layouts = [(P("data", None), P("data", "model")), (P("data", "model"), P("data", None)),
+             (P(None, ("data", "model")), P()), (P(), P(None, "model")), (P(), P())]
+  cotangent = jax.jit(lambda x, g, v: sharded.fourier_cotangent(x, g, v, indices, (m, n), 3.0))
+  for kind, v in values.items():
+    want = np.asarray(cotangent(x, g, v))  # one device: no mesh in the operands' types
+    for x_spec, g_spec in layouts:
+      args = (jax.device_put(x, NamedSharding(mesh, x_spec)), jax.device_put(g, NamedSharding(mesh, g_spec)),
+              jax.device_put(v, NamedSharding(mesh, P())))
+      got = np.asarray(cotangent(*args))
+      scale = float(np.max(np.abs(want)))
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=f"{kind} {x_spec} {g_spec}")
+      hlo = cotangent.lower(*args).compile().as_text()
+      assert "all-gather" not in hlo, (kind, x_spec, g_spec)
+  print("OK fourier-cotangent-layouts", flush=True)
+
+
+TP_NO_GATHER_CASES = ("lora", "dora", "sine_lora", "shira", "waveft", "fourierft", "lfma")
 
 
 def main():
@@ -225,6 +256,8 @@ def main():
       run_fsdp_output_axis(case, block, params, x8, y8)
     if case.name in TP_NO_GATHER_CASES and (not only or case.name in only):
       check_no_gather_under_tensor_parallelism(case, mesh)
+  if not only or "fourierft" in only:
+    check_fourier_cotangent_layouts(mesh)
   print("ALL OK", flush=True)
 
 

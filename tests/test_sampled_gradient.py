@@ -156,3 +156,22 @@ def test_fourier_merged_product_equals_the_dense_product(name, shape, lead, jit)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5 * scale)
   for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_fourier_block_cotangent_off_a_mesh_is_the_cosine_sum_of_x_transpose_g(jit):
+  """``sharded.fourier_cotangent`` off a mesh: ``scale / (m n) sum_jk (x^T g)[j, k] cos(2 pi (u j / m + v k / n))``."""
+  from spectral_peft._sparse import sharded
+
+  m, n, p, tokens, scale = 6, 10, 12, 5, 2.5
+  rng = np.random.default_rng(3)
+  x, g = rng.normal(size=(tokens, m)), rng.normal(size=(tokens, n))
+  flat = np.sort(rng.choice(m * n, p, replace=False)).astype(np.int32)
+  u, v = flat // n, flat % n
+  phase = 2 * np.pi * (u[:, None, None] * np.arange(m)[None, :, None] / m + v[:, None, None] * np.arange(n) / n)
+  want = scale / (m * n) * np.einsum("jk,ljk->l", x.T @ g, np.cos(phase))
+  fn = lambda x, g, c: sharded.fourier_cotangent(x, g, c, flat, (m, n), scale)  # noqa: E731
+  fn = jax.jit(fn) if jit else fn
+  got = np.asarray(fn(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32), jnp.zeros((p,), jnp.float32)))
+  # m n terms of size |x^T g| (about sqrt(tokens)) each, float32 rounding.
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale * np.sqrt(tokens) * np.sqrt(m * n))

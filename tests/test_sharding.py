@@ -158,8 +158,9 @@ def test_sharded_training_equals_unsharded_for_every_method_on_8_devices():
     assert f"OK {case.name} " in proc.stdout, proc.stdout
   for name in ("fourierft", "lfma", "waveft", "shira"):
     assert f"OK fsdp-output-axis {name}" in proc.stdout, proc.stdout
-  for name in ("lora", "dora", "sine_lora", "shira", "waveft"):
+  for name in ("lora", "dora", "sine_lora", "shira", "waveft", "fourierft", "lfma"):
     assert f"OK tp-no-gather {name}" in proc.stdout, proc.stdout
+  assert "OK fourier-cotangent-layouts" in proc.stdout, proc.stdout
   assert proc.stdout.rstrip().endswith("ALL OK")
 
 

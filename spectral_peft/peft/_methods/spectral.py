@@ -40,6 +40,7 @@ import numpy as np
 
 from spectral_peft import _validation
 from spectral_peft._sparse import deltas
+from spectral_peft._sparse import sharded
 from spectral_peft._sparse import theory
 from spectral_peft._sparse import wavelets
 from spectral_peft.peft._methods import positions
@@ -247,12 +248,18 @@ def _merged_bwd(synthesis, residuals, g):
   x, w0, values, indices = residuals
   m, n = w0.shape
   dw0 = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))  # Removed by XLA when unused.
-  merged, merge_vjp = jax.vjp(lambda v: synthesis.merged_weight(v, w0, indices), _tied(values, g))
-  dx = jax.lax.dot_general(g, merged, (((1,), (1,)), ((), ()))).astype(x.dtype)
-  if _sampled_gradient_pays(x.shape[0], m, n):
-    d_values = synthesis.values_cotangent(x, g, values, indices, w0)
+  if synthesis.block_local and sharded.mesh_of(w0) is not None:
+    # Each device's block of x^T g through the adjoint first; the merged weight for dx is rebuilt
+    # after it (tied to its result), so the two (m, n) transients are not alive together.
+    d_values = synthesis.block_values_cotangent(x, g, values, indices, w0)
+    merged = synthesis.merged_weight(_tied(values, d_values), w0, indices)
   else:
-    (d_values,) = merge_vjp(dw0.astype(merged.dtype))
+    merged, merge_vjp = jax.vjp(lambda v: synthesis.merged_weight(v, w0, indices), _tied(values, g))
+    if _sampled_gradient_pays(x.shape[0], m, n):
+      d_values = synthesis.values_cotangent(x, g, values, indices, w0)
+    else:
+      (d_values,) = merge_vjp(dw0.astype(merged.dtype))
+  dx = jax.lax.dot_general(g, merged, (((1,), (1,)), ((), ()))).astype(x.dtype)
   return dx, dw0.astype(w0.dtype), d_values.astype(values.dtype), np.zeros(indices.shape, jax.dtypes.float0)
 
 
@@ -264,6 +271,7 @@ class _ScatterSynthesis:
   """A scatter method's update (:meth:`_SparseRealBase.scatter_terms`) for :func:`_merged_product`."""
 
   method: "_SparseRealBase"
+  block_local = False  # Scatters add into each shard of a sharded kernel locally already.
 
   def merged_weight(self, values, w0, indices):
     return self.method.merge({"values": values}, w0, {"indices": indices})
@@ -495,9 +503,15 @@ class _FourierSynthesis:
   """
 
   scale: float
+  block_local = True  # On a mesh: see :mod:`spectral_peft._sparse.sharded`.
 
   def merged_weight(self, values, w0, indices):
-    return w0 + (self.scale * deltas.fourier_delta(values, indices, tuple(w0.shape))).astype(w0.dtype)
+    delta = sharded.replicated_like(deltas.fourier_delta(values, indices, tuple(w0.shape)), w0)
+    return w0 + (self.scale * delta).astype(w0.dtype)
+
+  def block_values_cotangent(self, x, g, values, indices, w0):
+    """On a mesh: each device's block of ``x^T g`` through the synthesis' adjoint, summed over devices."""
+    return sharded.fourier_cotangent(x, g, values, indices, tuple(w0.shape), self.scale)
 
   def values_cotangent(self, x, g, values, indices, w0):
     m, n = w0.shape
