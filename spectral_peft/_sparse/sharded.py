@@ -13,8 +13,9 @@ every FFT (the half spectrum before the synthesis, the weight gradient before it
   the all-gather of an ``(m, n)`` gradient, and the ``(m, n)`` gradient is never reduced over the
   batch either.
 
-Off a mesh (no mesh in the arrays' types) both are the plain computations. ``custom_partitioning``
-has no batching rule, so :func:`fourier_cotangent` is used only on a mesh.
+Off a mesh (no mesh in the arrays' types, or inside ``shard_map``) both are the plain computations.
+``custom_partitioning`` has neither a batching nor a differentiation rule: batched (``vmap``), the
+cotangent is the plain computation; differentiated, it is a bilinear map of ``(x, g)``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,16 @@ Array = jax.Array
 
 
 def mesh_of(x: Any) -> Any:
-  """The (abstract) mesh in ``x``'s type, or ``None`` off a mesh (no mesh, or a one-device one)."""
+  """The (abstract) mesh in ``x``'s type, or ``None`` off a mesh.
+
+  Off a mesh: no mesh, a one-device one, or one with a manual axis (inside ``shard_map`` the arrays
+  are already each device's own, and the plain computations are local).
+  """
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or mesh.empty or mesh.size == 1:
+    return None
+  if any(kind == jax.sharding.AxisType.Manual for kind in getattr(mesh, "axis_types", ())):
     return None
   return mesh
 
@@ -128,6 +135,32 @@ _partitioned_cotangent.def_partition(
 )
 
 
+def _plain(shape, scale):
+  return lambda x, g, values, indices: _block_cotangent(x, g, values, indices, shape, scale, (0, 0))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _on_mesh(x, g, values, indices, shape, scale):
+  """The partitioned op, with the rules ``custom_partitioning`` lacks: batched, it is the plain
+  computation (vmapped); its derivative is that of a bilinear map of ``(x, g)``."""
+  batchable = jax.custom_batching.custom_vmap(lambda x, g, v, i: _partitioned_cotangent(x, g, v, i, shape, scale))
+
+  @batchable.def_vmap
+  def _batched(axis_size, in_batched, x, g, v, i):
+    in_axes = tuple(0 if b else None for b in in_batched)
+    return jax.vmap(_plain(shape, scale), in_axes=in_axes, axis_size=axis_size)(x, g, v, i), True
+
+  return batchable(x, g, values, indices)
+
+
+@_on_mesh.defjvp
+def _on_mesh_jvp(shape, scale, primals, tangents):
+  x, g, values, indices = primals
+  dx, dg = tangents[0], tangents[1]
+  out = _on_mesh(x, g, values, indices, shape, scale)
+  return out, _on_mesh(dx, g, values, indices, shape, scale) + _on_mesh(x, dg, values, indices, shape, scale)
+
+
 def fourier_cotangent(x: Array, g: Array, values: Array, indices: Array, shape: Sequence[int], scale: float) -> Array:
   """Cotangent of ``values`` for ``y = x (W0 + scale Re(ifft2(S(values))))`` and output cotangent ``g``.
 
@@ -142,6 +175,7 @@ def fourier_cotangent(x: Array, g: Array, values: Array, indices: Array, shape: 
     mesh it is the plain adjoint.
   """
   shape = (int(shape[0]), int(shape[1]))
+  indices = jnp.asarray(indices, jnp.int32)
   if mesh_of(x) is None and mesh_of(g) is None:
-    return _block_cotangent(x, g, values, indices, shape, float(scale), (0, 0))
-  return _partitioned_cotangent(x, g, values, jnp.asarray(indices, jnp.int32), shape, float(scale))
+    return _plain(shape, float(scale))(x, g, values, indices)
+  return _on_mesh(x, g, values, indices, shape, float(scale))

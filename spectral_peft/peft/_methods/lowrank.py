@@ -292,7 +292,8 @@ def _scaled_cotangents(primals, g):
   gb = jnp.matmul(gp, b.T)
   dx = jnp.matmul(gp, w0.T) + jnp.matmul(gb, a.T)
   dw0 = _over_batch(x, gp)  # Removed by XLA when unused (a frozen base).
-  return dx, dw0, _over_batch(x, gb), _over_batch(xa, gp), dfactor
+  cotangents = (dx, dw0, _over_batch(x, gb), _over_batch(xa, gp), dfactor)
+  return tuple(deltas.reduced_like(c, p) for c, p in zip(cotangents, primals))
 
 
 def _sine_merged_weight(w0: Array, a: Array, b: Array, omega: float, coefficient: float) -> Array:
@@ -328,7 +329,8 @@ def _sine_merged_cotangents(omega, coefficient, residuals, g):
   da, db = jnp.matmul(dz, up_b.T).astype(a.dtype), jnp.matmul(up_a.T, dz).astype(b.dtype)
   merged = _sine_merged_weight(w0, a + deltas.zero_from(da), b, omega, coefficient)
   dx = jax.lax.dot_general(g, merged, (((g.ndim - 1,), (1,)), ((), ())))
-  return dx.astype(x.dtype), xtg.astype(w0.dtype), da, db
+  cotangents = (dx.astype(x.dtype), xtg.astype(w0.dtype), da, db)
+  return tuple(deltas.reduced_like(c, p) for c, p in zip(cotangents, residuals))
 
 
 sine_merged_product.defvjp(_sine_merged_forward, _sine_merged_cotangents)

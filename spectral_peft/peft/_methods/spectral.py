@@ -260,7 +260,9 @@ def _merged_bwd(synthesis, residuals, g):
     else:
       (d_values,) = merge_vjp(dw0.astype(merged.dtype))
   dx = jax.lax.dot_general(g, merged, (((1,), (1,)), ((), ()))).astype(x.dtype)
-  return dx, dw0.astype(w0.dtype), d_values.astype(values.dtype), np.zeros(indices.shape, jax.dtypes.float0)
+  cotangents = (dx, dw0.astype(w0.dtype), d_values.astype(values.dtype))
+  return (*(deltas.reduced_like(c, p) for c, p in zip(cotangents, (x, w0, values))),
+          np.zeros(indices.shape, jax.dtypes.float0))
 
 
 _merged_2d.defvjp(_merged_fwd, _merged_bwd)
@@ -499,7 +501,8 @@ class _FourierSynthesis:
   weight gradient and no adjoint FFT of one. That holds the complex spectra of both activations,
   ``B (m + n)`` complex values: where they outweigh an ``(m, n)`` array (``2 B (m + n) > m n``, many
   tokens; :func:`_sampled_gradient_pays`) the gradient is the adjoint FFT of ``x^T g`` instead, as
-  for a rebuilt ``Delta W``.
+  for a rebuilt ``Delta W``. On a device mesh the update is built replicated and the gradient comes
+  from each device's block of ``x^T g`` (:mod:`spectral_peft._sparse.sharded`): no all-gather.
   """
 
   scale: float

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectral_peft._sparse import deltas
 from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
 from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter
@@ -239,6 +240,13 @@ def _cotangent_like(value: Any, cotangent: Any) -> Any:
   return np.zeros(jnp.shape(value), jax.dtypes.float0)
 
 
+def _reduced_like(cotangent: Any, primal: Any) -> Any:
+  """:func:`~spectral_peft._sparse.deltas.reduced_like` for floating cotangents (float0 ones pass)."""
+  if jnp.result_type(cotangent) == jax.dtypes.float0:
+    return cotangent
+  return deltas.reduced_like(cotangent, primal)
+
+
 def merged_call(adapters: Mapping[str, tuple[LayerAdapter | None, Any]],
                 call: Callable[[dict[str, Array], Any], Any], operands: Any) -> Any:
   """``call({name: W0 + Delta W}, operands)`` with the merged weights rebuilt in the backward pass.
@@ -297,7 +305,11 @@ def merged_call(adapters: Mapping[str, tuple[LayerAdapter | None, Any]],
     d_params, d_weights = merge_vjp(d_merged)
     d_weights = [jax.tree.map(_cotangent_like, w, d) for w, d in zip(weights, d_weights)]
     d_frozen = jax.tree.map(lambda f: np.zeros(jnp.shape(f), jax.dtypes.float0), frozen)
-    return d_params, d_frozen, d_weights, rebuild(d_float_ops, fill=True)
+    # Inside shard_map: each cotangent varies like its primal (the tie made the parameters vary).
+    primal_params, _, primal_weights, primal_operands = residuals
+    d_params = jax.tree.map(_reduced_like, d_params, primal_params)
+    d_weights = jax.tree.map(_reduced_like, d_weights, primal_weights)
+    return d_params, d_frozen, d_weights, jax.tree.map(_reduced_like, rebuild(d_float_ops, fill=True), primal_operands)
 
   run.defvjp(run_fwd, run_bwd)
   params = [() if a is None else a.params for a in layer_adapters]
