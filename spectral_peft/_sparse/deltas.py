@@ -609,8 +609,16 @@ def sampled_product(x: Array, g: Array, flat: Array, n: int) -> Array:
 def sampled_rows(x_rows: Array, g_rows: Array, flat: Array, n: int) -> Array:
   """:func:`sampled_product` from ``x^T`` ``(m, B)`` and ``g^T`` ``(n, B)`` (real or complex), ``(q,)``."""
   m, batch = x_rows.shape
-  q = flat.shape[0]
   dtype = jnp.promote_types(jnp.result_type(x_rows, g_rows), jnp.float32)
+  return _over_positions(lambda r, c: jnp.sum(x_rows[r].astype(dtype) * g_rows[c].astype(dtype), axis=1),
+                         flat, (m, n), batch, dtype)
+
+
+def _over_positions(products: Any, flat: Array, shape: tuple[int, int], batch: int, dtype: Any) -> Array:
+  """``products(rows, cols)`` over the flat positions, ``(q,)``, in chunks (a ``lax.map``) of about
+  ``_SAMPLED_CHUNK_ELEMENTS / batch`` positions; positions ``>= m n`` (dropped entries) give 0."""
+  m, n = shape
+  q = flat.shape[0]
   if q == 0:
     return jnp.zeros((0,), dtype)
   chunk = max(1, min(q, _SAMPLED_CHUNK_ELEMENTS // max(batch, 1)))
@@ -621,11 +629,33 @@ def sampled_rows(x_rows: Array, g_rows: Array, flat: Array, n: int) -> Array:
 
   def one(chunk_positions):
     r, c, keep = chunk_positions
-    products = x_rows[r].astype(dtype) * g_rows[c].astype(dtype)
-    return jnp.where(keep, jnp.sum(products, axis=1), 0)
+    return jnp.where(keep, products(r, c), 0).astype(dtype)
 
   out = jax.lax.map(one, (rows.reshape(-1, chunk), cols.reshape(-1, chunk), inside.reshape(-1, chunk)))
   return out.reshape(-1)[:q]
+
+
+def sampled_spectra(x: Array, g: Array, flat: Array, shape: tuple[int, int]) -> Array:
+  """``sum_b X[b, u] G[b, v]`` at flat positions ``(u, v)``, ``X = m ifft_m(x)``, ``G = n ifft_n(g)``: ``(q,)`` complex.
+
+  The Fourier coefficients' sampled gradient, from real ``x: (B, m)`` and ``g: (B, n)``. Their spectra
+  are kept as halves, ``R = rfft`` along the contiguous axis, as rows of ``B``: ``X[:, u]`` is
+  ``conj(R[u])`` up to ``m // 2`` and ``R[m - u]`` above (likewise ``G``). Each position gathers two half
+  rows, conjugated where needed, and sums their product.
+  """
+  m, n = shape
+  dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
+  real = jnp.finfo(dtype).dtype
+  x_half = jnp.fft.rfft(x.astype(real), axis=1).T  # (m // 2 + 1, B)
+  g_half = jnp.fft.rfft(g.astype(real), axis=1).T  # (n // 2 + 1, B)
+
+  def half_rows(half, index, size):
+    low = index <= size // 2
+    picked = half[jnp.where(low, index, size - index)]
+    return jax.lax.complex(jnp.real(picked), jnp.where(low[:, None], -1, 1) * jnp.imag(picked))
+
+  return _over_positions(lambda r, c: jnp.sum(half_rows(x_half, r, m) * half_rows(g_half, c, n), axis=1),
+                         flat, (m, n), x.shape[0], dtype)
 
 
 def sparse_matmul(x: Array, values: Array, indices: Array, shape: Sequence[int], *, path: str = "auto") -> Array:

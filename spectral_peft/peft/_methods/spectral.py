@@ -498,8 +498,9 @@ class _FourierSynthesis:
   The merged weight takes one ``irfft2``. With ``X = m ifft_m(x)`` and ``G = n ifft_n(g)`` (1-D FFTs
   of the activations), the cotangent of the coefficient at ``(u, v)`` is
   ``scale / (m n) sum_b X[b, u] G[b, v]`` (its real part for real coefficients): no ``(m, n)``
-  weight gradient and no adjoint FFT of one. That holds the complex spectra of both activations,
-  ``B (m + n)`` complex values: where they outweigh an ``(m, n)`` array (``2 B (m + n) > m n``, many
+  weight gradient and no adjoint FFT of one. That holds the spectra of both (real) activations as
+  ``rfft`` halves (:func:`~spectral_peft._sparse.deltas.sampled_spectra`), about ``B (m + n) / 2``
+  complex values: where ``B (m + n)`` complex values outweigh an ``(m, n)`` array (``2 B (m + n) > m n``, many
   tokens; :func:`_sampled_gradient_pays`) the gradient is the adjoint FFT of ``x^T g`` instead, as
   for a rebuilt ``Delta W``. On a device mesh the update is built replicated and the gradient comes
   from each device's block of ``x^T g`` (:mod:`spectral_peft._sparse.sharded`): no all-gather.
@@ -521,11 +522,15 @@ class _FourierSynthesis:
     spectrum_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
     # Tied to g (computed in the backward pass, not kept from the forward), and transformed along the
     # first axis of x^T and g^T: the (m, B) and (n, B) rows the sampled product gathers, no transposed copies.
-    x = _tied(x.astype(spectrum_dtype), g)
-    x_rows = m * jnp.fft.ifft(x.T, axis=0)
-    g_rows = n * jnp.fft.ifft(g.astype(spectrum_dtype).T, axis=0)
     flat = deltas.flat_indices(indices, (m, n), values.shape[0])
-    d_values = (self.scale / (m * n)) * deltas.sampled_rows(x_rows, g_rows, flat, n)
+    if jnp.iscomplexobj(x) or jnp.iscomplexobj(g):
+      x = _tied(x.astype(spectrum_dtype), g)
+      x_rows = m * jnp.fft.ifft(x.T, axis=0)
+      g_rows = n * jnp.fft.ifft(g.astype(spectrum_dtype).T, axis=0)
+      spectra = deltas.sampled_rows(x_rows, g_rows, flat, n)
+    else:
+      spectra = deltas.sampled_spectra(_tied(x, g), g, flat, (m, n))
+    d_values = (self.scale / (m * n)) * spectra
     return d_values if jnp.iscomplexobj(values) else jnp.real(d_values)
 
 
