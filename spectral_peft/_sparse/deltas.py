@@ -154,24 +154,6 @@ def zero_from(values: Array) -> Array:
   return jnp.where(jnp.isfinite(first), first, jnp.zeros((), first.dtype)) * 0
 
 
-def reduced_like(cotangent: Any, primal: Any) -> Any:
-  """``cotangent`` summed over the manual mesh axes it varies along and ``primal`` does not.
-
-  Inside ``shard_map`` a custom derivative's cotangent must vary like its primal: the gradient of
-  a value that is the same on every device (a base kernel, an adapter) is the sum of the devices'
-  contributions. Outside ``shard_map`` (nothing varies) it is ``cotangent`` unchanged.
-  """
-  extra = _varying(cotangent) - _varying(primal)
-  return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
-
-
-def _varying(x: Any) -> frozenset:
-  """The manual mesh axes ``x`` varies along (empty outside ``shard_map``)."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)
-  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
 def waveft_delta(values: Array, indices: Array, shape: Sequence[int], *, wavelet: str = "haar", level: int = 1) -> Array:
   """WaveFT update ``IDWT2(C)`` of a sparse wavelet coefficient matrix ``C``, cropped to ``shape``.
 

@@ -14,6 +14,8 @@ every FFT (the half spectrum before the synthesis, the weight gradient before it
   batch either.
 
 Off a mesh (no mesh in the arrays' types, or inside ``shard_map``) both are the plain computations.
+Inside ``shard_map``, :func:`reduced_like` gives the library's custom derivatives cotangents that
+vary like their primals.
 ``custom_partitioning`` has neither a batching nor a differentiation rule: batched (``vmap``), the
 cotangent is the plain computation; differentiated, it is a bilinear map of ``(x, g)``.
 """
@@ -55,6 +57,24 @@ def replicated_like(a: Array, like: Array) -> Array:
   if mesh is None:
     return a
   return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P()))
+
+
+def reduced_like(cotangent: Any, primal: Any) -> Any:
+  """``cotangent`` summed over the manual mesh axes it varies along and ``primal`` does not.
+
+  Inside ``shard_map`` a custom derivative's cotangent must vary like its primal: the gradient of
+  a value that is the same on every device (a base kernel, an adapter) is the sum of the devices'
+  contributions. Outside ``shard_map`` (nothing varies) it is ``cotangent`` unchanged.
+  """
+  extra = _varying(cotangent) - _varying(primal)
+  return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
+def _varying(x: Any) -> frozenset:
+  """The manual mesh axes ``x`` varies along (empty outside ``shard_map``)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def _adjoint(g_full: Array, values: Array, indices: Array, shape: tuple[int, int], scale: float) -> Array:

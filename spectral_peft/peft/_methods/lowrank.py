@@ -34,6 +34,7 @@ from jax.custom_derivatives import SymbolicZero
 from spectral_peft import _validation
 from spectral_peft._lowrank import matrices
 from spectral_peft._sparse import deltas
+from spectral_peft._sparse import sharded
 from spectral_peft.peft._methods.base import AdapterMethod
 
 Array = jax.Array
@@ -293,7 +294,7 @@ def _scaled_cotangents(primals, g):
   dx = jnp.matmul(gp, w0.T) + jnp.matmul(gb, a.T)
   dw0 = _over_batch(x, gp)  # Removed by XLA when unused (a frozen base).
   cotangents = (dx, dw0, _over_batch(x, gb), _over_batch(xa, gp), dfactor)
-  return tuple(deltas.reduced_like(c, p) for c, p in zip(cotangents, primals))
+  return tuple(sharded.reduced_like(c, p) for c, p in zip(cotangents, primals))
 
 
 def _sine_merged_weight(w0: Array, a: Array, b: Array, omega: float, coefficient: float) -> Array:
@@ -330,7 +331,7 @@ def _sine_merged_cotangents(omega, coefficient, residuals, g):
   merged = _sine_merged_weight(w0, a + deltas.zero_from(da), b, omega, coefficient)
   dx = jax.lax.dot_general(g, merged, (((g.ndim - 1,), (1,)), ((), ())))
   cotangents = (dx.astype(x.dtype), xtg.astype(w0.dtype), da, db)
-  return tuple(deltas.reduced_like(c, p) for c, p in zip(cotangents, residuals))
+  return tuple(sharded.reduced_like(c, p) for c, p in zip(cotangents, residuals))
 
 
 sine_merged_product.defvjp(_sine_merged_forward, _sine_merged_cotangents)

@@ -261,7 +261,7 @@ def _merged_bwd(synthesis, residuals, g):
       (d_values,) = merge_vjp(dw0.astype(merged.dtype))
   dx = jax.lax.dot_general(g, merged, (((1,), (1,)), ((), ()))).astype(x.dtype)
   cotangents = (dx, dw0.astype(w0.dtype), d_values.astype(values.dtype))
-  return (*(deltas.reduced_like(c, p) for c, p in zip(cotangents, (x, w0, values))),
+  return (*(sharded.reduced_like(c, p) for c, p in zip(cotangents, (x, w0, values))),
           np.zeros(indices.shape, jax.dtypes.float0))
 
 
@@ -519,11 +519,11 @@ class _FourierSynthesis:
 
   def values_cotangent(self, x, g, values, indices, w0):
     m, n = w0.shape
-    spectrum_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
-    # Tied to g (computed in the backward pass, not kept from the forward), and transformed along the
-    # first axis of x^T and g^T: the (m, B) and (n, B) rows the sampled product gathers, no transposed copies.
     flat = deltas.flat_indices(indices, (m, n), values.shape[0])
+    # x tied to g: computed in the backward pass, not kept from the forward.
     if jnp.iscomplexobj(x) or jnp.iscomplexobj(g):
+      # Full spectra, transformed along the first axis of x^T and g^T: the rows the product gathers.
+      spectrum_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.complex64)
       x = _tied(x.astype(spectrum_dtype), g)
       x_rows = m * jnp.fft.ifft(x.T, axis=0)
       g_rows = n * jnp.fft.ifft(g.astype(spectrum_dtype).T, axis=0)

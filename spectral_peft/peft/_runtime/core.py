@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_peft._sparse import deltas
+from spectral_peft._sparse import sharded
 from spectral_peft.peft._methods.bank import INDEX as BANK_INDEX
 from spectral_peft.peft._methods.bank import AdapterBank
 from spectral_peft.peft._methods.base import Adapter
@@ -241,10 +241,10 @@ def _cotangent_like(value: Any, cotangent: Any) -> Any:
 
 
 def _reduced_like(cotangent: Any, primal: Any) -> Any:
-  """:func:`~spectral_peft._sparse.deltas.reduced_like` for floating cotangents (float0 ones pass)."""
+  """:func:`~spectral_peft._sparse.sharded.reduced_like` for floating cotangents (float0 ones pass)."""
   if jnp.result_type(cotangent) == jax.dtypes.float0:
     return cotangent
-  return deltas.reduced_like(cotangent, primal)
+  return sharded.reduced_like(cotangent, primal)
 
 
 def merged_call(adapters: Mapping[str, tuple[LayerAdapter | None, Any]],
