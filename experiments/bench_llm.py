@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -39,6 +40,7 @@ from experiments import _common
 NAME = "bench_llm"
 BASELINE = "qwix LoRA"
 SPARSE = ("WaveFT", "SHiRA", "FourierFT", "LFMA")
+FLOOR = "irfft2 floor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +85,36 @@ def variants(config: Config) -> tuple[str, ...]:
   return (*config.methods, BASELINE, "full")
 
 
+def adapted_shapes(config: Config, width: Width) -> list[tuple[int, int]]:
+  """``(m, n)`` of the 7 projection weights of every layer, as qwix flattens them (contracted axes, the others)."""
+  q, kv = width.heads * width.head_dim, width.kv_heads * width.head_dim
+  e, h = width.embed, width.hidden
+  return [(e, q), (e, kv), (e, kv), (q, e), (e, h), (e, h), (h, e)] * config.layers
+
+
+def synthesis_floor(config: Config, width: Width) -> Callable[[], Any]:
+  """One compiled call: one ``irfft2`` of a dense half spectrum for every adapted weight, nothing else.
+
+  A FourierFT/LFMA step that forms each ``Delta W = Re(ifft2(S))`` pays at least this (ours forms it twice,
+  once for the forward pass and once for the input's gradient, and adds the scatter and the coefficients'
+  gradient), on top of the base model's matmuls that every method's step shares; timed with the steps, it
+  bounds from below what any such formulation can reach on the machine at hand.
+  """
+  import jax.numpy as jnp
+
+  shapes = adapted_shapes(config, width)
+  keys = jax.random.split(jax.random.key(0), len(shapes))
+  spectra = [jax.random.normal(k, (m, n // 2 + 1), jnp.complex64) for k, (m, n) in zip(keys, shapes)]
+  synthesise = jax.jit(lambda ss: [jnp.fft.irfft2(s, s=shape) for s, shape in zip(ss, shapes)])
+  return lambda: synthesise(spectra)
+
+
 def run_width(config: Config, family: str, width: Width) -> list[dict]:
-  """Trains every variant on one model, then times their compiled steps interleaved."""
+  """Trains every variant on one model, then times their compiled steps interleaved.
+
+  On the Llama3, :func:`synthesis_floor` is timed among them (the row ``irfft2 floor``: no training, no
+  memory figure).
+  """
   from experiments import _llm
 
   size = _llm.ModelSize(embed=width.embed, hidden=width.hidden, layers=config.layers, heads=width.heads,
@@ -101,10 +131,15 @@ def run_width(config: Config, family: str, width: Width) -> list[dict]:
     rows.append({"family": family, "embed": width.embed, "hidden": width.hidden, "method": name,
                  "trainable": _llm.trainable_count(model), "losses": losses.tolist(),
                  "temp_MiB": t.compiled.memory_analysis().temp_size_in_bytes / 2**20})
-  for t in trainers.values():
-    jax.block_until_ready(t.timed_step()())  # a warm-up step on the copied state
-  times = _common.time_interleaved({name: t.timed_step() for name, t in trainers.items()}, config.repeats,
-                                   desc=f"timing {family} {width.embed}")
+  calls = {name: t.timed_step() for name, t in trainers.items()}
+  if family == "llama3" and any(m in ("FourierFT", "LFMA") for m in config.methods):
+    calls[FLOOR] = synthesis_floor(config, width)
+  for call in calls.values():
+    jax.block_until_ready(call())  # a warm-up step on the copied state (the floor: its compilation)
+  times = _common.time_interleaved(calls, config.repeats, desc=f"timing {family} {width.embed}")
+  if FLOOR in calls:
+    rows.append({"family": family, "embed": width.embed, "hidden": width.hidden, "method": FLOOR,
+                 "trainable": 0, "losses": [], "temp_MiB": float("nan")})
   base = next(r for r in rows if r["method"] == BASELINE)
   base.update(_common.milliseconds(times[BASELINE]))
   for row in rows:
@@ -132,17 +167,24 @@ def verdict_of(rows: list[dict], width: int, tokens: int) -> str:
                      r["time_vs_qwix"] <= 1.3 and r["temp_vs_qwix"] <= 1.1))
   met = [c for c, ok in checks if ok]
   missed = [c for c, ok in checks if not ok]
+  floor = ""
+  if FLOOR in wide:
+    f = wide[FLOOR]["time_vs_qwix"]
+    floor = (f" One irfft2 of every adapted weight, alone in its own compiled call ({FLOOR}), takes {f:.2f}x qwix "
+             f"LoRA's step time; FourierFT/LFMA form every update twice per step (forward pass, input gradient).")
   return (f"Llama3 at embed {width}, {tokens} tokens per step, against qwix LoRA r8 (targets, set at 256 tokens: LoRA <= 1.05x time and <= 1.0x temp; "
           f"WaveFT/SHiRA/FourierFT/LFMA <= 1.3x time and <= 1.1x temp): "
           + (f"met: {'; '.join(met)}. " if met else "")
-          + (f"missed: {'; '.join(missed)}." if missed else "all met."))
+          + (f"missed: {'; '.join(missed)}." if missed else "all met.") + floor)
 
 
 def table_of(rows: list[dict], config: Config) -> str:
   body = []
   for r in rows:
-    body.append([r["family"], f"{r['embed']}/{r['hidden']}", r["method"], f"{r['trainable']:,}",
-                 f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", f"{r['temp_MiB']:.1f}", f"{r['temp_vs_qwix']:.2f}",
+    trained = bool(r["losses"])
+    body.append([r["family"], f"{r['embed']}/{r['hidden']}", r["method"], f"{r['trainable']:,}" if trained else "-",
+                 f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}" if trained else "-",
+                 f"{r['temp_MiB']:.1f}" if trained else "-", f"{r['temp_vs_qwix']:.2f}" if trained else "-",
                  f"{r['median_ms']:.1f}", f"{r['time_vs_qwix']:.2f}"])
   header = ["model", "embed/hidden", "method", "trainable", f"loss step 1 -> {config.steps}", "temp MiB",
             "temp / qwix", "step ms (median)", "time / qwix"]
@@ -158,7 +200,7 @@ def plot(rows: list[dict], path: str) -> str:
   fig, axes = _common.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
   for ax, (family, embed) in zip(axes[0], keys):
     for r in rows:
-      if (r["family"], r["embed"]) == (family, embed):
+      if (r["family"], r["embed"]) == (family, embed) and r["losses"]:
         style = "--" if r["method"] in (BASELINE, "full") else "-"
         ax.plot(np.arange(1, len(r["losses"]) + 1), r["losses"], style, label=r["method"])
     ax.set_title(f"{family}, embed {embed}")
