@@ -98,6 +98,59 @@ def test_nnx_attach_refuses_a_weight_a_parent_reads_directly_and_adapts_the_rest
   np.testing.assert_allclose(model(TOKENS), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
+class NnxDynamicTiedLM(nnx.Module):
+  """A tied head whose read of the table no code analysis can see: the attribute name is built at run time."""
+
+  def __init__(self, rngs, via="getattr"):
+    self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+    self.mlp = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+    self.via = via
+
+  def __call__(self, tokens):
+    hidden = jnp.tanh(self.mlp(self.embed(tokens)))
+    table = getattr(self.embed, "".join(["embed", "ding"]))
+    if self.via == "getattr":
+      return hidden @ table[...].T
+    if self.via == "attribute":  # the variable's own array attribute, read without [...]
+      return hidden @ table.T
+    return hidden @ jnp.asarray(table).T  # __jax_array__
+
+
+@pytest.mark.parametrize("via", ["getattr", "attribute", "asarray"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_nnx_a_read_outside_the_layer_that_no_code_names_raises_at_call_time(via, jit):
+  model = NnxDynamicTiedLM(nnx.Rngs(0), via)
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "embed/embedding", key=jax.random.key(1))  # passes the static check
+  call = nnx.jit(lambda m, t: m(t)) if jit else (lambda m, t: m(t))
+  with pytest.raises(ValueError, match=r"adapted weight 'embed/embedding' \(Embed.embedding\) was read by "
+                                       r"NnxDynamicTiedLM.__call__ .*outside the methods of its layer"):
+    call(model, TOKENS)
+  # Reads that are not the model computing: a script inspecting the weight, and the library's own.
+  base = NnxDynamicTiedLM(nnx.Rngs(0), via)
+  np.testing.assert_array_equal(model.embed.embedding[...], base.embed.embedding[...])
+  assert sp.nnx.base_params(model)["embed"]["embedding"][...].shape == (VOCAB, WIDTH)
+  # With the adapter inactive the base weight is what the model computes with: the read is right, and passes.
+  with sp.nnx.disable_adapters(model):
+    np.testing.assert_allclose(call(model, TOKENS), base(TOKENS), rtol=1e-6, atol=1e-6)
+  # Merged, the weight is a plain nnx.Param again and the model runs (as its merged form).
+  sp.nnx.merge_adapters(model)
+  assert type(model.embed.embedding) is nnx.Param
+  np.testing.assert_allclose(call(model, TOKENS), base(TOKENS), rtol=1e-6, atol=1e-6)
+
+
+def test_nnx_adapted_weights_keep_their_variable_type_for_filters_and_go_back_on_detach():
+  model = NnxTiedLM(nnx.Rngs(0))
+  sp.nnx.adapt(model, sp.peft.LoRA(2), r"embedding|mlp/kernel", key=jax.random.key(1))
+  for variable in (model.embed.embedding, model.mlp.kernel):
+    assert isinstance(variable, nnx.Param) and not isinstance(variable, nnx.LoRAParam)
+  assert type(model.mlp.bias) is nnx.Param  # not adapted: untouched
+  assert set(sp.peft.leaf_paths(sp.nnx.base_params(model))) == {"embed/embedding", "mlp/kernel", "mlp/bias"}
+  copy = nnx.merge(*nnx.split(model))  # the type travels through split/merge with the layer's
+  np.testing.assert_allclose(copy(TOKENS), model(TOKENS), rtol=1e-6, atol=1e-6)
+  sp.nnx.detach_adapters(model)
+  assert type(model.embed.embedding) is nnx.Param and type(model.mlp.kernel) is nnx.Param
+
+
 class LinenTiedLM(nn.Module):
   @nn.compact
   def __call__(self, tokens):

@@ -20,9 +20,11 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import sys
 import threading
+import types
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
@@ -172,9 +174,10 @@ def _adapted_method(name: str):
     code = getattr(fn, "__code__", None)
     names = set(code.co_names) if code is not None else set()
     found = _found(self, names)
-    if not found:
-      return fn(self, *args, **kwargs)
-    return _merged(self, base, found, args, kwargs, fn=fn)
+    with _reading(self):
+      if not found:
+        return fn(self, *args, **kwargs)
+      return _merged(self, base, found, args, kwargs, fn=fn)
 
   method.__name__ = name
   return method
@@ -236,6 +239,130 @@ def _direct_readers(model: nnx.Module, path: str) -> list[str]:
           readers.append(f"{type(node).__name__}.{method} of {where}")
     node = _child(node, part, path)
   return readers
+
+
+_READING = threading.local()
+
+
+@contextlib.contextmanager
+def _reading(module: Any) -> Iterator[None]:
+  """While the block runs, ``module`` (an adapted layer, or its rebuilt copy) may read its adapted weights."""
+  stack = getattr(_READING, "modules", None)
+  if stack is None:
+    stack = _READING.modules = []
+  stack.append(module)
+  try:
+    yield
+  finally:
+    stack.pop()
+
+
+def _holds(module: Any, variable: Any) -> bool:
+  return any(value is variable for value in vars(module).values())
+
+
+_FLAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(nnx.__file__)))
+_LIBRARY_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_LAYER_DIRS = tuple(os.path.join(_FLAX_DIR, *parts) + os.sep for parts in (("nnx", "nn"), ("linen",)))
+_PASS_THROUGH = (os.path.join(_FLAX_DIR, "nnx", "variablelib.py"), os.path.dirname(os.path.abspath(jax.__file__)) + os.sep,
+                 os.path.dirname(os.path.abspath(np.__file__)) + os.sep)
+# Attributes of a variable that say what it holds without reading it.
+_DESCRIPTIVE = frozenset({"shape", "dtype", "ndim", "size", "sharding", "aval", "weak_type", "itemsize", "nbytes"})
+
+
+def _is_library(filename: str) -> bool:
+  """Code of flax's graph machinery or of this library: its reads of a weight are not a layer's."""
+  path = os.path.abspath(filename)
+  if path.startswith(_LIBRARY_DIR + os.sep):
+    return True
+  return path.startswith(_FLAX_DIR + os.sep) and not path.startswith(_LAYER_DIRS)
+
+
+def _check_read(variable: Any) -> None:
+  """Raises when an adapted weight is read, during a module's method, outside its own layer's methods.
+
+  Such a read (a tied head written by hand, ``getattr(self.embed, name)``, a property of the layer that
+  the runtime does not route) would see ``W0`` where the model computes with ``W0 + Delta W``. Reads by
+  the layer's own (adapted) methods, by flax's graph code or this library, and outside any module's
+  method (a script inspecting the weight) pass; so do reads of a weight whose adapters are inactive
+  (:func:`disable_adapters`, :func:`set_adapter`).
+  """
+  for module in getattr(_READING, "modules", ()):
+    if _holds(module, variable):
+      return
+  frame: Optional[types.FrameType] = sys._getframe(2)
+  while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PASS_THROUGH):
+    frame = frame.f_back
+  if frame is None or _is_library(frame.f_code.co_filename):
+    return
+  modules = []
+  outer: Optional[types.FrameType] = frame
+  while outer is not None:
+    candidate = outer.f_locals.get("self")
+    if isinstance(candidate, nnx.Module):
+      modules.append(candidate)
+    outer = outer.f_back
+  if not modules:
+    return
+  where = None
+  for root in reversed(modules):
+    for path, node in nnx.iter_graph(root):
+      if isinstance(node, nnx.Module) and _holds(node, variable):
+        name = next(attr for attr, value in vars(node).items() if value is variable)
+        if not _found(node, {name}):
+          return
+        where = f"{'/'.join(str(p) for p in (*path, name))!r} ({type(node).__name__}.{name})"
+        break
+    if where is not None:
+      break
+  reader = frame.f_locals.get("self")
+  code = frame.f_code
+  name = f"{type(reader).__name__}.{code.co_name}" if isinstance(reader, nnx.Module) else code.co_name
+  raise ValueError(
+      f"The adapted weight {where or type(variable).__name__} was read by {name} "
+      f"({code.co_filename}:{frame.f_lineno}), outside the methods of its layer: that read sees the weight without "
+      "its adapter, and the model would silently differ from its merged form. Read it through a method of the layer "
+      "(e.g. `Embed.attend` for a tied head), or inside `sp.nnx.disable_adapters(model)` for the base weight.")
+
+
+_GUARDED_CLASSES: dict[type, type] = {}
+
+
+def _guarded_class(base: type) -> type:
+  """``base`` (a variable type) whose reads go through :func:`_check_read`: the type of an adapted weight."""
+  if base in _GUARDED_CLASSES.values():
+    return base
+  if base not in _GUARDED_CLASSES:
+
+    def get_value(self, **kwargs):
+      _check_read(self)
+      return base.get_value(self, **kwargs)
+
+    def __getattr__(self, name):
+      if not name.startswith("_") and name not in _DESCRIPTIVE and name not in object.__getattribute__(
+          self, "_var_metadata"):
+        _check_read(self)
+      return base.__getattr__(self, name)
+
+    _GUARDED_CLASSES[base] = type(base.__name__, (base,), {
+        "get_value": get_value, "__getattr__": __getattr__, "__slots__": (), "__module__": base.__module__,
+        "__qualname__": base.__qualname__})
+  return _GUARDED_CLASSES[base]
+
+
+def _unguarded_class(cls: type) -> type:
+  return cls.__mro__[1] if cls in _GUARDED_CLASSES.values() else cls
+
+
+def _sync_guards(owner: Any) -> None:
+  """Gives the weights of ``owner`` that carry an adapter the guarded type, and the others their own back."""
+  names = {slot.name for slot in getattr(owner, _SLOTS, ())}
+  for attr, value in vars(owner).items():
+    if isinstance(value, nnx.Variable) and not isinstance(value, (AdapterParam, AdapterConstant)):
+      plain = _unguarded_class(type(value))
+      wanted = _guarded_class(plain) if attr in names else plain
+      if type(value) is not wanted:
+        object.__setattr__(value, "__class__", wanted)
 
 
 def _base_class(cls: type) -> type:
@@ -399,6 +526,11 @@ def _einsum_in_axes(model: nnx.Module, in_axes: Any, all_linear: bool = False) -
 
 
 def _adapted_call(self, *args, **kwargs):
+  with _reading(self):
+    return _adapted_call_body(self, *args, **kwargs)
+
+
+def _adapted_call_body(self, *args, **kwargs):
   base = _base_class(type(self))
   found = _found(self)
   quantized = _quantized_names(self)
@@ -585,7 +717,8 @@ def _merged(self, base, found, args, kwargs, fn=None):
     module = nnx.merge(graphdef, module_state)
     for name, value in merged.items():
       getattr(module, name).set_value(value)
-    return fn(module, *call_args, **call_kwargs)
+    with _reading(module):
+      return fn(module, *call_args, **call_kwargs)
 
   operands = (arrays, state)
   return _runtime.merged_call(weights, call, operands)
@@ -693,6 +826,7 @@ def attach(model: nnx.Module, adapters: Adapters, *, adapter_name: str = DEFAULT
     if not hasattr(owner, _ACTIVE):
       setattr(owner, _ACTIVE, model_active if model_active is not None else (adapter_name,))
     owner.__class__ = _adapted_class(type(owner))
+    _sync_guards(owner)
   return model
 
 
@@ -787,6 +921,7 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> Adapters:
         for var_name in slot.param_names() + slot.constant_names():
           delattr(owner, var_name)
     setattr(owner, _SLOTS, keep)
+    _sync_guards(owner)
     setattr(owner, _ACTIVE, tuple(n for n in getattr(owner, _ACTIVE, ()) if n != adapter_name))
   return removed
 
@@ -928,6 +1063,7 @@ def _detach(owner: nnx.Module) -> None:
     for var_name in slot.param_names() + slot.constant_names():
       delattr(owner, var_name)
   delattr(owner, _SLOTS)
+  _sync_guards(owner)
   if hasattr(owner, _ACTIVE):
     delattr(owner, _ACTIVE)
   if hasattr(owner, _DROPOUT):
