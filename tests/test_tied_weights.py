@@ -151,6 +151,40 @@ def test_nnx_adapted_weights_keep_their_variable_type_for_filters_and_go_back_on
   assert type(model.embed.embedding) is nnx.Param and type(model.mlp.kernel) is nnx.Param
 
 
+class TableEmbed(nnx.Embed):
+  @property
+  def table(self):  # a property is not a method the runtime routes
+    return self.embedding[...]
+
+
+class NnxPropertyTiedLM(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = TableEmbed(VOCAB, WIDTH, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.embed(tokens) @ self.embed.table.T
+
+
+def test_nnx_a_property_of_the_layer_read_by_its_parent_raises_naming_the_property():
+  model = NnxPropertyTiedLM(nnx.Rngs(0))
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "embed/embedding", key=jax.random.key(1))
+  with pytest.raises(ValueError, match=r"'embed/embedding' \(TableEmbed.embedding\) was read by TableEmbed.table "):
+    model(TOKENS)
+
+
+def test_nnx_the_guard_stays_while_a_named_adapter_remains_on_the_weight():
+  model = NnxDynamicTiedLM(nnx.Rngs(0))
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "embed/embedding", key=jax.random.key(1))
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "embed/embedding", key=jax.random.key(2), adapter_name="other")
+  sp.nnx.delete_adapter(model, "default")
+  sp.nnx.set_adapter(model, "other")
+  with pytest.raises(ValueError, match="was read by NnxDynamicTiedLM.__call__"):
+    model(TOKENS)
+  sp.nnx.delete_adapter(model, "other")
+  assert type(model.embed.embedding) is nnx.Param
+  np.testing.assert_allclose(model(TOKENS), NnxDynamicTiedLM(nnx.Rngs(0))(TOKENS), rtol=1e-6, atol=1e-6)
+
+
 class LinenTiedLM(nn.Module):
   @nn.compact
   def __call__(self, tokens):
