@@ -151,6 +151,76 @@ def test_nnx_adapted_weights_keep_their_variable_type_for_filters_and_go_back_on
   assert type(model.embed.embedding) is nnx.Param and type(model.mlp.kernel) is nnx.Param
 
 
+def _opaque(fn):
+  """A decorator that hides the method's code (no ``functools.wraps``)."""
+  def wrapper(*args, **kwargs):
+    return fn(*args, **kwargs)
+  return wrapper
+
+
+class ScopedEmbedder(nnx.Module):
+  """Tunix's Gemma3 ``Embedder``: ``encode``/``decode`` wrapped by ``jax.named_scope``, the tied head in ``decode``."""
+
+  def __init__(self, rngs):
+    self.input_embedding = nnx.Param(jax.random.normal(rngs.params(), (VOCAB, WIDTH)))
+
+  @jax.named_scope("embedder_encode")
+  def encode(self, tokens):
+    return self.input_embedding[(tokens,)] * jnp.sqrt(WIDTH)
+
+  @jax.named_scope("embedder_decode")
+  def decode(self, x):
+    return jnp.dot(x, self.input_embedding[...].T)
+
+  @_opaque
+  def decode_opaque(self, x):
+    return jnp.dot(x, self.input_embedding[...].T)
+
+
+class ScopedLM(nnx.Module):
+  def __init__(self, rngs, opaque=False):
+    self.embedder = ScopedEmbedder(rngs)
+    self.mlp = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+    self.opaque = opaque
+
+  def __call__(self, tokens):
+    hidden = jnp.tanh(self.mlp(self.embedder.encode(tokens)))
+    return self.embedder.decode_opaque(hidden) if self.opaque else self.embedder.decode(hidden)
+
+
+@pytest.mark.parametrize("method", [sp.peft.LoRA(2), sp.peft.FourierFT(10)], ids=lambda m: type(m).__name__)
+def test_nnx_decorated_methods_of_the_layer_see_the_adapted_weight_in_value_and_gradient(method):
+  model = ScopedLM(nnx.Rngs(0))
+  sp.nnx.adapt(model, method, "input_embedding", key=jax.random.key(1))
+  nnx.update(model, jax.tree.map(lambda v: v + 0.1, nnx.state(model, nnx.LoRAParam)))
+  adapters = sp.nnx.adapters_of(model)
+
+  def merged_loss(ad):
+    plain = ScopedLM(nnx.Rngs(0))
+    nnx.update(plain, sp.peft.merge(nnx.state(plain, nnx.Param), ad))
+    return jnp.sum(jnp.sin(plain(TOKENS)))
+
+  value, grads = nnx.jit(nnx.value_and_grad(lambda m: jnp.sum(jnp.sin(m(TOKENS))),
+                                            argnums=nnx.DiffState(0, nnx.LoRAParam)))(model)
+  ref_value, ref_grads = jax.value_and_grad(merged_loss)(adapters)
+  base_value = float(jnp.sum(jnp.sin(ScopedLM(nnx.Rngs(0))(TOKENS))))
+  assert abs(float(ref_value) - base_value) > 1e-2  # the adapter changes the model
+  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5, atol=1e-5 * TOKENS.size)
+  copy = nnx.clone(model)
+  nnx.update(copy, grads)
+  for path, adapter in sp.nnx.adapters_of(copy).items():
+    for g, w in zip(jax.tree.leaves(adapter.params), jax.tree.leaves(ref_grads[path].params)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * (float(jnp.max(jnp.abs(w))) + 1.0))
+
+
+def test_nnx_a_method_whose_decorator_hides_its_code_raises_instead_of_reading_the_base_weight():
+  model = ScopedLM(nnx.Rngs(0), opaque=True)
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "input_embedding", key=jax.random.key(1))
+  with pytest.raises(ValueError, match=r"'embedder/input_embedding' \(ScopedEmbedder.input_embedding\) was read by "
+                                       r"ScopedEmbedder.decode_opaque "):
+    model(TOKENS)
+
+
 class TableEmbed(nnx.Embed):
   @property
   def table(self):  # a property is not a method the runtime routes

@@ -182,3 +182,18 @@ def test_our_lora_over_qwix_int4_base_equals_qwix_qlora(logits):
       want = theirs_by_path[f"{prefix}/{weight}_{theirs_name}"]
       g_scale = max(1.0, float(jnp.max(jnp.abs(want))))
       np.testing.assert_allclose(np.asarray(got).reshape(np.shape(want)), want, rtol=0, atol=1e-4 * g_scale)
+
+
+@pytest.mark.parametrize("method", [sp.peft.LoRA(RANK), sp.peft.FourierFT(64)], ids=lambda m: type(m).__name__)
+def test_gemma3_tied_embedding_adapts_in_encode_and_decode_and_equals_merge(method, logits):
+  """Gemma3's ``Embedder.encode``/``decode`` (wrapped by ``jax.named_scope``) read the adapted table."""
+  model = _llm.build("gemma3", SIZE)
+  sp.nnx.adapt(model, method, "embedder/input_embedding", key=jax.random.key(1))
+  rng = np.random.default_rng(4)
+  nnx.update(model, jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.05),
+                                 nnx.state(model, nnx.LoRAParam)))
+  merged = _llm.build("gemma3", SIZE)
+  nnx.update(merged, sp.peft.merge(nnx.state(merged, nnx.Param), sp.nnx.adapters_of(model)))
+  want = logits(merged)
+  assert float(jnp.max(jnp.abs(want - logits(_llm.build("gemma3", SIZE))))) > 1e-2  # the adapter acts
+  np.testing.assert_allclose(logits(model), want, rtol=1e-5, atol=1e-5 * (float(jnp.max(jnp.abs(want))) + 1.0))

@@ -171,13 +171,10 @@ def _adapted_method(name: str):
   def method(self, *args, **kwargs):
     base = _base_class(type(self))
     fn = getattr(base, name)
-    code = getattr(fn, "__code__", None)
-    names = set(code.co_names) if code is not None else set()
-    found = _found(self, names)
-    with _reading(self):
-      if not found:
-        return fn(self, *args, **kwargs)
-      return _merged(self, base, found, args, kwargs, fn=fn)
+    found = _found(self, _function_names(fn))
+    if not found:  # A read its code does not name (getattr with a built name) raises in _check_read.
+      return fn(self, *args, **kwargs)
+    return _merged(self, base, found, args, kwargs, fn=fn)
 
   method.__name__ = name
   return method
@@ -206,6 +203,16 @@ def _code_names(code: Any) -> set[str]:
   return names
 
 
+def _function_names(fn: Any) -> frozenset[str]:
+  """The names the code of ``fn`` uses, through decorators that wrap it (``functools.wraps``, ``jax.named_scope``)."""
+  try:
+    fn = inspect.unwrap(fn)
+  except ValueError:  # a cycle of __wrapped__
+    pass
+  code = getattr(fn, "__code__", None)
+  return frozenset(_code_names(code)) if code is not None else frozenset()
+
+
 @functools.lru_cache(maxsize=None)
 def _method_names(cls: type) -> dict[str, frozenset[str]]:
   """``{method: names its code uses}`` for the methods a module class defines (not Flax's or this library's)."""
@@ -216,9 +223,8 @@ def _method_names(cls: type) -> dict[str, frozenset[str]]:
       continue
     for attr, value in vars(klass).items():
       fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
-      code = getattr(fn, "__code__", None)
-      if code is not None and attr not in out:
-        out[attr] = frozenset(_code_names(code))
+      if callable(fn) and attr not in out:
+        out[attr] = _function_names(fn)
   return out
 
 
