@@ -221,6 +221,36 @@ def test_nnx_a_method_whose_decorator_hides_its_code_raises_instead_of_reading_t
     model(TOKENS)
 
 
+class SelfCallingLayer(nnx.Module):
+  """A layer whose ``__call__`` reaches its weight through another of its own methods."""
+
+  def __init__(self, rngs):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (WIDTH, 5)))
+
+  def project(self, x):
+    return x @ self.kernel[...]
+
+  def __call__(self, x):
+    return jnp.tanh(self.project(x))
+
+
+@pytest.mark.parametrize("method", [sp.peft.LoRA(2), sp.peft.FourierFT(10)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_nnx_a_layer_calling_its_own_methods_applies_the_adapter_once(method, jit):
+  model = SelfCallingLayer(nnx.Rngs(0))
+  sp.nnx.adapt(model, method, "kernel", key=jax.random.key(1))
+  nnx.update(model, jax.tree.map(lambda v: v + 0.3, nnx.state(model, nnx.LoRAParam)))
+  x = jax.random.normal(jax.random.key(2), (3, WIDTH))
+  plain = SelfCallingLayer(nnx.Rngs(0))
+  nnx.update(plain, sp.peft.merge(nnx.state(plain, nnx.Param), sp.nnx.adapters_of(model)))
+  want = plain(x)
+  assert float(jnp.max(jnp.abs(want - SelfCallingLayer(nnx.Rngs(0))(x)))) > 1e-2  # the adapter acts
+  call = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
+  np.testing.assert_allclose(call(model, x), want, rtol=1e-5, atol=1e-5)
+  # The method called from outside routes the adapter itself.
+  np.testing.assert_allclose(model.project(x), x @ plain.kernel[...], rtol=1e-5, atol=1e-5)
+
+
 class TableEmbed(nnx.Embed):
   @property
   def table(self):  # a property is not a method the runtime routes

@@ -263,6 +263,24 @@ def _reading(module: Any) -> Iterator[None]:
     stack.pop()
 
 
+@contextlib.contextmanager
+def _inactive(module: Any) -> Iterator[None]:
+  """While the block runs, ``module``'s methods compute at the weights it holds, without routing adapters.
+
+  Inside a routed call (the layer's own code at ``W0`` plus a branch, or a rebuilt copy holding ``W0 + Delta W``),
+  a method the layer's code calls on itself (``self.project(x)``) must not apply the adapter a second time.
+  (A thread-local mark, not an attribute: a module from outside a ``jax.jit`` trace cannot be changed inside it.)
+  """
+  stack = getattr(_READING, "inactive", None)
+  if stack is None:
+    stack = _READING.inactive = []
+  stack.append(module)
+  try:
+    yield
+  finally:
+    stack.pop()
+
+
 def _holds(module: Any, variable: Any) -> bool:
   return any(value is variable for value in vars(module).values())
 
@@ -381,6 +399,8 @@ def _found(module: nnx.Module, names: Any = None) -> dict[str, tuple[_Slot, _run
   Several active adapters on one weight (``set_adapter([a, b])``) travel as one :class:`WeightedSum`
   of unit weights: the weight sees ``W0 + sum_i Delta W_i``.
   """
+  if any(m is module for m in getattr(_READING, "inactive", ())):
+    return {}
   active = getattr(module, _ACTIVE, None)
   by_weight: dict[str, list[_Slot]] = {}
   for slot in getattr(module, _SLOTS, ()):
@@ -573,7 +593,8 @@ def _quantized_names(module: Any) -> list[str]:
 def _plain_call(self, base, quantized, args, kwargs):
   """The layer's own call at its base weights (quantized ones dequantized inside, rebuilt for the backward pass)."""
   if not quantized:
-    return base.__call__(self, *args, **kwargs)
+    with _inactive(self):
+      return base.__call__(self, *args, **kwargs)
   return _merged(self, base, {}, args, kwargs)
 
 
@@ -623,10 +644,11 @@ def _einsum_call(self, base, slot: _Slot, adapter: _runtime.LayerAdapter, args, 
       _runtime.report_fallback(slot.path, where, "no single (in, out) matrix describes its kernel")
       return None
     if not full:
-      y = base.__call__(self, x, **kwargs)
+      with _inactive(self):
+        y = base.__call__(self, x, **kwargs)
       return y + branch.astype(y.dtype)
     return _runtime.einsum_with_bias(branch, equation, x_p, kernel_p, bias)
-  with _watch_einsum(kernel, adapter, full) as seen:
+  with _watch_einsum(kernel, adapter, full) as seen, _inactive(self):
     y = base.__call__(self, *args, **kwargs)
   if seen["count"] > 0 and not seen["unsupported"]:
     return y
@@ -723,7 +745,7 @@ def _merged(self, base, found, args, kwargs, fn=None):
     module = nnx.merge(graphdef, module_state)
     for name, value in merged.items():
       getattr(module, name).set_value(value)
-    with _reading(module):
+    with _reading(module), _inactive(module):
       return fn(module, *call_args, **call_kwargs)
 
   operands = (arrays, state)
