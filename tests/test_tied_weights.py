@@ -251,6 +251,31 @@ def test_nnx_a_layer_calling_its_own_methods_applies_the_adapter_once(method, ji
   np.testing.assert_allclose(model.project(x), x @ plain.kernel[...], rtol=1e-5, atol=1e-5)
 
 
+class ScaledAttendEmbed(nnx.Embed):
+  def attend(self, query):  # names no weight: the read is in nnx.Embed.attend, through super()
+    return 2.0 * super().attend(query)
+
+
+class SuperAttendLM(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = ScaledAttendEmbed(VOCAB, WIDTH, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.embed.attend(jnp.tanh(self.embed(tokens)))
+
+
+def test_nnx_an_override_calling_super_reads_the_adapted_weight():
+  model = SuperAttendLM(nnx.Rngs(0))
+  sp.nnx.adapt(model, sp.peft.LoRA(2), "embedding", key=jax.random.key(1))
+  nnx.update(model, jax.tree.map(lambda v: v + 0.2, nnx.state(model, nnx.LoRAParam)))
+  plain = SuperAttendLM(nnx.Rngs(0))
+  nnx.update(plain, sp.peft.merge(nnx.state(plain, nnx.Param), sp.nnx.adapters_of(model)))
+  want = plain(TOKENS)
+  assert float(jnp.max(jnp.abs(want - SuperAttendLM(nnx.Rngs(0))(TOKENS)))) > 1e-2
+  np.testing.assert_allclose(nnx.jit(lambda m, t: m(t))(model, TOKENS), want, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
 class TableEmbed(nnx.Embed):
   @property
   def table(self):  # a property is not a method the runtime routes

@@ -171,7 +171,7 @@ def _adapted_method(name: str):
   def method(self, *args, **kwargs):
     base = _base_class(type(self))
     fn = getattr(base, name)
-    found = _found(self, _function_names(fn))
+    found = _found(self, _override_names(base, name))
     if not found:  # A read its code does not name (getattr with a built name) raises in _check_read.
       return fn(self, *args, **kwargs)
     return _merged(self, base, found, args, kwargs, fn=fn)
@@ -211,6 +211,17 @@ def _function_names(fn: Any) -> frozenset[str]:
     pass
   code = getattr(fn, "__code__", None)
   return frozenset(_code_names(code)) if code is not None else frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def _override_names(cls: type, name: str) -> frozenset[str]:
+  """The names used by method ``name`` of ``cls`` and by every definition of it up the MRO (``super().attend(x)``)."""
+  names: frozenset[str] = frozenset()
+  for klass in cls.__mro__:
+    value = vars(klass).get(name)
+    if value is not None:
+      names |= _function_names(getattr(value, "__func__", value))
+  return names
 
 
 @functools.lru_cache(maxsize=None)
