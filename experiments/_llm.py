@@ -47,7 +47,11 @@ class ModelSize:
 
 
 def model_config(family: str, size: ModelSize) -> Any:
-  """Tunix's ``ModelConfig`` of ``family`` (``"llama3"`` or ``"gemma3"``) at ``size``, float32."""
+  """Tunix's ``ModelConfig`` of ``family`` (``"llama3"``, ``"gemma3"`` or ``"qwen3"``) at ``size``, float32.
+
+  ``"qwen3"`` is Qwen3's dense architecture with its tied embedding (the 0.6B model's: the output head is
+  ``Embedder.decode`` over the input table).
+  """
   if family == "llama3":
     from tunix.models.llama3 import model as llama3
 
@@ -60,7 +64,13 @@ def model_config(family: str, size: ModelSize) -> Any:
     return gemma3.ModelConfig(num_layers=size.layers, num_embed=size.vocab, embed_dim=size.embed,
                               hidden_dim=size.hidden, num_heads=size.heads, head_dim=size.head_dim,
                               num_kv_heads=size.kv_heads, sliding_window_size=64, param_dtype=jnp.float32)
-  raise ValueError(f"`family` must be 'llama3' or 'gemma3', got {family!r}.")
+  if family == "qwen3":
+    from tunix.models.qwen3 import model as qwen3
+
+    return qwen3.ModelConfig(num_layers=size.layers, vocab_size=size.vocab, embed_dim=size.embed,
+                             hidden_dim=size.hidden, num_heads=size.heads, head_dim=size.head_dim,
+                             num_kv_heads=size.kv_heads, rope_theta=10_000, norm_eps=1e-6, use_tied_embedding=True)
+  raise ValueError(f"`family` must be 'llama3', 'gemma3' or 'qwen3', got {family!r}.")
 
 
 def model_class(family: str) -> type:
@@ -68,6 +78,10 @@ def model_class(family: str) -> type:
     from tunix.models.llama3 import model as llama3
 
     return llama3.Llama3
+  if family == "qwen3":
+    from tunix.models.qwen3 import model as qwen3
+
+    return qwen3.Qwen3
   from tunix.models.gemma3 import model as gemma3
 
   return gemma3.Gemma3

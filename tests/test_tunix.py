@@ -5,7 +5,8 @@ The model is 2 layers, embed 32, MLP 64, 4 query / 2 key-value heads of 8, vocab
 weights (built abstractly and filled by NumPy: nothing downloaded, nothing compiled to initialise it).
 Adapters go on the 14 projection weights: the attention einsums ``q/k/v/o_proj/w`` (``BTD,DNH->BTNH``,
 ``BTNH,NHD->BTD``) and the MLP's ``gate/up/down_proj/kernel``. Skipped where the ``llm`` extra
-(google-tunix, qwix) is not installed.
+(google-tunix, qwix) is not installed. Every matrix of a Tunix Llama3, Gemma3 and Qwen3 (tied head),
+embeddings and heads included, adapts and equals the merged model.
 """
 
 from __future__ import annotations
@@ -184,16 +185,45 @@ def test_our_lora_over_qwix_int4_base_equals_qwix_qlora(logits):
       np.testing.assert_allclose(np.asarray(got).reshape(np.shape(want)), want, rtol=0, atol=1e-4 * g_scale)
 
 
+def _matrices(model) -> list[str]:
+  return [p for p, v in sp.peft.leaf_paths(nnx.state(model, nnx.Param)).items() if np.ndim(v) >= 2]
+
+
 @pytest.mark.parametrize("method", [sp.peft.LoRA(RANK), sp.peft.FourierFT(64)], ids=lambda m: type(m).__name__)
-def test_gemma3_tied_embedding_adapts_in_encode_and_decode_and_equals_merge(method, logits):
-  """Gemma3's ``Embedder.encode``/``decode`` (wrapped by ``jax.named_scope``) read the adapted table."""
-  model = _llm.build("gemma3", SIZE)
-  sp.nnx.adapt(model, method, "embedder/input_embedding", key=jax.random.key(1))
+@pytest.mark.parametrize("family", ["llama3", "gemma3", "qwen3"])
+def test_every_matrix_of_each_family_adapts_and_equals_merge(family, method, logits):
+  """All of a model's matrices, the embedding and its head included: Llama3's separate ``lm_head``,
+  Gemma3's and Qwen3's tied head (``Embedder.decode``, like ``encode`` wrapped by ``jax.named_scope``)."""
+  model = _llm.build(family, SIZE)
+  paths = _matrices(model)
+  assert "embedder/input_embedding" in paths
+  sp.nnx.adapt(model, method, lambda path, leaf: path in paths, key=jax.random.key(1))
   rng = np.random.default_rng(4)
   nnx.update(model, jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.05),
                                  nnx.state(model, nnx.LoRAParam)))
-  merged = _llm.build("gemma3", SIZE)
-  nnx.update(merged, sp.peft.merge(nnx.state(merged, nnx.Param), sp.nnx.adapters_of(model)))
+  adapters = sp.nnx.adapters_of(model)
+  merged = _llm.build(family, SIZE)
+  nnx.update(merged, sp.peft.merge(nnx.state(merged, nnx.Param), adapters))
   want = logits(merged)
-  assert float(jnp.max(jnp.abs(want - logits(_llm.build("gemma3", SIZE))))) > 1e-2  # the adapter acts
+  assert float(jnp.max(jnp.abs(want - logits(_llm.build(family, SIZE))))) > 1e-2  # the adapters act
   np.testing.assert_allclose(logits(model), want, rtol=1e-5, atol=1e-5 * (float(jnp.max(jnp.abs(want))) + 1.0))
+  if isinstance(method, sp.peft.LoRA):  # and in gradient, through the embedding's rebuilt encode/decode
+    tokens = jnp.asarray(_llm.token_batches(SIZE.vocab, 2, 8, 1, seed=5)[0].input_tokens)
+    inputs = _llm.model_inputs(tokens, np.ones((2, 8), bool))
+
+    def loss_of(m):
+      return jnp.sum(jnp.sin(m(inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])[0]))
+
+    grads = nnx.grad(loss_of, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    copy = nnx.clone(model)
+    nnx.update(copy, grads)
+
+    def merged_loss(ad):
+      plain = _llm.build(family, SIZE)
+      nnx.update(plain, sp.peft.merge(nnx.state(plain, nnx.Param), ad))
+      return loss_of(plain)
+
+    ref = jax.grad(merged_loss)(adapters)
+    for path, adapter in sp.nnx.adapters_of(copy).items():
+      for g, w in zip(jax.tree.leaves(adapter.params), jax.tree.leaves(ref[path].params)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * (float(jnp.max(jnp.abs(w))) + 1.0))
