@@ -75,7 +75,7 @@ PRESETS = {
     "wide": Config(widths=(WIDE,), families=("llama3",), batch=4, seq=64, steps=6, repeats=5),
     # The wide Llama3 at 4x the tokens per step (16 x 64): how the per-step cost of the sparse/spectral
     # updates (independent of the tokens) weighs against the matmuls (proportional to them).
-    "wide_tokens": Config(widths=(WIDE,), families=("llama3",), batch=16, seq=64, steps=4, repeats=3,
+    "wide_tokens": Config(widths=(WIDE,), families=("llama3",), batch=16, seq=64, steps=4, repeats=7,
                           methods=("LoRA", "SHiRA", "WaveFT", "FourierFT", "LFMA")),
     "tiny": Config(widths=(Width(32, 64, 4, 2, 8),), families=("llama3",), steps=3, repeats=2, seq=8, vocab=64),
 }

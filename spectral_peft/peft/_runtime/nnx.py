@@ -12,6 +12,11 @@ under the runtime's checkpointing otherwise), so every kernel-using layer is cov
 still the base weight), so the functional view :func:`adapters_of` returns the same
 ``{path: Adapter}`` dict as :func:`sp.peft.init_adapters` on the model's ``nnx.Param`` state, and
 saves, exports and merges like it. :func:`merge_adapters` folds them into plain weights.
+
+While a weight carries an adapter, its variable has a subclass of its own type (an ``nnx.Param`` stays
+an ``nnx.Param`` to every filter) whose reads are checked: during a module's method, a read outside
+the layer's own methods (a tied head reading the table through ``getattr``, a property of the layer)
+raises, naming the weight and the reader, instead of computing with ``W0``.
 """
 
 from __future__ import annotations
