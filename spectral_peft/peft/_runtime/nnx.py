@@ -267,11 +267,12 @@ _READING = threading.local()
 
 
 @contextlib.contextmanager
-def _reading(module: Any) -> Iterator[None]:
-  """While the block runs, ``module`` (an adapted layer, or its rebuilt copy) may read its adapted weights."""
-  stack = getattr(_READING, "modules", None)
+def _marked(mark: str, module: Any) -> Iterator[None]:
+  """Puts ``module`` on the thread-local stack ``mark`` while the block runs."""
+  stack = getattr(_READING, mark, None)
   if stack is None:
-    stack = _READING.modules = []
+    stack = []
+    setattr(_READING, mark, stack)
   stack.append(module)
   try:
     yield
@@ -279,22 +280,19 @@ def _reading(module: Any) -> Iterator[None]:
     stack.pop()
 
 
-@contextlib.contextmanager
-def _inactive(module: Any) -> Iterator[None]:
+def _reading(module: Any) -> contextlib.AbstractContextManager:
+  """While the block runs, ``module`` (an adapted layer, or its rebuilt copy) may read its adapted weights."""
+  return _marked("modules", module)
+
+
+def _inactive(module: Any) -> contextlib.AbstractContextManager:
   """While the block runs, ``module``'s methods compute at the weights it holds, without routing adapters.
 
   Inside a routed call (the layer's own code at ``W0`` plus a branch, or a rebuilt copy holding ``W0 + Delta W``),
   a method the layer's code calls on itself (``self.project(x)``) must not apply the adapter a second time.
   (A thread-local mark, not an attribute: a module from outside a ``jax.jit`` trace cannot be changed inside it.)
   """
-  stack = getattr(_READING, "inactive", None)
-  if stack is None:
-    stack = _READING.inactive = []
-  stack.append(module)
-  try:
-    yield
-  finally:
-    stack.pop()
+  return _marked("inactive", module)
 
 
 def _holds(module: Any, variable: Any) -> bool:
