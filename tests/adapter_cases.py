@@ -1,14 +1,31 @@
 """Adapter methods checked by the shared adapter test matrix (tests/test_adapter_matrix.py).
 
 Every method spec added to ``sp.peft`` gets a case here; ``scale`` is the size of the random
-perturbation that makes a freshly initialised adapter non-trivial.
+perturbation that makes a freshly initialised adapter non-trivial. ``StringEinsum`` is the einsum
+layer of Tunix and Gemma, shared by the tests of einsum layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 import spectral_peft as sp
+
+
+class StringEinsum(nnx.Module):
+  """Tunix's / Gemma's ``Einsum`` style: a string ``einsum_str`` and one weight ``w``."""
+
+  def __init__(self, einsum_str, shape, rngs):
+    self.einsum_str = einsum_str
+    self.w = nnx.Param(jax.random.normal(rngs.params(), shape) / np.sqrt(shape[0]))
+
+  def __call__(self, x):
+    return jnp.einsum(self.einsum_str, x, self.w[...])
 
 
 @dataclasses.dataclass(frozen=True)

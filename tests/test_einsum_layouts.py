@@ -21,19 +21,12 @@ import spectral_peft as sp
 from spectral_peft.peft._runtime import core as runtime_core
 from spectral_peft.peft._runtime import nnx as runtime_nnx
 
+from adapter_cases import StringEinsum as Einsum
+
 D, N, K, H, F = 6, 4, 2, 5, 7
 
 METHODS = [sp.peft.LoRA(2), sp.peft.DoRA(2), sp.peft.SineLoRA(2, omega=5.0), sp.peft.SineDoRA(2, omega=5.0),
            sp.peft.SHiRA(5), sp.peft.WaveFT(8), sp.peft.FourierFT(6), sp.peft.LFMA(0.5, 1.0)]
-
-
-class Einsum(nnx.Module):
-  def __init__(self, einsum_str, shape, rngs):
-    self.einsum_str = einsum_str
-    self.w = nnx.Param(jax.random.normal(rngs.params(), shape) / np.sqrt(shape[0]))
-
-  def __call__(self, x):
-    return jnp.einsum(self.einsum_str, x, self.w[...])
 
 
 class GemmaBlock(nnx.Module):

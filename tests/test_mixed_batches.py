@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import spectral_peft as sp
-from adapter_cases import CASES
+from adapter_cases import CASES, StringEinsum
 
 K, IN, OUT = 3, 16, 12
 INDEX = np.array([0, 2, -1, 1, 0])
@@ -178,3 +178,76 @@ def test_grouped_product_equals_the_per_example_reference(dense, case, monkeypat
     for got, want in zip(jax.tree.leaves(jax.tree.map(lambda g: g[k], grads["kernel"].params)),
                          jax.tree.leaves(ref_grads[k]["kernel"].params)):
       _close(got, want, IN * OUT * x.shape[1])
+
+
+HEADS, HEAD_DIM = 3, 4
+EINSUM_LAYOUTS = {  # equation, kernel shape, input shape per example
+    "query": ("BTD,DNH->BTNH", (IN, HEADS, HEAD_DIM), (4, IN)),  # Tunix Llama3's q_proj
+    "gemma_q": ("BTD,NDH->BTNH", (HEADS, IN, HEAD_DIM), (4, IN)),  # Gemma3's q_einsum: input axis in the middle
+    "output": ("BTNH,NHD->BTD", (HEADS, HEAD_DIM, OUT), (4, HEADS, HEAD_DIM)),  # an attention output
+}
+
+
+@pytest.mark.parametrize("layout", list(EINSUM_LAYOUTS))
+@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[7]], ids=["lora", "shira", "fourierft"])
+def test_nnx_einsum_layers_take_mixed_batches_in_value_and_gradient(case, layout):
+  equation, shape, example = EINSUM_LAYOUTS[layout]
+  layer = StringEinsum(equation, shape, nnx.Rngs(0))
+  sp.nnx.adapt(layer, case.method, "w", key=jax.random.key(3))  # the adapter's axes, read from the equation
+  template = sp.nnx.adapters_of(layer)
+  sp.nnx.detach_adapters(layer)
+  terms = [_perturbed({p: a.replace(params=jax.tree.map(lambda v: v + 0.0, a.params)) for p, a in template.items()},
+                      jax.random.key(20 + k), case.scale) for k in range(K)]
+  sp.nnx.attach(layer, sp.peft.stack_adapters(terms))
+  x = jax.random.normal(jax.random.key(0), (len(INDEX),) + example)
+
+  def reference(terms):
+    ys = []
+    for b, i in enumerate(INDEX):
+      plain = StringEinsum(equation, shape, nnx.Rngs(0))
+      if i >= 0:
+        nnx.update(plain, sp.peft.merge(nnx.state(plain, nnx.Param), terms[i]))
+      ys.append(plain(x[b:b + 1])[0])
+    return jnp.stack(ys)
+
+  @nnx.jit
+  def loss(model, x, index):
+    with sp.nnx.adapter_index(index):
+      return jnp.sum(jnp.sin(model(x))), model(x)
+
+  (value, y), grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)(
+      layer, x, jnp.asarray(INDEX))
+  contracted = IN if layout != "output" else HEADS * HEAD_DIM
+  _close(y, reference(terms), contracted)
+  ref_grads = jax.grad(lambda ts: jnp.sum(jnp.sin(reference(ts))))(terms)
+  copy = nnx.clone(layer)
+  nnx.update(copy, grads)
+  got = sp.nnx.adapters_of(copy)["w"].params
+  for k in range(K):
+    for g, w in zip(jax.tree.leaves(jax.tree.map(lambda v: v[k], got)), jax.tree.leaves(ref_grads[k]["w"].params)):
+      _close(g, w, contracted * int(np.prod(y.shape[1:])))
+
+
+def test_linen_einsum_takes_mixed_batches():
+  model = nn.Einsum((IN, HEADS, HEAD_DIM), "BTD,DNH->BTNH")
+  x = jax.random.normal(jax.random.key(0), (len(INDEX), 4, IN))
+  params = model.init(jax.random.key(1), x)["params"]
+  terms = [_perturbed(sp.peft.init_adapters(jax.random.key(10 + k), params, CASES[0].method, "kernel", in_axes=1),
+                      jax.random.key(20 + k), CASES[0].scale) for k in range(K)]
+  y = jax.jit(lambda b: sp.peft.apply_adapters(model, params, b, x, adapter_index=jnp.asarray(INDEX)))(
+      sp.peft.stack_adapters(terms))
+  ref = jnp.stack([model.apply({"params": params if i < 0 else sp.peft.merge(params, terms[i])}, x[b:b + 1])[0]
+                   for b, i in enumerate(INDEX)])
+  _close(y, ref, IN)
+
+
+def test_an_einsum_that_contracts_the_inputs_leading_axis_refuses_a_bank():
+  """A bank reads the input's leading axis as the batch (as on Dense); ``DB,DN->BN`` contracts it."""
+  layer = StringEinsum("DB,DN->BN", (IN, OUT), nnx.Rngs(0))
+  sp.nnx.adapt(layer, CASES[0].method, "w", key=jax.random.key(3))
+  template = sp.nnx.adapters_of(layer)
+  sp.nnx.detach_adapters(layer)
+  sp.nnx.attach(layer, sp.peft.stack_adapters([template, template]))
+  with sp.nnx.adapter_index(jnp.array([0, 1])):
+    with pytest.raises(ValueError, match=r"AdapterBank.*einsum layers whose input leads with the batch"):
+      layer(jnp.ones((IN, 2)))

@@ -227,3 +227,34 @@ def test_every_matrix_of_each_family_adapts_and_equals_merge(family, method, log
     for path, adapter in sp.nnx.adapters_of(copy).items():
       for g, w in zip(jax.tree.leaves(adapter.params), jax.tree.leaves(ref[path].params)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * (float(jnp.max(jnp.abs(w))) + 1.0))
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])
+def test_mixed_adapter_batch_on_the_projections_equals_each_examples_merge(family, logits):
+  """A bank of two LoRA adapters on the 14 projection einsums/Linears: example ``b`` sees adapter ``index[b]``."""
+  terms = []
+  for k in range(2):
+    model = _llm.build(family, SIZE)
+    sp.nnx.adapt(model, sp.peft.LoRA(RANK), lambda path, leaf: path.startswith("layers/") and np.ndim(leaf) >= 2,
+                 key=jax.random.key(10 + k))
+    rng = np.random.default_rng(k)
+    nnx.update(model, jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.05),
+                                   nnx.state(model, nnx.LoRAParam)))
+    terms.append(sp.nnx.adapters_of(model))
+  mixed = _llm.build(family, SIZE)
+  sp.nnx.attach(mixed, sp.peft.stack_adapters(terms))
+  tokens = jnp.asarray(_llm.token_batches(SIZE.vocab, 2, 8, 1, seed=5)[0].input_tokens)
+  inputs = _llm.model_inputs(tokens, np.ones((2, 8), bool))
+
+  @nnx.jit
+  def forward(model, index):
+    with sp.nnx.adapter_index(index):
+      return model(inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])[0]
+
+  got = forward(mixed, jnp.array([1, 0]))
+  for b, k in enumerate([1, 0]):
+    merged = _llm.build(family, SIZE)
+    nnx.update(merged, sp.peft.merge(nnx.state(merged, nnx.Param), terms[k]))
+    want = logits(merged)[b]
+    np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5 * (float(jnp.max(jnp.abs(want))) + 1.0))
+  assert float(jnp.max(jnp.abs(got[0] - logits(_llm.build(family, SIZE))[0]))) > 1e-2  # the adapters act

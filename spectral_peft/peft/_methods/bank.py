@@ -54,9 +54,10 @@ class AdapterBank(AdapterMethod):
   ones, and run it with ``sp.peft.apply_adapters(..., adapter_index=idx)`` (Linen) or
   ``with sp.nnx.adapter_index(idx): model(x)`` (NNX).
 
-  A bank runs on plain contraction layers (Linen ``Dense``/``DenseGeneral``, NNX ``Linear``) whose
-  input's leading axis is the batch; it cannot be merged (which adapter
-  would the merged weight hold?): ``merge`` and other layers raise.
+  A bank runs on plain contraction layers (Linen ``Dense``/``DenseGeneral``, NNX ``Linear``) and on
+  einsum layers (``nn.Einsum``, ``nnx.Einsum``, Tunix's and Gemma's ``Einsum``) whose input's leading
+  axis is the batch (an einsum must not contract it); it cannot be merged (which adapter would the
+  merged weight hold?): ``merge`` and other layers raise.
 
   Args:
     method: the adapters' method (any method, including a :class:`WeightedSum`).
@@ -94,7 +95,7 @@ class AdapterBank(AdapterMethod):
   def delta(self, params, w0, frozen=None):
     raise ValueError(
         f"An AdapterBank of {self.size} {type(self.method).__name__} adapters has no single update: run it with a "
-        "per-example `adapter_index` on a Dense/DenseGeneral (Linen) or Linear (NNX) layer; it cannot "
+        "per-example `adapter_index` on a Dense/DenseGeneral (Linen), Linear (NNX) or einsum layer; it cannot "
         "be merged or used on other layers. Pick one adapter with `sp.peft.unstack_adapters` to merge it.")
 
   def unmerge(self, params, w, frozen=None):

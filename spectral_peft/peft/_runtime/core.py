@@ -207,7 +207,8 @@ def check_bank_layer(adapter: LayerAdapter, layer: str) -> None:
     raise ValueError(
         f"The adapter at {adapter.path!r} is an AdapterBank (a mixed-adapter batch), but its layer {layer} is not a "
         "plain contraction over trailing input axes (Linen Dense/DenseGeneral, NNX Linear, with the default "
-        "layout and precision): mixed-adapter batches run on those layers only.")
+        "layout and precision) nor one of the einsum layers whose input leads with the batch (nn.Einsum, "
+        "nnx.Einsum, Tunix's and Gemma's Einsum): mixed-adapter batches run on those layers only.")
 
 
 def uses_factored_product(adapter: LayerAdapter) -> bool:
@@ -513,6 +514,8 @@ def einsum_branch(adapter: LayerAdapter, equation: str, x: Array, kernel: Array,
   keep = "".join(c for c in x_spec if c not in in_letters)
   if len(set(x_spec)) != len(x_spec):
     return None
+  if isinstance(adapter.method, AdapterBank) and not keep.startswith(x_spec[0]):
+    return None  # A bank's product reads the input's leading axis as the batch: it must stay leading.
   x_t = jnp.einsum(f"{x_spec}->{keep}{in_letters}", x)
   y = adapter.apply(x_t, kernel) if full else adapter.branch(x_t, kernel)
   return jnp.einsum(f"{keep}{out_letters}->{out}", y)

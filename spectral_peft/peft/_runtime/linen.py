@@ -298,7 +298,9 @@ def _interceptor(next_fun, args, kwargs, context):
       _check_layer_in_axes(module, name, adapter)
     x = _input(args, kwargs)
     factored = _factored_kernel(module, context.method_name, found, x)
-    if factored is None:
+    einsum = (factored is None and not frame.dropout and _einsum_ok(module, context.method_name, found, x, kwargs)
+              and not _quantized(module))
+    if factored is None and not einsum:  # An einsum layer may take a bank's per-example product (below).
       for adapter in found.values():
         _runtime.check_bank_layer(adapter, f"{owner!r} ({type(module).__name__}, called as {context.method_name!r})")
     if frame.dropout:
@@ -306,7 +308,7 @@ def _interceptor(next_fun, args, kwargs, context):
       return _dropout_call(module, context.method_name, found, factored, next_fun, x, args, kwargs, frame.dropout)
     if factored is not None:
       return _factored_call(module, found["kernel"], x)
-    if _einsum_ok(module, context.method_name, found, x, kwargs) and not _quantized(module):
+    if einsum:
       own = module.scope.variables()["params"]
       xp, kp, bp = module.promote_dtype(x, own["kernel"], own.get("bias") if module.use_bias else None,
                                         dtype=module.dtype)
@@ -320,6 +322,7 @@ def _interceptor(next_fun, args, kwargs, context):
         return y + branch.astype(y.dtype)
       _runtime.report_fallback(found["kernel"].path, f"Einsum {module.einsum_str!r}",
                                "no single (in, out) matrix describes its kernel")
+      _runtime.check_bank_layer(found["kernel"], f"{owner!r} (Einsum {module.einsum_str!r})")
     return _merged_call(module, context.method_name, found, args, kwargs)
   finally:
     frame.running.discard(id(module))

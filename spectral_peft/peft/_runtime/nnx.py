@@ -583,16 +583,18 @@ def _adapted_call_body(self, *args, **kwargs):
     adapter.for_weight(kernel)
     if _factored_ok(self, slot, adapter, kernel, args, kwargs):
       factored = adapter
-  if factored is None:
-    for _, adapter in found.values():
-      _runtime.check_bank_layer(adapter, f"({type(self).__name__})")
   dropout = getattr(self, _DROPOUT, None)
-  if dropout is not None and not dropout.deterministic:
-    return _dropout_call(self, base, found, factored, dropout, args, kwargs)
-  if factored is None and len(found) == 1 and not quantized:
+  dropping = dropout is not None and not dropout.deterministic
+  if factored is None and len(found) == 1 and not quantized and not dropping:
+    # An einsum layer whose batch axis leads its input also takes a bank's per-example product.
     y = _einsum_call(self, base, *next(iter(found.values())), args, kwargs)
     if y is not None:
       return y
+  if factored is None:
+    for _, adapter in found.values():
+      _runtime.check_bank_layer(adapter, f"({type(self).__name__})")
+  if dropping:
+    return _dropout_call(self, base, found, factored, dropout, args, kwargs)
   if factored is not None:
     return _factored_product(self, args[0], lambda x, k: factored.apply(x, k))
   return _merged(self, base, found, args, kwargs)
