@@ -25,6 +25,7 @@ TARGETS = {
     "llama3": r"attn/(q_proj|k_proj|v_proj|o_proj)/w$|mlp/(gate_proj|up_proj|down_proj)/kernel$",
     "gemma3": r"attn/(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum)/w$|mlp/(gate_proj|up_proj|down_proj)/kernel$",
 }
+TARGETS["qwen3"] = TARGETS["llama3"]
 # qwix matches module paths (the einsum/linear module, not its weight).
 QWIX_MODULES = {
     "llama3": r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",

@@ -69,8 +69,19 @@ def _size(tree) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _llm.METHODS)
 def test_peft_trainer_trains_checkpoints_and_resumes(name, batches, logits, tmp_path):
-  model = _llm.adapted("llama3", SIZE, name, RANK, targets=TRAIN_TARGETS)
-  assert len(sp.nnx.adapters_of(model)) == 3
+  _trains_checkpoints_and_resumes("llama3", name, TRAIN_TARGETS, 3, batches, logits, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_peft_trainer_trains_a_tied_embedding_checkpoints_and_resumes(family, batches, logits, tmp_path):
+  """FourierFT (positions re-derived on resume) on the tied embedding, read by encode and decode, and one MLP weight."""
+  _trains_checkpoints_and_resumes(family, "FourierFT", r"embedder/input_embedding$|layers/0/mlp/down_proj/kernel$", 2,
+                                  batches, logits, tmp_path)
+
+
+def _trains_checkpoints_and_resumes(family, name, targets, n_targets, batches, logits, tmp_path):
+  model = _llm.adapted(family, SIZE, name, RANK, targets=targets)
+  assert len(sp.nnx.adapters_of(model)) == n_targets
   adapter_count = _size({k: a.params for k, a in sp.nnx.adapters_of(model).items()})
   assert adapter_count == _size(nnx.state(model, nnx.LoRAParam)) == _llm.trainable_count(model)
   assert adapter_count < _size(nnx.state(model, nnx.Param)) // 5
@@ -89,13 +100,13 @@ def test_peft_trainer_trains_checkpoints_and_resumes(name, batches, logits, tmp_
   assert not unchanged, f"adapters not trained: {unchanged}"
 
   # The adapted model is its merge onto the base, in value.
-  plain = _llm.build("llama3", SIZE)
+  plain = _llm.build(family, SIZE)
   nnx.update(plain, sp.peft.merge(sp.nnx.base_params(model), after))
   np.testing.assert_allclose(logits(model), logits(plain), rtol=2e-5, atol=2e-5)
 
   # Resume: an identically built model gets everything back from Tunix's checkpoint (sparse positions
   # and masks are not saved by Tunix: they are re-derived from the same key).
-  fresh = _llm.adapted("llama3", SIZE, name, RANK, targets=TRAIN_TARGETS)
+  fresh = _llm.adapted(family, SIZE, name, RANK, targets=targets)
   resumed = _llm.trainer(fresh, LR, STEPS, checkpoint_dir=str(tmp_path / "ckpt"))
   try:
     assert resumed.train_steps == STEPS
