@@ -123,7 +123,7 @@ def build(family: str, size: ModelSize, seed: int = 0) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
-def _flat_shape(adapter_target_shape: tuple[int, ...], path: str, family: str) -> tuple[int, int]:
+def flat_shape(adapter_target_shape: tuple[int, ...], path: str, family: str) -> tuple[int, int]:
   """``(m, n)`` of a target as qwix's LoRA sees it: contracted axes in, the others out."""
   shape = adapter_target_shape
   if len(shape) == 2:
@@ -149,7 +149,7 @@ def method(name: str, rank: int, family: str = "llama3") -> Any:
     raise ValueError(f"unknown method {name!r}; one of {METHODS}")
 
   def per_target(path: str, shape: tuple[int, ...]) -> Any:
-    m, n = _flat_shape(tuple(shape), path, family)
+    m, n = flat_shape(tuple(shape), path, family)
     p = rank * (m + n)
     if name == "SHiRA":
       return sp.peft.SHiRA(p)

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+import spectral_peft as sp
 from experiments import _common
 
 NAME = "bench_llm"
@@ -85,15 +86,8 @@ def variants(config: Config) -> tuple[str, ...]:
   return (*config.methods, BASELINE, "full")
 
 
-def adapted_shapes(config: Config, width: Width) -> list[tuple[int, int]]:
-  """``(m, n)`` of the 7 projection weights of every layer, as qwix flattens them (contracted axes, the others)."""
-  q, kv = width.heads * width.head_dim, width.kv_heads * width.head_dim
-  e, h = width.embed, width.hidden
-  return [(e, q), (e, kv), (e, kv), (q, e), (e, h), (e, h), (h, e)] * config.layers
-
-
-def synthesis_floor(config: Config, width: Width) -> Callable[[], Any]:
-  """One compiled call: one ``irfft2`` of a dense half spectrum for every adapted weight, nothing else.
+def synthesis_floor(shapes: list[tuple[int, int]]) -> Callable[[], Any]:
+  """One compiled call: one ``irfft2`` of a dense half spectrum per ``(m, n)`` of ``shapes``, nothing else.
 
   A FourierFT/LFMA step that forms each ``Delta W = Re(ifft2(S))`` pays at least this (ours forms it twice,
   once for the forward pass and once for the input's gradient, and adds the scatter and the coefficients'
@@ -102,7 +96,6 @@ def synthesis_floor(config: Config, width: Width) -> Callable[[], Any]:
   """
   import jax.numpy as jnp
 
-  shapes = adapted_shapes(config, width)
   keys = jax.random.split(jax.random.key(0), len(shapes))
   spectra = [jax.random.normal(k, (m, n // 2 + 1), jnp.complex64) for k, (m, n) in zip(keys, shapes)]
   synthesise = jax.jit(lambda ss: [jnp.fft.irfft2(s, s=shape) for s, shape in zip(ss, shapes)])
@@ -120,9 +113,11 @@ def run_width(config: Config, family: str, width: Width) -> list[dict]:
   size = _llm.ModelSize(embed=width.embed, hidden=width.hidden, layers=config.layers, heads=width.heads,
                         kv_heads=width.kv_heads, head_dim=width.head_dim, vocab=config.vocab)
   batches = _llm.token_batches(config.vocab, config.batch, config.seq, config.steps)
-  rows, trainers = [], {}
+  rows, trainers, spectral_shapes = [], {}, []
   for name in _common.progress(variants(config), desc=f"{family} {width.embed}"):
     model = _llm.variant(family, size, name, config.rank)
+    if name in ("FourierFT", "LFMA"):  # the adapted weights as (m, n), what the synthesis forms
+      spectral_shapes = [_llm.flat_shape(a.shape, path, family) for path, a in sp.nnx.adapters_of(model).items()]
     lr = config.full_learning_rate if name == "full" else config.learning_rate
     t = _llm.compiled_trainer(model, lr, config.steps)
     t.train(batches, skip_jit=True)
@@ -132,8 +127,8 @@ def run_width(config: Config, family: str, width: Width) -> list[dict]:
                  "trainable": _llm.trainable_count(model), "losses": losses.tolist(),
                  "temp_MiB": t.compiled.memory_analysis().temp_size_in_bytes / 2**20})
   calls = {name: t.timed_step() for name, t in trainers.items()}
-  if family == "llama3" and any(m in ("FourierFT", "LFMA") for m in config.methods):
-    calls[FLOOR] = synthesis_floor(config, width)
+  if family == "llama3" and spectral_shapes:
+    calls[FLOOR] = synthesis_floor(spectral_shapes)
   for call in calls.values():
     jax.block_until_ready(call())  # a warm-up step on the copied state (the floor: its compilation)
   times = _common.time_interleaved(calls, config.repeats, desc=f"timing {family} {width.embed}")

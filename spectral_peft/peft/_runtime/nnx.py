@@ -316,6 +316,17 @@ def _is_library(filename: str) -> bool:
   return path.startswith(_FLAX_DIR + os.sep) and not path.startswith(_LAYER_DIRS)
 
 
+def _owner_of(variable: Any, modules: Sequence[Any]) -> Optional[tuple[Any, str, str]]:
+  """``(layer, attribute, path)`` of the layer holding ``variable``, searched from the outermost of ``modules``."""
+  for root in reversed(modules):
+    for path, node in nnx.iter_graph(root):
+      if isinstance(node, nnx.Module):
+        for attr, value in vars(node).items():
+          if value is variable:
+            return node, attr, "/".join(str(p) for p in (*path, attr))
+  return None
+
+
 def _check_read(variable: Any) -> None:
   """Raises when an adapted weight is read, during a module's method, outside its own layer's methods.
 
@@ -342,22 +353,15 @@ def _check_read(variable: Any) -> None:
     outer = outer.f_back
   if not modules:
     return
-  where = None
-  for root in reversed(modules):
-    for path, node in nnx.iter_graph(root):
-      if isinstance(node, nnx.Module) and _holds(node, variable):
-        name = next(attr for attr, value in vars(node).items() if value is variable)
-        if not _found(node, {name}):
-          return
-        where = f"{'/'.join(str(p) for p in (*path, name))!r} ({type(node).__name__}.{name})"
-        break
-    if where is not None:
-      break
+  owner = _owner_of(variable, modules)
+  if owner is not None and not _found(owner[0], {owner[1]}):
+    return
+  where = f"{owner[2]!r} ({type(owner[0]).__name__}.{owner[1]})" if owner is not None else type(variable).__name__
   reader = frame.f_locals.get("self")
   code = frame.f_code
   name = f"{type(reader).__name__}.{code.co_name}" if isinstance(reader, nnx.Module) else code.co_name
   raise ValueError(
-      f"The adapted weight {where or type(variable).__name__} was read by {name} "
+      f"The adapted weight {where} was read by {name} "
       f"({code.co_filename}:{frame.f_lineno}), outside the methods of its layer: that read sees the weight without "
       "its adapter, and the model would silently differ from its merged form. Read it through a method of the layer "
       "(e.g. `Embed.attend` for a tied head), or inside `sp.nnx.disable_adapters(model)` for the base weight.")
